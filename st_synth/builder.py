@@ -1,0 +1,417 @@
+"""Build a synthetic embedding dataset: plan, request, validate, deduplicate, account, save.
+
+Determinism contract: example ``i`` is the first *valid, non-duplicate* answer among its attempts
+``0, 1, 2, ...``, and each attempt is a request fixed by ``(seed, i, attempt)``. So the dataset does not
+depend on concurrency, on completion order, on faults that were retried, on a restart from the cache, or
+on how the examples were split into shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+from datasets import Dataset, DatasetDict, Features, Value
+from tqdm.auto import tqdm
+
+from st_synth.cache import AnswerCache
+from st_synth.client import RESPONSE_FORMATS, ChatClient, RequestRefused, RetryPolicy
+from st_synth.languages import resolve_language_weights
+from st_synth.prompting import (
+    PROMPTS_VERSION,
+    ChatRequest,
+    ExamplePlan,
+    brainstorm_request,
+    example_request,
+    plan_examples,
+)
+from st_synth.taxonomy import BITEXT_LOW_SCORES, TASK_KINDS, resolve_kind_weights
+from st_synth.validation import Rejected, normalize, parse_example, parse_tasks
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "generation_report.json"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass
+class GenerationConfig:
+    """Everything that shapes a synthetic dataset. Validated on creation, before any request."""
+
+    model: str | None = None
+    num_examples: int = 100
+    kinds: str | list[str] | dict[str, float] | None = None
+    languages: str | list[str] | dict[str, float] | None = "paper"
+    seed: int = 42
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    response_format: str = "auto"
+    cache: str | None = None
+    num_shards: int = 1
+    shard_index: int = 0
+    block_size: int = 64
+    max_attempts: int = 5
+    failure_budget: int | None = None
+    request_timeout: float = 120.0
+    max_retries: int = 8
+    retry_base_delay: float = 0.5
+    price_prompt_per_million: float | None = None
+    price_completion_per_million: float | None = None
+    show_progress: bool = True
+    kind_weights: dict[str, float] = field(init=False, repr=False)
+    language_weights: dict[str, float] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.kind_weights = resolve_kind_weights(self.kinds)
+        self.language_weights = resolve_language_weights(self.languages)
+        checks = [
+            (isinstance(self.num_examples, int) and self.num_examples > 0,
+             f"num_examples must be a positive integer, got {self.num_examples!r}"),
+            (self.concurrency >= 1, f"concurrency must be at least 1, got {self.concurrency}"),
+            (self.num_shards >= 1, f"num_shards must be at least 1, got {self.num_shards}"),
+            (0 <= self.shard_index < self.num_shards,
+             f"shard_index must be in 0..{self.num_shards - 1}, got {self.shard_index}"),
+            (self.block_size >= 1, f"block_size must be at least 1, got {self.block_size}"),
+            (self.max_attempts >= 1, f"max_attempts must be at least 1, got {self.max_attempts}"),
+            (0 <= self.temperature <= 2, f"temperature must be in [0, 2], got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.response_format == "auto" or self.response_format in RESPONSE_FORMATS,
+             f"response_format {self.response_format!r} is unknown; choose auto, {', '.join(RESPONSE_FORMATS)}"),
+            ("bitext" not in self.kind_weights or len(self.language_weights) >= 2,
+             "bitext examples pair two different languages; give at least two languages or drop 'bitext'"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def resolved_base_url(self) -> str:
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+    def api_key(self) -> str:
+        """The key from the environment; a local endpoint may go without one, a remote one may not."""
+        key = os.environ.get(self.api_key_env)
+        if key:
+            return key
+        if _is_loopback(self.resolved_base_url):
+            return "no-key-needed-locally"
+        raise ValueError(
+            f"No API key for {redact_url(self.resolved_base_url)}: set the environment variable "
+            f"{self.api_key_env} (or choose another variable with --api-key-env)."
+        )
+
+    def validate_endpoint_settings(self) -> None:
+        if not self.model:
+            raise ValueError("No generator model given; pass --model NAME (the name the endpoint serves).")
+        self.api_key()
+
+    def public_settings(self) -> dict[str, Any]:
+        """Settings for reports and cards: never the key, never credentials inside the URL."""
+        return {
+            "generator_model": self.model,
+            "base_url": redact_url(self.resolved_base_url),
+            "seed": self.seed,
+            "kinds": self.kind_weights,
+            "languages": "paper" if _is_paper(self.languages) else self.language_weights,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "prompts_version": PROMPTS_VERSION,
+            "bitext_low_scores": list(BITEXT_LOW_SCORES),
+            "num_shards": self.num_shards,
+            "shard_index": self.shard_index,
+            "block_size": self.block_size,
+        }
+
+
+def _is_paper(languages: object) -> bool:
+    return languages is None or (isinstance(languages, str) and languages.strip().lower() == "paper")
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_url(url: str) -> str:
+    """Drop user info and query strings, where keys sometimes hide."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@dataclass
+class _Kept:
+    attempt: int
+    instruction: str
+    texts: tuple[str, ...]
+
+
+class SyntheticDatasetBuilder:
+    """Generate the paper's synthetic data through any OpenAI-compatible endpoint.
+
+    Example::
+
+        from st_synth import GenerationConfig, SyntheticDatasetBuilder
+
+        config = GenerationConfig(model="gpt-4o-mini", num_examples=1000, kinds="retrieval,sts",
+                                  languages="English,German", cache="cache.sqlite")
+        builder = SyntheticDatasetBuilder(config)
+        dataset = builder.build()          # a DatasetDict, one split per kind
+        builder.save("synthetic-data")     # save_to_disk + generation_report.json
+    """
+
+    def __init__(self, config: GenerationConfig, client: openai.AsyncOpenAI | None = None) -> None:
+        self.config = config
+        config.validate_endpoint_settings()
+        self._client = client
+        self.dataset: DatasetDict | None = None
+        self.report: dict[str, Any] | None = None
+
+    def shard_plans(self) -> list[ExamplePlan]:
+        c = self.config
+        plans = plan_examples(c.seed, c.num_examples, c.kind_weights, c.language_weights)
+        return [p for p in plans if (p.index // c.block_size) % c.num_shards == c.shard_index]
+
+    def build(self) -> DatasetDict:
+        started = time.perf_counter()
+        c = self.config
+        cache = AnswerCache(c.cache or Path.home() / ".cache" / "st_synth" / "answers.sqlite")
+        try:
+            run = _Run(self, cache)
+            try:
+                asyncio.run(run.execute())
+            finally:
+                self.report = run.report(time.perf_counter() - started)
+        finally:
+            cache.close()
+        self.dataset = run.to_dataset()
+        return self.dataset
+
+    def save(self, output: str | Path) -> Path:
+        if self.dataset is None or self.report is None:
+            raise RuntimeError("Call build() before save().")
+        output = Path(output)
+        self.dataset.save_to_disk(str(output))
+        (output / REPORT_FILE).write_text(json.dumps(self.report, indent=2, ensure_ascii=False) + "\n")
+        return output
+
+
+class _Run:
+    """The mutable state of one build: workers, brainstorm pools, kept examples, drops."""
+
+    def __init__(self, builder: SyntheticDatasetBuilder, cache: AnswerCache) -> None:
+        c = builder.config
+        self.config = c
+        self.plans = builder.shard_plans()
+        api = builder._client or openai.AsyncOpenAI(
+            base_url=c.resolved_base_url, api_key=c.api_key(), max_retries=0, timeout=c.request_timeout
+        )
+        self.chat = ChatClient(
+            api,
+            c.model or "",
+            cache,
+            concurrency=c.concurrency,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            response_format=c.response_format,
+            retry=RetryPolicy(max_retries=c.max_retries, base_delay=c.retry_base_delay),
+        )
+        self.budget = c.failure_budget if c.failure_budget is not None else 2 * len(self.plans) + 20
+        self.kept: dict[int, _Kept] = {}
+        self.abandoned: set[int] = set()
+        self.drops: Counter = Counter()
+        self.failures = 0
+        self.stop_reason: str | None = None
+        self.pools: dict[tuple[str, int], asyncio.Future] = {}
+        self.progress = tqdm(total=len(self.plans), desc="examples", disable=not c.show_progress, unit="ex")
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] += 1
+        self.failures += 1
+        if self.failures > self.budget and self.stop_reason is None:
+            self.stop_reason = f"failure budget of {self.budget} dropped answers exhausted"
+            logger.error("Stopping: %s. Drops so far: %s", self.stop_reason, dict(self.drops))
+
+    async def execute(self) -> None:
+        queue: asyncio.Queue[ExamplePlan] = asyncio.Queue()
+        for plan in self.plans:
+            queue.put_nowait(plan)
+
+        async def worker() -> None:
+            while self.stop_reason is None and not queue.empty():
+                plan = queue.get_nowait()
+                await self._example(plan, 0)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(2 * self.config.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+            await self._resolve_duplicates()
+        except BaseException:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        finally:
+            self.progress.close()
+
+    async def _tasks_for(self, plan: ExamplePlan) -> list[str] | None:
+        key = (plan.kind, plan.index // self.config.block_size)
+        if key not in self.pools:
+            self.pools[key] = asyncio.ensure_future(self._brainstorm(*key))
+        return await asyncio.shield(self.pools[key])
+
+    async def _brainstorm(self, kind: str, block: int) -> list[str] | None:
+        for attempt in range(self.config.max_attempts):
+            if self.stop_reason is not None:
+                return None
+            request = brainstorm_request(self.config.seed, TASK_KINDS[kind], block, attempt)
+            reason = await self._answer(request, parse_tasks)
+            if not isinstance(reason, str):
+                return reason
+            self._drop(f"brainstorm:{reason}")
+        return None
+
+    async def _answer(self, request: ChatRequest, parse) -> Any:
+        """The parsed answer to ``request``, or the reason (a string) it cannot be used."""
+        try:
+            answer = await self.chat.complete(request)
+        except RequestRefused as refused:
+            return refused.reason
+        if answer.finish_reason == "length":
+            return "truncated"
+        try:
+            return parse(answer.content)
+        except Rejected as rejected:
+            return rejected.reason
+
+    async def _example(self, plan: ExamplePlan, first_attempt: int) -> _Kept | None:
+        kind = TASK_KINDS[plan.kind]
+        for attempt in range(first_attempt, self.config.max_attempts):
+            if self.stop_reason is not None:
+                return None
+            tasks = await self._tasks_for(plan) if kind.brainstorm else None
+            if kind.brainstorm and tasks is None:
+                break
+            request = example_request(self.config.seed, plan, attempt, tasks)
+            result = await self._answer(request, lambda content: parse_example(content, kind))
+            if isinstance(result, str):
+                self._drop(result)
+                continue
+            kept = _Kept(attempt=attempt, instruction=request.instruction or "", texts=result)
+            self.kept[plan.index] = kept
+            self.progress.update(1)
+            return kept
+        self.abandoned.add(plan.index)
+        return None
+
+    async def _resolve_duplicates(self) -> None:
+        """Walk kept examples in index order; a repeat of an earlier one moves on to its next attempt.
+
+        Sequential by design: whether example i repeats depends only on examples below i, which are
+        final by the time the walk reaches i, so the outcome is the same for every schedule.
+        """
+        by_index = {plan.index: plan for plan in self.plans}
+        seen: set[tuple] = set()
+        for index in sorted(self.kept):
+            kept: _Kept | None = self.kept[index]
+            while kept is not None and (key := self._dedup_key(by_index[index], kept)) in seen:
+                self._drop("duplicate")
+                self.progress.update(-1)
+                del self.kept[index]
+                kept = await self._example(by_index[index], kept.attempt + 1)
+            if kept is not None:
+                seen.add(key)
+
+    @staticmethod
+    def _dedup_key(plan: ExamplePlan, kept: _Kept) -> tuple:
+        return (plan.kind, *(normalize(text) for text in kept.texts))
+
+    def report(self, wall_time: float) -> dict[str, Any]:
+        c, s = self.config, self.chat.stats
+        by_plan = {plan.index: plan for plan in self.plans}
+        kept_kind = Counter(by_plan[i].kind for i in self.kept)
+        kept_language = Counter(by_plan[i].language_label for i in self.kept)
+        complete = len(self.kept) == len(self.plans)
+        report: dict[str, Any] = {
+            **c.public_settings(),
+            "num_examples_requested": len(self.plans),
+            "num_examples_kept": len(self.kept),
+            "complete": complete,
+            "stop_reason": None if complete else self.stop_reason or "some examples used up their attempts",
+            "requests_sent": s.requests_sent,
+            "cache_hits": s.cache_hits,
+            "retries": s.retries,
+            "format_downgrades": s.format_downgrades,
+            "response_formats": dict(s.modes),
+            "transient_errors": dict(s.errors),
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens,
+            "total_prompt_tokens": s.prompt_tokens + s.cached_prompt_tokens,
+            "total_completion_tokens": s.completion_tokens + s.cached_completion_tokens,
+            "tokens_by_kind": s.tokens_by_kind,
+            "drops": dict(sorted(self.drops.items())),
+            "abandoned_examples": len(self.abandoned),
+            "kept_by_kind": {k: kept_kind[k] for k in c.kind_weights},
+            "kept_by_language": dict(kept_language.most_common()),
+            "wall_time_s": round(wall_time, 3),
+        }
+        if c.price_prompt_per_million is not None or c.price_completion_per_million is not None:
+            p_in, p_out = c.price_prompt_per_million or 0.0, c.price_completion_per_million or 0.0
+            report["cost_usd"] = round((s.prompt_tokens * p_in + s.completion_tokens * p_out) / 1e6, 6)
+            report["total_cost_usd"] = round(
+                (report["total_prompt_tokens"] * p_in + report["total_completion_tokens"] * p_out) / 1e6, 6
+            )
+        return report
+
+    def to_dataset(self) -> DatasetDict:
+        splits = {}
+        by_plan = {plan.index: plan for plan in self.plans}
+        for kind_name in self.config.kind_weights:
+            kind = TASK_KINDS[kind_name]
+            rows: dict[str, list[str]] = {column: [] for column in kind.columns}
+            for index in sorted(i for i in self.kept if by_plan[i].kind == kind_name):
+                kept = self.kept[index]
+                rows["instruction"].append(kept.instruction)
+                for column, text in zip(kind.columns[1:-1], kept.texts, strict=True):
+                    rows[column].append(text)
+                rows["language"].append(by_plan[index].language_label)
+            features = Features({column: Value("string") for column in kind.columns})
+            splits[kind_name] = Dataset.from_dict(rows, features=features)
+        return DatasetDict(splits)
+
+
+def generation_report_summary(report: dict[str, Any]) -> str:
+    kept = ", ".join(f"{k} {v}" for k, v in report["kept_by_kind"].items())
+    lines = [
+        f"kept {report['num_examples_kept']}/{report['num_examples_requested']} ({kept})",
+        f"requests sent {report['requests_sent']}, cache hits {report['cache_hits']}, retries {report['retries']}",
+        f"tokens this run: {report['prompt_tokens']} prompt + {report['completion_tokens']} completion",
+        f"drops: {report['drops'] or 'none'}",
+    ]
+    if "cost_usd" in report:
+        lines.append(
+            f"cost this run: ${report['cost_usd']:.4f} (dataset total ${report['total_cost_usd']:.4f})"
+        )
+    if not report["complete"]:
+        lines.append(f"INCOMPLETE: {report['stop_reason']}")
+    return "\n".join(lines)

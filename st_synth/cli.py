@@ -1,0 +1,139 @@
+"""The ``st-synth`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from st_synth.client import RESPONSE_FORMATS
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.",
+        description="Brainstorm tasks and write one JSON example per task with an LLM; save a DatasetDict "
+        "with one split per kind plus generation_report.json. Answers are cached: re-running the same "
+        "command resumes where it stopped and re-pays nothing.",
+    )
+    p.add_argument("--output", required=True, help="Folder for the DatasetDict and generation_report.json.")
+    p.add_argument("--num-examples", type=int, default=100, help="Examples to KEEP (after validation).")
+    p.add_argument(
+        "--kinds",
+        default=None,
+        help="Comma-separated kinds, optionally weighted (retrieval=3,sts=1). Default: all six, "
+        "uniform. Kinds: retrieval, classification, short_short, long_long, sts, bitext.",
+    )
+    p.add_argument(
+        "--languages",
+        default="paper",
+        help="'paper' (the paper's weighted mix of 93 languages) or comma-separated names.",
+    )
+    p.add_argument("--base-url", default=None, help="Endpoint (default: $OPENAI_BASE_URL or OpenAI).")
+    p.add_argument("--model", required=True, help="Generator model name as the endpoint serves it.")
+    p.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="Environment variable holding the API key (never pass keys on the command line).",
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="Requests in flight at once.")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--cache", default=None, help="SQLite answer cache (default: ~/.cache/st_synth/answers.sqlite)."
+    )
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--response-format", default="auto", choices=("auto", *RESPONSE_FORMATS))
+    p.add_argument("--max-attempts", type=int, default=5, help="Attempts per example before giving it up.")
+    p.add_argument(
+        "--failure-budget",
+        type=int,
+        default=None,
+        help="Dropped answers allowed before the run stops (default: 2 x examples + 20).",
+    )
+    p.add_argument("--request-timeout", type=float, default=120.0, help="Seconds per request.")
+    p.add_argument("--max-retries", type=int, default=8, help="Retries of one request on 429/5xx/timeouts.")
+    p.add_argument("--price-prompt", type=float, default=None, help="Price per million prompt tokens.")
+    p.add_argument(
+        "--price-completion", type=float, default=None, help="Price per million completion tokens."
+    )
+    p.add_argument(
+        "--push-to-hub", default=None, metavar="REPO", help="Also push the dataset to this Hub repo."
+    )
+    p.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from st_synth.builder import GenerationConfig, SyntheticDatasetBuilder, generation_report_summary
+    from st_synth.client import EndpointError
+
+    try:
+        config = GenerationConfig(
+            model=args.model,
+            num_examples=args.num_examples,
+            kinds=args.kinds,
+            languages=args.languages,
+            seed=args.seed,
+            base_url=args.base_url,
+            api_key_env=args.api_key_env,
+            concurrency=args.concurrency,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            response_format=args.response_format,
+            cache=args.cache,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            max_attempts=args.max_attempts,
+            failure_budget=args.failure_budget,
+            request_timeout=args.request_timeout,
+            max_retries=args.max_retries,
+            price_prompt_per_million=args.price_prompt,
+            price_completion_per_million=args.price_completion,
+            show_progress=not args.no_progress,
+        )
+        builder = SyntheticDatasetBuilder(config)
+    except ValueError as error:
+        print(f"st-synth generate: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        builder.build()
+    except EndpointError as error:
+        print(f"st-synth generate: endpoint error: {error}", file=sys.stderr)
+        return 1
+    output = builder.save(args.output)
+    report = builder.report or {}
+    print(generation_report_summary(report))
+    print(f"saved to {output}")
+    if args.push_to_hub:
+        from st_synth.hub import push_dataset
+
+        url = push_dataset(builder.dataset, report, args.push_to_hub, private=args.private or None)
+        print(f"pushed to {url}")
+    return 0 if report.get("complete") else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="st-synth", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

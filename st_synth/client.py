@@ -1,0 +1,293 @@
+"""Chat-completion requests to any OpenAI-compatible endpoint: cached, retried, accounted.
+
+One :class:`ChatClient` serves a whole generation run. It looks every request up in the answer cache
+first, bounds the number of requests in flight, retries rate limits, server errors, timeouts and dropped
+connections with exponential backoff and jitter (honouring ``Retry-After``), negotiates the strongest
+response format the endpoint accepts, and counts every request, retry and token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from st_synth.cache import AnswerCache, request_key
+from st_synth.prompting import ChatRequest
+
+logger = logging.getLogger(__name__)
+
+# Strongest first: the exact JSON schema (OpenAI, vLLM), llama.cpp's schema-constrained JSON mode, plain
+# JSON mode, then free text parsed tolerantly.
+RESPONSE_FORMATS = ("json_schema", "json_object_schema", "json_object", "text")
+_FORMAT_WORDS = ("response_format", "json_schema", "schema", "grammar", "json_object")
+
+
+class EndpointError(RuntimeError):
+    """The endpoint refused the run as a whole (bad key, unknown model, unreachable, outage)."""
+
+
+class RequestRefused(RuntimeError):
+    """The endpoint refused this one request for a reason that a retry cannot fix."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Answer:
+    content: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    mode: str
+    cached: bool
+
+
+@dataclass
+class ClientStats:
+    requests_sent: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    format_downgrades: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+    tokens_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+    modes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+
+    def add_usage(self, kind: str, prompt: int, completion: int) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        per_kind = self.tokens_by_kind.setdefault(kind, {"prompt_tokens": 0, "completion_tokens": 0})
+        per_kind["prompt_tokens"] += prompt
+        per_kind["completion_tokens"] += completion
+
+
+@dataclass
+class RetryPolicy:
+    max_retries: int = 8
+    base_delay: float = 0.5
+    max_delay: float = 60.0
+
+    def delay(self, retry: int, rng: random.Random, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_delay)
+        # Full jitter: spreads the retries of many workers that failed together.
+        return rng.uniform(0, min(self.max_delay, self.base_delay * 2**retry))
+
+
+def _retry_after(error: openai.APIError) -> float | None:
+    response = getattr(error, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return None if parsed is None else parsed.timestamp() - time.time()
+
+
+def _mentions_format(error: openai.APIStatusError) -> bool:
+    text = f"{error.message} {getattr(error, 'body', '')}".lower()
+    return any(word in text for word in _FORMAT_WORDS)
+
+
+class ChatClient:
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        model: str,
+        cache: AnswerCache,
+        *,
+        concurrency: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        response_format: str = "auto",
+        retry: RetryPolicy | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        if response_format != "auto" and response_format not in RESPONSE_FORMATS:
+            raise ValueError(
+                f"Unknown response format {response_format!r}; choose 'auto' or one of: "
+                f"{', '.join(RESPONSE_FORMATS)}."
+            )
+        self.client = client
+        self.model = model
+        self.cache = cache
+        self.temperature = temperature
+        self.top_p = top_p
+        self.retry = retry or RetryPolicy()
+        self.extra_body = dict(extra_body or {})
+        self.negotiate = response_format == "auto"
+        self._mode_key = f"response_format:{model}"
+        self.mode = (
+            response_format if not self.negotiate else cache.get_meta(self._mode_key) or RESPONSE_FORMATS[0]
+        )
+        self.stats = ClientStats()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._jitter = random.Random()  # timing only: never influences what is generated
+        self._checked: asyncio.Task | None = None
+
+    async def _check_endpoint(self) -> None:
+        """Before the first paid request: is the endpoint there, does it take the key, has it the model?
+
+        A run whose answers are all cached never gets here, so it needs no endpoint at all.
+        """
+        if self._checked is None:
+            self._checked = asyncio.ensure_future(self._list_models())
+        await asyncio.shield(self._checked)
+
+    async def _list_models(self) -> None:
+        try:
+            page = await self.client.with_options(max_retries=2, timeout=15).models.list()
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+            raise EndpointError(f"The endpoint refused the API key (HTTP {error.status_code}).") from None
+        except openai.APIConnectionError:
+            raise EndpointError(
+                f"Cannot reach the endpoint at {self.client.base_url}; is the server up?"
+            ) from None
+        except openai.APIStatusError:
+            return  # some servers have no model listing; the first request will tell
+        names = [model.id for model in page.data]
+        if names and self.model not in names:
+            raise EndpointError(
+                f"Model {self.model!r} is not served at {self.client.base_url}; it serves: {', '.join(names[:20])}."
+            )
+
+    def body(self, request: ChatRequest) -> dict[str, Any]:
+        """The parts of a request that determine its answer (and so its cache key)."""
+        return {
+            "messages": request.messages,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": request.max_tokens,
+            "seed": request.seed,
+            "schema": request.schema,
+            **({"extra_body": self.extra_body} if self.extra_body else {}),
+        }
+
+    async def complete(self, request: ChatRequest) -> Answer:
+        key = request_key(self.model, self.body(request))
+        if (hit := self.cache.get(key)) is not None:
+            self.stats.cache_hits += 1
+            self.stats.cached_prompt_tokens += hit["prompt_tokens"]
+            self.stats.cached_completion_tokens += hit["completion_tokens"]
+            return Answer(**hit, cached=True)
+        await self._check_endpoint()
+        async with self._slots:
+            answer = await self._send(request)
+        self.cache.put(key, {k: v for k, v in answer.__dict__.items() if k != "cached"})
+        self.stats.add_usage(request.kind, answer.prompt_tokens, answer.completion_tokens)
+        self.stats.modes[answer.mode] += 1
+        return answer
+
+    def _format_argument(self, mode: str, request: ChatRequest) -> dict[str, Any]:
+        if mode == "json_schema":
+            name = f"{request.kind}_{request.stage}"
+            return {
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": request.schema, "strict": True},
+            }
+        if mode == "json_object_schema":
+            return {"type": "json_object", "schema": request.schema}
+        if mode == "json_object":
+            return {"type": "json_object"}
+        return {}
+
+    async def _send(self, request: ChatRequest) -> Answer:
+        retries = 0
+        while True:
+            mode = self.mode
+            kwargs: dict[str, Any] = {
+                "model": self.model,
+                "messages": request.messages,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "max_tokens": request.max_tokens,
+                "seed": request.seed,
+            }
+            if response_format := self._format_argument(mode, request):
+                kwargs["response_format"] = response_format
+            if self.extra_body:
+                kwargs["extra_body"] = self.extra_body
+            self.stats.requests_sent += 1
+            try:
+                response = await self.client.chat.completions.create(**kwargs)
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+                raise EndpointError(
+                    f"The endpoint refused the API key (HTTP {error.status_code}); check the key variable."
+                ) from None
+            except openai.NotFoundError as error:
+                raise EndpointError(
+                    f"The endpoint answered 404 for model {self.model!r}: {error.message}"
+                ) from None
+            except openai.APIStatusError as error:
+                if self._can_downgrade(error, mode):
+                    continue
+                transient = error.status_code in (408, 409, 429) or error.status_code >= 500
+                if not transient:
+                    self.stats.errors[f"http_{error.status_code}"] += 1
+                    raise RequestRefused(f"http_{error.status_code}") from None
+                retries = await self._backoff(retries, f"http_{error.status_code}", _retry_after(error))
+                continue
+            except (openai.APITimeoutError, openai.APIConnectionError) as error:
+                label = "timeout" if isinstance(error, openai.APITimeoutError) else "connection"
+                retries = await self._backoff(retries, label, None)
+                continue
+            choice = response.choices[0] if response.choices else None
+            usage = response.usage
+            return Answer(
+                content=choice.message.content if choice else None,
+                finish_reason=choice.finish_reason if choice else None,
+                prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
+                completion_tokens=(usage.completion_tokens or 0) if usage else 0,
+                mode=mode,
+                cached=False,
+            )
+
+    def _can_downgrade(self, error: openai.APIStatusError, mode: str) -> bool:
+        """Step down to a weaker response format when the endpoint rejects the current one."""
+        if not self.negotiate:
+            return False
+        if self.mode != mode:  # a concurrent request already stepped down: resend in the new mode
+            return True
+        if mode == RESPONSE_FORMATS[-1] or error.status_code not in (400, 422, 500, 501):
+            return False
+        if not _mentions_format(error):
+            return False
+        self.mode = RESPONSE_FORMATS[RESPONSE_FORMATS.index(mode) + 1]
+        self.stats.format_downgrades += 1
+        self.cache.set_meta(self._mode_key, self.mode)
+        logger.warning("Endpoint rejected response format %r; using %r from now on.", mode, self.mode)
+        return True
+
+    async def _backoff(self, retries: int, label: str, retry_after: float | None) -> int:
+        self.stats.errors[label] += 1
+        if retries >= self.retry.max_retries:
+            raise EndpointError(
+                f"Giving up after {retries} retries (last error: {label}). Everything answered so far is "
+                "in the cache: run the same command again to resume."
+            )
+        self.stats.retries += 1
+        await asyncio.sleep(self.retry.delay(retries, self._jitter, retry_after))
+        return retries + 1

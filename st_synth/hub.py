@@ -1,0 +1,50 @@
+"""Publishing to the Hugging Face Hub: one folder, one commit, a rendered card, no token on disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from datasets import DatasetDict
+from huggingface_hub import HfApi
+
+from st_synth.cards import render_dataset_card
+
+logger = logging.getLogger(__name__)
+
+
+def push_dataset(
+    dataset: DatasetDict,
+    report: dict[str, Any],
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+) -> str:
+    """Upload ``dataset`` as parquet shards with a dataset card and the generation report.
+
+    The token comes from ``token`` or huggingface_hub's own lookup (``HF_TOKEN``, ``hf auth login``) and
+    is never written anywhere.
+    """
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "data").mkdir()
+        for split, data in dataset.items():
+            data.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+        (folder / "README.md").write_text(render_dataset_card(dataset, report, repo_id), encoding="utf-8")
+        (folder / "generation_report.json").write_text(
+            json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+        )
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=str(folder),
+            commit_message="Upload synthetic embedding data generated with st-synth",
+        )
+    logger.info("Pushed dataset to %s", repo_id)
+    return str(getattr(commit, "commit_url", commit))

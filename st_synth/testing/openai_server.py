@@ -1,0 +1,203 @@
+"""A real HTTP server on 127.0.0.1 that speaks the OpenAI chat-completions API, for tests and benchmarks.
+
+Answers are a pure function of the request (messages, seed, schema), so a repeated request gets the
+same answer, like a seeded sampler. Faults come two ways:
+
+* ``faults``: a queue of fault names applied to the next requests in arrival order (``"429"``, ``"500"``,
+  ``"503"``, ``"slow"``, ``"drop"``, ``"malformed"``, ``"truncated"``, ``"duplicate"``);
+* ``bad_answer_rate``: a share of requests, chosen by a hash of the request itself (so the same requests
+  every run), answered ``malformed``, ``truncated`` or ``duplicate`` in turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+KNOWN_KEYS = (
+    "user_query", "positive_document", "hard_negative_document", "input_text", "label",
+    "misleading_label", "input", "S1", "S2", "S3",
+)  # fmt: skip
+TRANSIENT = {"429": 429, "500": 500, "503": 503}
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class FakeOpenAIServer:
+    """Start with ``with FakeOpenAIServer() as server:``; point clients at ``server.base_url``."""
+
+    def __init__(
+        self,
+        *,
+        model: str = "fake-llm",
+        latency: Callable[[random.Random], float] | float = 0.0,
+        bad_answer_rate: float = 0.0,
+        reject_json_schema: bool = False,
+        slow_seconds: float = 2.0,
+        api_key: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.latency = latency
+        self.bad_answer_rate = bad_answer_rate
+        self.reject_json_schema = reject_json_schema
+        self.slow_seconds = slow_seconds
+        self.api_key = api_key
+        self.faults: deque[str] = deque()
+        self.received: list[dict] = []
+        self.fault_log: list[str] = []
+        self.model_listings = 0
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAIServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    @property
+    def chat_requests(self) -> int:
+        with self._lock:
+            return len(self.received)
+
+    # -- answers ---------------------------------------------------------------------------------------
+    def answer_for(self, body: dict, fault: str | None) -> tuple[str, str]:
+        """(content, finish_reason) for a request body."""
+        prompt = body["messages"][-1]["content"]
+        digest = _digest(body["messages"], body.get("seed"))
+        if fault == "malformed":
+            return '{"user_query": "unterminated', "stop"
+        if fault == "truncated":
+            return '{"input": "a long answer that ran out of tok', "length"
+        fmt = body.get("response_format") or {}
+        schema = (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema") or {}
+        properties = list((schema.get("properties") or {}).keys())
+        if properties == ["tasks"] or "task strings" in prompt:
+            tasks = [
+                f"Task {digest[:6]}-{n}: retrieve passages that answer questions on topic {n}"
+                for n in range(5)
+            ]
+            return json.dumps({"tasks": tasks} if properties == ["tasks"] else tasks), "stop"
+        keys = properties or [key for key in KNOWN_KEYS if f'"{key}"' in prompt]
+        salt = "constant" if fault == "duplicate" else digest
+        example = {key: f"{key} text {_digest(salt, key)[:16]} {n} words" for n, key in enumerate(keys)}
+        content = json.dumps(example, ensure_ascii=False)
+        return (content if fmt else f"Here you go:\n```json\n{content}\n```"), "stop"
+
+    def _next_fault(self, body: dict) -> str | None:
+        with self._lock:
+            if self.faults:
+                return self.faults.popleft()
+        if self.bad_answer_rate > 0:
+            h = int(_digest(body["messages"], body.get("seed"), "fault")[:8], 16)
+            if (h % 10_000) / 10_000 < self.bad_answer_rate:
+                return ("malformed", "truncated", "duplicate")[h % 3]
+        return None
+
+    def _delay(self) -> float:
+        if callable(self.latency):
+            with self._lock:
+                return self.latency(self._rng)
+        return self.latency
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                    return True
+                self._send_json(
+                    401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+                )
+                return False
+
+            def do_GET(self) -> None:
+                if not self._authorized():
+                    return
+                if self.path.rstrip("/").endswith("/models"):
+                    with server._lock:
+                        server.model_listings += 1
+                    self._send_json(
+                        200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
+                    )
+                else:
+                    self._send_json(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not self._authorized():
+                    return
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    self._send_json(404, {"error": {"message": "not found"}})
+                    return
+                with server._lock:
+                    server.received.append(body)
+                if body.get("model") != server.model:
+                    self._send_json(404, {"error": {"message": f"model {body.get('model')} does not exist"}})
+                    return
+                fmt = body.get("response_format") or {}
+                if server.reject_json_schema and fmt.get("type") == "json_schema":
+                    self._send_json(
+                        500, {"error": {"message": "response_format json_schema is not supported"}}
+                    )
+                    return
+                fault = server._next_fault(body)
+                if fault:
+                    with server._lock:
+                        server.fault_log.append(fault)
+                time.sleep(server.slow_seconds if fault == "slow" else server._delay())
+                if fault in TRANSIENT:
+                    headers = {"Retry-After": "0", "retry-after-ms": "20"} if fault == "429" else {}
+                    self._send_json(TRANSIENT[fault], {"error": {"message": f"injected {fault}"}}, headers)
+                    return
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                content, finish = server.answer_for(body, fault)
+                prompt_tokens = len(re.findall(r"\S+", body["messages"][-1]["content"]))
+                self._send_json(200, {
+                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": server.model,
+                    "choices": [{"index": 0, "finish_reason": finish,
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(content.split()),
+                              "total_tokens": prompt_tokens + len(content.split())},
+                })  # fmt: skip
+
+        return Handler
