@@ -240,13 +240,15 @@ class _Run:
         self.kept: dict[int, _Kept] = {}
         self.abandoned: set[int] = set()
         self.drops: Counter = Counter()
+        self.drops_by_kind: Counter = Counter()
         self.failures = 0
         self.stop_reason: str | None = None
         self.pools: dict[tuple[str, int], asyncio.Future] = {}
         self.progress = tqdm(total=len(self.plans), desc="examples", disable=not c.show_progress, unit="ex")
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str, kind: str) -> None:
         self.drops[reason] += 1
+        self.drops_by_kind[kind] += 1
         self.failures += 1
         if self.failures > self.budget and self.stop_reason is None:
             self.stop_reason = f"failure budget of {self.budget} dropped answers exhausted"
@@ -288,7 +290,7 @@ class _Run:
             reason = await self._answer(request, parse_tasks)
             if not isinstance(reason, str):
                 return reason
-            self._drop(f"brainstorm:{reason}")
+            self._drop(f"brainstorm:{reason}", kind)
         return None
 
     async def _answer(self, request: ChatRequest, parse) -> Any:
@@ -315,7 +317,7 @@ class _Run:
             request = example_request(self.config.seed, plan, attempt, tasks)
             result = await self._answer(request, lambda content: parse_example(content, kind))
             if isinstance(result, str):
-                self._drop(result)
+                self._drop(result, plan.kind)
                 continue
             kept = _Kept(attempt=attempt, instruction=request.instruction or "", texts=result)
             self.kept[plan.index] = kept
@@ -335,7 +337,7 @@ class _Run:
         for index in sorted(self.kept):
             kept: _Kept | None = self.kept[index]
             while kept is not None and (key := self._dedup_key(by_index[index], kept)) in seen:
-                self._drop("duplicate")
+                self._drop("duplicate", by_index[index].kind)
                 self.progress.update(-1)
                 del self.kept[index]
                 kept = await self._example(by_index[index], kept.attempt + 1)
@@ -370,6 +372,7 @@ class _Run:
             "total_completion_tokens": s.completion_tokens + s.cached_completion_tokens,
             "tokens_by_kind": s.tokens_by_kind,
             "drops": dict(sorted(self.drops.items())),
+            "drops_by_kind": {k: self.drops_by_kind[k] for k in c.kind_weights},
             "abandoned_examples": len(self.abandoned),
             "kept_by_kind": {k: kept_kind[k] for k in c.kind_weights},
             "kept_by_language": dict(kept_language.most_common()),

@@ -31,7 +31,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="'paper' (the paper's weighted mix of 93 languages) or comma-separated names.",
     )
     p.add_argument("--base-url", default=None, help="Endpoint (default: $OPENAI_BASE_URL or OpenAI).")
-    p.add_argument("--model", required=True, help="Generator model name as the endpoint serves it.")
+    p.add_argument("--model", default=None, help="Generator model name as the endpoint serves it.")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="Start llama.cpp on 127.0.0.1 serving the packaged SmolLM2-135M-Instruct for this run "
+        "(needs the 'local' extra); --base-url and --model then default to it.",
+    )
     p.add_argument(
         "--api-key-env",
         default="OPENAI_API_KEY",
@@ -69,17 +75,24 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from st_synth.builder import GenerationConfig, SyntheticDatasetBuilder, generation_report_summary
     from st_synth.client import EndpointError
+    from st_synth.local_llm import SMOLLM2_ALIAS, LocalLLMServer
 
     try:
+        if args.local and args.base_url:
+            raise ValueError("--local starts its own endpoint; drop --base-url or --local")
+        # Everything is validated before the local server starts or any request is sent.
+        server = LocalLLMServer() if args.local else None
         config = GenerationConfig(
-            model=args.model,
+            model=args.model or (SMOLLM2_ALIAS if server else None),
             num_examples=args.num_examples,
             kinds=args.kinds,
             languages=args.languages,
             seed=args.seed,
-            base_url=args.base_url,
+            base_url=server.base_url if server else args.base_url,
             api_key_env=args.api_key_env,
             concurrency=args.concurrency,
             temperature=args.temperature,
@@ -97,12 +110,13 @@ def _generate(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
         )
         builder = SyntheticDatasetBuilder(config)
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:
         print(f"st-synth generate: error: {error}", file=sys.stderr)
         return 2
     try:
-        builder.build()
-    except EndpointError as error:
+        with server or nullcontext():
+            builder.build()
+    except (EndpointError, RuntimeError) as error:
         print(f"st-synth generate: endpoint error: {error}", file=sys.stderr)
         return 1
     output = builder.save(args.output)

@@ -6,13 +6,14 @@ same answer, like a seeded sampler. Faults come two ways:
 * ``faults``: a queue of fault names applied to the next requests in arrival order (``"429"``, ``"500"``,
   ``"503"``, ``"slow"``, ``"drop"``, ``"malformed"``, ``"truncated"``, ``"duplicate"``);
 * ``bad_answer_rate``: a share of requests, chosen by a hash of the request itself (so the same requests
-  every run), answered ``malformed``, ``truncated`` or ``duplicate`` in turn.
+  every run), answered with one of ``bad_answers`` (by default ``malformed``, ``truncated`` or ``duplicate``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import threading
@@ -25,7 +26,9 @@ KNOWN_KEYS = (
     "user_query", "positive_document", "hard_negative_document", "input_text", "label",
     "misleading_label", "input", "S1", "S2", "S3",
 )  # fmt: skip
-TRANSIENT = {"429": 429, "500": 500, "503": 503}
+# "slow" answers 503 after sleeping past the client's timeout: the client has gone by then, and the
+# server's usage counter stays equal to what clients received.
+TRANSIENT = {"429": 429, "500": 500, "503": 503, "slow": 503}
 
 
 def _digest(*parts: object) -> str:
@@ -41,24 +44,31 @@ class FakeOpenAIServer:
         model: str = "fake-llm",
         latency: Callable[[random.Random], float] | float = 0.0,
         bad_answer_rate: float = 0.0,
+        bad_answers: tuple[str, ...] = ("malformed", "truncated", "duplicate"),
         reject_json_schema: bool = False,
         slow_seconds: float = 2.0,
         api_key: str | None = None,
+        fence_text_answers: bool = True,
+        port: int = 0,
         seed: int = 0,
     ) -> None:
         self.model = model
         self.latency = latency
         self.bad_answer_rate = bad_answer_rate
+        self.bad_answers = bad_answers
         self.reject_json_schema = reject_json_schema
         self.slow_seconds = slow_seconds
         self.api_key = api_key
+        self.fence_text_answers = fence_text_answers
         self.faults: deque[str] = deque()
         self.received: list[dict] = []
         self.fault_log: list[str] = []
         self.model_listings = 0
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self._httpd.request_queue_size = 256
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -101,7 +111,8 @@ class FakeOpenAIServer:
         salt = "constant" if fault == "duplicate" else digest
         example = {key: f"{key} text {_digest(salt, key)[:16]} {n} words" for n, key in enumerate(keys)}
         content = json.dumps(example, ensure_ascii=False)
-        return (content if fmt else f"Here you go:\n```json\n{content}\n```"), "stop"
+        fenced = not fmt and self.fence_text_answers
+        return (f"Here you go:\n```json\n{content}\n```" if fenced else content), "stop"
 
     def _next_fault(self, body: dict) -> str | None:
         with self._lock:
@@ -110,7 +121,7 @@ class FakeOpenAIServer:
         if self.bad_answer_rate > 0:
             h = int(_digest(body["messages"], body.get("seed"), "fault")[:8], 16)
             if (h % 10_000) / 10_000 < self.bad_answer_rate:
-                return ("malformed", "truncated", "duplicate")[h % 3]
+                return self.bad_answers[h % len(self.bad_answers)]
         return None
 
     def _delay(self) -> float:
@@ -192,6 +203,9 @@ class FakeOpenAIServer:
                     return
                 content, finish = server.answer_for(body, fault)
                 prompt_tokens = len(re.findall(r"\S+", body["messages"][-1]["content"]))
+                with server._lock:
+                    server.usage["prompt_tokens"] += prompt_tokens
+                    server.usage["completion_tokens"] += len(content.split())
                 self._send_json(200, {
                     "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": server.model,
                     "choices": [{"index": 0, "finish_reason": finish,
@@ -201,3 +215,32 @@ class FakeOpenAIServer:
                 })  # fmt: skip
 
         return Handler
+
+
+def heavy_tailed_latency(mean: float, sigma: float = 1.0) -> Callable[[random.Random], float]:
+    """Log-normal latency with the given mean: most answers fast, a few very slow, like real endpoints."""
+    mu = math.log(mean) - sigma**2 / 2
+    return lambda rng: rng.lognormvariate(mu, sigma)
+
+
+def main() -> None:
+    """Serve until killed: ``python -m st_synth.testing.openai_server --port 8000 --mean-latency 0.2``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default="fake-llm")
+    parser.add_argument("--mean-latency", type=float, default=0.0, help="Seconds; log-normal, sigma 1.")
+    parser.add_argument("--no-fence", action="store_true", help="Answer text-mode requests with bare JSON.")
+    args = parser.parse_args()
+    latency = heavy_tailed_latency(args.mean_latency) if args.mean_latency > 0 else 0.0
+    server = FakeOpenAIServer(
+        model=args.model, latency=latency, port=args.port, fence_text_answers=not args.no_fence
+    )
+    with server:
+        print(f"serving {server.base_url}", flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

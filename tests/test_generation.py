@@ -1,0 +1,377 @@
+"""The synthetic-data engine against a real HTTP server on 127.0.0.1 speaking the OpenAI API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+
+from st_synth import GenerationConfig, SyntheticDatasetBuilder
+from st_synth.builder import REPORT_FILE
+from st_synth.client import EndpointError
+from st_synth.languages import XLMR_LANGUAGES, paper_language_weights, resolve_language_weights
+from st_synth.prompting import example_request, plan_examples
+from st_synth.taxonomy import TASK_KINDS
+from st_synth.validation import Rejected, parse_example, parse_tasks
+
+
+def make_config(server, tmp_path: Path, **overrides) -> GenerationConfig:
+    settings = dict(
+        model=server.model,
+        base_url=server.base_url,
+        num_examples=24,
+        cache=str(tmp_path / "cache.sqlite"),
+        concurrency=4,
+        request_timeout=0.5,
+        retry_base_delay=0.01,
+        show_progress=False,
+    )
+    settings.update(overrides)
+    return GenerationConfig(**settings)
+
+
+def rows(dataset) -> dict[str, list[dict]]:
+    return {split: list(data) for split, data in dataset.items()}
+
+
+# -- planning and prompts ----------------------------------------------------------------------------------
+def test_prompts_are_a_function_of_the_seed():
+    kinds = {name: 1.0 for name in TASK_KINDS}
+    langs = paper_language_weights()
+
+    def prompts(seed):
+        plans = plan_examples(seed, 60, kinds, langs)
+        return [
+            example_request(seed, plan, 0, ["Task A about cats", "Task B about dogs"]).prompt
+            for plan in plans
+        ]
+
+    assert prompts(7) == prompts(7)
+    assert prompts(7) != prompts(8)
+    assert {p.kind for p in plan_examples(7, 60, kinds, langs)} == set(TASK_KINDS)
+
+
+@pytest.mark.parametrize("kind", list(TASK_KINDS))
+def test_example_prompts_ask_for_the_papers_keys(kind):
+    plan = next(
+        p
+        for p in plan_examples(3, 200, {k: 1.0 for k in TASK_KINDS}, paper_language_weights())
+        if p.kind == kind
+    )
+    request = example_request(3, plan, 0, ["Find recipes that use a given ingredient"])
+    for key in TASK_KINDS[kind].keys:
+        assert f'"{key}"' in request.prompt
+    assert "{" not in request.prompt and "JSON only" in request.prompt
+    assert request.schema["required"] == list(TASK_KINDS[kind].keys)
+    if kind == "bitext":
+        assert plan.language != plan.target_language and plan.target_language in request.prompt
+    else:
+        assert plan.language in request.prompt
+
+
+def test_paper_language_mix():
+    weights = paper_language_weights()
+    assert len(weights) == len(XLMR_LANGUAGES) == 93
+    assert weights["English"] == pytest.approx(0.431) and weights["Polish"] == pytest.approx(0.029)
+    assert sum(weights.values()) == pytest.approx(1.0)
+    plans = plan_examples(0, 4000, {"retrieval": 1.0}, weights)
+    share = Counter(p.language for p in plans)["English"] / len(plans)
+    assert 0.40 < share < 0.46
+    assert resolve_language_weights("english, German") == {"English": 0.5, "German": 0.5}
+
+
+# -- validation --------------------------------------------------------------------------------------------
+def test_validation_rejects_bad_answers_with_reasons():
+    kind = TASK_KINDS["retrieval"]
+    good = {"user_query": "q", "positive_document": "p", "hard_negative_document": "n"}
+    assert parse_example(json.dumps(good), kind) == ("q", "p", "n")
+    assert parse_example("Sure!\n```json\n" + json.dumps(good) + "\n```", kind) == ("q", "p", "n")
+    cases = {
+        "invalid_json": '{"user_query": "q", ',
+        "missing_keys": json.dumps({"user_query": "q"}),
+        "wrong_type": json.dumps({**good, "positive_document": {"nested": "p"}}),
+        "empty_field": json.dumps({**good, "user_query": "  "}),
+        "query_equals_positive": json.dumps({**good, "positive_document": " Q. "}),
+        "negative_equals_positive": json.dumps({**good, "hard_negative_document": "P"}),
+        "field_too_long": json.dumps({**good, "positive_document": "x" * 20_000}),
+        "not_an_object": json.dumps(["q", "p", "n"]),
+        "empty_answer": "",
+    }
+    for reason, content in cases.items():
+        with pytest.raises(Rejected) as caught:
+            parse_example(content, kind)
+        assert caught.value.reason == reason
+    assert parse_tasks(
+        '["Find a recipe for dinner", "find a recipe for dinner.", 3, "Classify tweets by mood"]'
+    ) == [
+        "Find a recipe for dinner",
+        "Classify tweets by mood",
+    ]
+    assert parse_tasks('{"tasks": ["Match questions to FAQ answers"]}') == ["Match questions to FAQ answers"]
+
+
+# -- bad input fails before any request --------------------------------------------------------------------
+def test_bad_input_is_refused_before_any_request(fake_server, tmp_path, monkeypatch):
+    server = fake_server()
+    for overrides, message in [
+        ({"kinds": "retreival"}, "Did you mean 'retrieval'"),
+        ({"languages": "Klingon"}, "Choose from the 93 XLM-R languages"),
+        ({"num_examples": 0}, "positive integer"),
+        ({"kinds": "bitext", "languages": "English"}, "at least two languages"),
+        ({"response_format": "yaml"}, "choose auto"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make_config(server, tmp_path, **overrides)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="set the environment variable OPENAI_API_KEY"):
+        SyntheticDatasetBuilder(make_config(server, tmp_path, base_url="https://llm.example.com/v1"))
+    with pytest.raises(EndpointError, match="Cannot reach"):
+        SyntheticDatasetBuilder(make_config(server, tmp_path, base_url="http://127.0.0.1:9/v1")).build()
+    with pytest.raises(EndpointError, match="it serves: fake-llm"):
+        SyntheticDatasetBuilder(make_config(server, tmp_path, model="gpt-9")).build()
+    assert server.chat_requests == 0
+
+
+# -- faults, accounting, cache -----------------------------------------------------------------------------
+def test_faults_lose_nothing_and_accounting_is_exact(fake_server, tmp_path):
+    server = fake_server(latency=0.005)
+    server.faults.extend(["429", "500", "503", "slow", "drop", "malformed", "truncated"])
+    builder = SyntheticDatasetBuilder(
+        make_config(server, tmp_path, num_examples=30, price_prompt_per_million=2.0)
+    )
+    dataset = builder.build()
+    report = builder.report
+    assert report["complete"] and sum(split.num_rows for split in dataset.values()) == 30
+    assert report["requests_sent"] == server.chat_requests
+    assert report["retries"] == 5
+    assert report["transient_errors"] == {"http_429": 1, "http_500": 1, "http_503": 2, "connection": 1} or (
+        report["transient_errors"]
+        == {"http_429": 1, "http_500": 1, "http_503": 1, "timeout": 1, "connection": 1}
+    )
+    assert report["drops"].get("invalid_json", 0) + report["drops"].get("brainstorm:invalid_json", 0) == 1
+    assert report["drops"].get("truncated", 0) + report["drops"].get("brainstorm:truncated", 0) == 1
+    assert report["prompt_tokens"] == server.usage["prompt_tokens"]
+    assert report["completion_tokens"] == server.usage["completion_tokens"]
+    assert sum(t["prompt_tokens"] for t in report["tokens_by_kind"].values()) == report["prompt_tokens"]
+    assert report["cost_usd"] == pytest.approx(report["prompt_tokens"] * 2.0 / 1e6)
+    assert sum(report["kept_by_kind"].values()) == sum(report["kept_by_language"].values()) == 30
+
+
+def test_cached_rerun_sends_zero_requests_and_gives_the_same_data(fake_server, tmp_path):
+    server = fake_server(bad_answer_rate=0.2)
+    first = SyntheticDatasetBuilder(make_config(server, tmp_path))
+    data_first = first.build()
+    sent, listings = server.chat_requests, server.model_listings
+    second = SyntheticDatasetBuilder(make_config(server, tmp_path))
+    data_second = second.build()
+    assert server.chat_requests == sent and server.model_listings == listings
+    assert second.report["requests_sent"] == 0 and second.report["cache_hits"] == sent
+    assert rows(data_first) == rows(data_second)
+    assert second.report["total_prompt_tokens"] == first.report["prompt_tokens"]
+
+
+def test_result_does_not_depend_on_concurrency_or_faults(fake_server, tmp_path):
+    server = fake_server(bad_answer_rate=0.3, latency=lambda rng: rng.expovariate(1 / 0.01))
+    serial = SyntheticDatasetBuilder(
+        make_config(server, tmp_path, concurrency=1, cache=str(tmp_path / "a.sqlite"))
+    )
+    data_serial = serial.build()
+    server.faults.extend(["429", "drop", "500"] * 3)
+    parallel = SyntheticDatasetBuilder(
+        make_config(server, tmp_path, concurrency=12, cache=str(tmp_path / "b.sqlite"))
+    )
+    assert rows(parallel.build()) == rows(data_serial)
+    drops = serial.report["drops"]
+    assert drops.get("duplicate", 0) > 0 and drops.get("invalid_json", 0) > 0, drops
+
+
+def test_shards_are_disjoint_and_their_union_is_the_single_run(fake_server, tmp_path):
+    server = fake_server(bad_answer_rate=0.2)
+    single = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=40, block_size=8)).build()
+    union: dict[str, list] = {}
+    for index in range(3):
+        config = make_config(
+            server, tmp_path, num_examples=40, block_size=8, num_shards=3, shard_index=index,
+            cache=str(tmp_path / f"shard{index}.sqlite"),
+        )  # fmt: skip
+        for split, data in SyntheticDatasetBuilder(config).build().items():
+            union.setdefault(split, []).extend(data)
+    for split, data in single.items():
+        assert sorted(union[split], key=json.dumps) == sorted(data, key=json.dumps)
+        assert len(union[split]) == data.num_rows  # disjoint: no row twice
+
+
+def test_response_format_negotiation_is_remembered(fake_server, tmp_path):
+    server = fake_server(reject_json_schema=True)
+    builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=6, concurrency=1))
+    builder.build()
+    assert builder.report["format_downgrades"] == 1
+    assert set(builder.report["response_formats"]) == {"json_object_schema"}
+    rejected = sum(
+        1 for body in server.received if body.get("response_format", {}).get("type") == "json_schema"
+    )
+    assert rejected == 1
+    more = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, concurrency=1))
+    more.build()
+    assert more.report["format_downgrades"] == 0 and more.report["cache_hits"] > 0
+
+
+def test_plain_text_mode_extracts_fenced_json(fake_server, tmp_path):
+    server = fake_server()
+    builder = SyntheticDatasetBuilder(make_config(server, tmp_path, response_format="text", num_examples=8))
+    assert sum(d.num_rows for d in builder.build().values()) == 8
+    assert all("response_format" not in body for body in server.received)
+    assert builder.report["response_formats"] == {"text": server.chat_requests}
+
+
+def test_failure_budget_stops_and_keeps_what_it_has(fake_server, tmp_path):
+    server = fake_server(bad_answer_rate=1.0, bad_answers=("malformed", "truncated"))
+    builder = SyntheticDatasetBuilder(make_config(server, tmp_path, kinds="sts", failure_budget=10))
+    dataset = builder.build()
+    assert not builder.report["complete"]
+    assert "failure budget of 10" in builder.report["stop_reason"]
+    assert dataset["sts"].num_rows == 0 and sum(builder.report["drops"].values()) >= 11
+
+
+def test_output_folder_is_ready_for_sentence_transformers(fake_server, tmp_path):
+    server = fake_server()
+    builder = SyntheticDatasetBuilder(
+        make_config(server, tmp_path, num_examples=60, languages="English,French")
+    )
+    builder.build()
+    out = builder.save(tmp_path / "out")
+    loaded = load_from_disk(str(out))
+    assert list(loaded) == list(TASK_KINDS)
+    for kind, split in loaded.items():
+        assert split.column_names == list(TASK_KINDS[kind].columns)
+        assert ("negative" in split.column_names) == TASK_KINDS[kind].has_negative
+        assert split.num_rows > 0 and all(row["instruction"] for row in split)
+    assert set(loaded["sts"]["instruction"]) == {"Retrieve semantically similar text."}
+    assert set(loaded["bitext"]["language"]) <= {"English-French", "French-English"}
+    report = json.loads((out / REPORT_FILE).read_text())
+    for field in ("requests_sent", "cache_hits", "retries", "prompt_tokens", "completion_tokens", "tokens_by_kind",
+                  "drops", "kept_by_kind", "kept_by_language", "wall_time_s", "generator_model"):  # fmt: skip
+        assert field in report
+
+
+def test_api_key_never_reaches_disk_or_logs(fake_server, tmp_path, monkeypatch, caplog):
+    secret = "sk-test-SECRET-4242"
+    server = fake_server(api_key=secret)
+    monkeypatch.setenv("MY_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    builder = SyntheticDatasetBuilder(make_config(server, tmp_path, api_key_env="MY_KEY", num_examples=10))
+    builder.build()
+    out = builder.save(tmp_path / "out")
+    for path in [*out.rglob("*"), *tmp_path.glob("cache.sqlite*")]:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in caplog.text and secret not in json.dumps(builder.report)
+    monkeypatch.setenv("MY_KEY", "sk-wrong")
+    with pytest.raises(EndpointError, match="refused the API key"):
+        SyntheticDatasetBuilder(
+            make_config(server, tmp_path, api_key_env="MY_KEY", cache=str(tmp_path / "x.sqlite"))
+        ).build()
+
+
+def test_push_to_hub_uploads_data_and_card(fake_server, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from st_synth.hub import push_dataset
+
+    server = fake_server()
+    builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, kinds="retrieval,sts"))
+    dataset = builder.build()
+    uploaded: dict[str, bytes] = {}
+    calls = []
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw))
+    )
+
+    def upload_folder(self, *, repo_id, folder_path, repo_type, **kw):
+        calls.append(("upload", repo_id, repo_type))
+        for path in Path(folder_path).rglob("*"):
+            if path.is_file():
+                uploaded[str(path.relative_to(folder_path))] = path.read_bytes()
+        return "https://hub.local/commit/1"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    push_dataset(dataset, builder.report, "me/synthetic", token="hf_SECRET_TOKEN")
+    assert calls[0][:2] == ("create", "me/synthetic") and calls[1] == ("upload", "me/synthetic", "dataset")
+    assert set(uploaded) == {
+        "README.md", "generation_report.json",
+        "data/retrieval-00000-of-00001.parquet", "data/sts-00000-of-00001.parquet",
+    }  # fmt: skip
+    card = uploaded["README.md"].decode()
+    assert "`fake-llm`" in card and "| `retrieval` |" in card and "path: data/sts-*" in card
+    assert all(b"hf_SECRET_TOKEN" not in blob for blob in uploaded.values())
+
+
+# -- the command line, killed and resumed ------------------------------------------------------------------
+def cli(server, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "st_synth.cli", "generate", "--output", str(out), "--model", server.model,
+        "--base-url", server.base_url, "--cache", str(cache), "--num-examples", "40", "--seed", "5",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def cached_answers(cache: Path) -> int:
+    try:
+        with sqlite3.connect(cache) as db:
+            return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_dataset(fake_server, tmp_path):
+    server = fake_server(latency=0.03, bad_answer_rate=0.15)
+    env = {**os.environ, "OPENAI_API_KEY": ""}
+    reference = subprocess.run(
+        cli(server, tmp_path / "ref", tmp_path / "ref.sqlite"), env=env, capture_output=True, text=True
+    )
+    assert reference.returncode == 0, reference.stderr
+    paid_reference = server.chat_requests
+
+    cache = tmp_path / "killed.sqlite"
+    command = cli(server, tmp_path / "out", cache, "--concurrency", "4")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while cached_answers(cache) < 15 and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists()
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    paid_resumed = server.chat_requests - paid_reference
+    assert paid_resumed <= paid_reference + 4  # at most the requests that were in flight, paid twice
+    assert rows(load_from_disk(str(tmp_path / "out"))) == rows(load_from_disk(str(tmp_path / "ref")))
+
+
+def test_cli_exit_codes(fake_server, tmp_path):
+    server = fake_server(bad_answer_rate=1.0)
+    env = {**os.environ, "OPENAI_API_KEY": ""}
+    bad = subprocess.run(
+        cli(server, tmp_path / "o", tmp_path / "c.sqlite", "--kinds", "nope"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "Choose one of: retrieval" in bad.stderr
+    failing = subprocess.run(
+        cli(server, tmp_path / "o", tmp_path / "c.sqlite", "--failure-budget", "5"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert failing.returncode == 3 and "INCOMPLETE" in failing.stdout

@@ -1,0 +1,46 @@
+"""Opt-in: generation against a real local LLM (llama.cpp serving SmolLM2-135M-Instruct).
+
+Run with ``ST_SYNTH_LLM_TESTS=1 pytest -m llm -s``; prints the keep rate per kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytestmark = [
+    pytest.mark.llm,
+    pytest.mark.skipif(os.environ.get("ST_SYNTH_LLM_TESTS") != "1", reason="set ST_SYNTH_LLM_TESTS=1 to run"),
+]
+
+
+def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
+    from st_synth import GenerationConfig, SyntheticDatasetBuilder
+    from st_synth.local_llm import SMOLLM2_ALIAS, LocalLLMServer
+    from st_synth.taxonomy import TASK_KINDS
+
+    server = LocalLLMServer()
+    config = GenerationConfig(
+        model=SMOLLM2_ALIAS,
+        base_url=server.base_url,
+        num_examples=int(os.environ.get("ST_SYNTH_LLM_EXAMPLES", "24")),
+        languages="English,German,French",
+        cache=str(tmp_path / "cache.sqlite"),
+        concurrency=1,
+        show_progress=False,
+    )
+    with server:
+        builder = SyntheticDatasetBuilder(config)
+        dataset = builder.build()
+    report = builder.report
+    keep_rate = {
+        kind: report["kept_by_kind"][kind]
+        / max(1, report["kept_by_kind"][kind] + report["drops_by_kind"][kind])
+        for kind in TASK_KINDS
+    }
+    print(json.dumps({"keep_rate": keep_rate, "drops": report["drops"], "formats": report["response_formats"],
+                      "wall_time_s": report["wall_time_s"], "completion_tokens": report["completion_tokens"]}, indent=1))  # fmt: skip
+    assert report["format_downgrades"] == 1 and set(report["response_formats"]) == {"json_object_schema"}
+    assert report["requests_sent"] > 0 and sum(d.num_rows for d in dataset.values()) > 0
