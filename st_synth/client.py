@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,10 +113,28 @@ def _mentions_format(error: openai.APIStatusError) -> bool:
     return any(word in text for word in _FORMAT_WORDS)
 
 
+def _answer_from(response: object, mode: str) -> Answer:
+    """Read content, finish reason and usage from a raw chat-completion JSON body, defensively."""
+    response = response if isinstance(response, dict) else {}
+    choices = response.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    usage = response.get("usage") or {}
+    content = message.get("content") if isinstance(message, dict) else None
+    return Answer(
+        content=content if isinstance(content, str) else None,
+        finish_reason=choice.get("finish_reason"),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        mode=mode,
+        cached=False,
+    )
+
+
 class ChatClient:
     def __init__(
         self,
-        client: openai.AsyncOpenAI,
+        client: openai.AsyncOpenAI | Sequence[openai.AsyncOpenAI],
         model: str,
         cache: AnswerCache,
         *,
@@ -131,7 +150,10 @@ class ChatClient:
                 f"Unknown response format {response_format!r}; choose 'auto' or one of: "
                 f"{', '.join(RESPONSE_FORMATS)}."
             )
-        self.client = client
+        # Several clients, each with a small connection pool: httpx scans its whole pool on every
+        # request, so one pool of 64 connections costs more CPU per request than eight pools of eight.
+        self.clients = [client] if isinstance(client, openai.AsyncOpenAI) else list(client)
+        self.client = self.clients[0]
         self.model = model
         self.cache = cache
         self.temperature = temperature
@@ -144,9 +166,15 @@ class ChatClient:
             response_format if not self.negotiate else cache.get_meta(self._mode_key) or RESPONSE_FORMATS[0]
         )
         self.stats = ClientStats()
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots: asyncio.Queue[int] = asyncio.Queue()
+        for slot in range(concurrency):
+            self._slots.put_nowait(slot)
         self._jitter = random.Random()  # timing only: never influences what is generated
         self._checked: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
 
     async def _check_endpoint(self) -> None:
         """Before the first paid request: is the endpoint there, does it take the key, has it the model?
@@ -194,8 +222,11 @@ class ChatClient:
             self.stats.cached_completion_tokens += hit["completion_tokens"]
             return Answer(**hit, cached=True)
         await self._check_endpoint()
-        async with self._slots:
-            answer = await self._send(request)
+        slot = await self._slots.get()
+        try:
+            answer = await self._send(request, self.clients[slot % len(self.clients)])
+        finally:
+            self._slots.put_nowait(slot)
         self.cache.put(key, {k: v for k, v in answer.__dict__.items() if k != "cached"})
         self.stats.add_usage(request.kind, answer.prompt_tokens, answer.completion_tokens)
         self.stats.modes[answer.mode] += 1
@@ -214,25 +245,26 @@ class ChatClient:
             return {"type": "json_object"}
         return {}
 
-    async def _send(self, request: ChatRequest) -> Answer:
+    async def _send(self, request: ChatRequest, client: openai.AsyncOpenAI) -> Answer:
         retries = 0
         while True:
             mode = self.mode
-            kwargs: dict[str, Any] = {
+            body: dict[str, Any] = {
                 "model": self.model,
                 "messages": request.messages,
                 "temperature": self.temperature,
                 "top_p": self.top_p,
                 "max_tokens": request.max_tokens,
                 "seed": request.seed,
+                **self.extra_body,
             }
             if response_format := self._format_argument(mode, request):
-                kwargs["response_format"] = response_format
-            if self.extra_body:
-                kwargs["extra_body"] = self.extra_body
+                body["response_format"] = response_format
             self.stats.requests_sent += 1
             try:
-                response = await self.client.chat.completions.create(**kwargs)
+                # The raw JSON route of the same client: the typed ``chat.completions.create`` spends
+                # more CPU transforming and validating than the whole rest of a request costs.
+                response = await client.post("/chat/completions", body=body, cast_to=object)
             except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
                 raise EndpointError(
                     f"The endpoint refused the API key (HTTP {error.status_code}); check the key variable."
@@ -254,16 +286,7 @@ class ChatClient:
                 label = "timeout" if isinstance(error, openai.APITimeoutError) else "connection"
                 retries = await self._backoff(retries, label, None)
                 continue
-            choice = response.choices[0] if response.choices else None
-            usage = response.usage
-            return Answer(
-                content=choice.message.content if choice else None,
-                finish_reason=choice.finish_reason if choice else None,
-                prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
-                completion_tokens=(usage.completion_tokens or 0) if usage else 0,
-                mode=mode,
-                cached=False,
-            )
+            return _answer_from(response, mode)
 
     def _can_downgrade(self, error: openai.APIStatusError, mode: str) -> bool:
         """Step down to a weaker response format when the endpoint rejects the current one."""

@@ -154,10 +154,10 @@ def test_faults_lose_nothing_and_accounting_is_exact(fake_server, tmp_path):
     assert report["complete"] and sum(split.num_rows for split in dataset.values()) == 30
     assert report["requests_sent"] == server.chat_requests
     assert report["retries"] == 5
-    assert report["transient_errors"] == {"http_429": 1, "http_500": 1, "http_503": 2, "connection": 1} or (
-        report["transient_errors"]
-        == {"http_429": 1, "http_500": 1, "http_503": 1, "timeout": 1, "connection": 1}
-    )
+    errors = dict(report["transient_errors"])
+    # "slow" is a timeout; a dropped connection reads as a connection error or, on aiohttp, a timeout.
+    lost = errors.pop("timeout", 0) + errors.pop("connection", 0)
+    assert lost == 2 and errors == {"http_429": 1, "http_500": 1, "http_503": 1}
     assert report["drops"].get("invalid_json", 0) + report["drops"].get("brainstorm:invalid_json", 0) == 1
     assert report["drops"].get("truncated", 0) + report["drops"].get("brainstorm:truncated", 0) == 1
     assert report["prompt_tokens"] == server.usage["prompt_tokens"]

@@ -31,6 +31,11 @@ KNOWN_KEYS = (
 TRANSIENT = {"429": 429, "500": 500, "503": 503, "slow": 503}
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen backlog: hundreds of clients may connect at once
+    daemon_threads = True
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -67,9 +72,7 @@ class FakeOpenAIServer:
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self._httpd.request_queue_size = 256
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", port), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
@@ -135,6 +138,9 @@ class FakeOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes; with Nagle on, the second waits ~40 ms for the
+            # client's delayed ACK, which would add to every request's latency.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -224,7 +230,7 @@ def heavy_tailed_latency(mean: float, sigma: float = 1.0) -> Callable[[random.Ra
 
 
 def main() -> None:
-    """Serve until killed: ``python -m st_synth.testing.openai_server --port 8000 --mean-latency 0.2``."""
+    """Serve until killed: ``python -m st_synth.testing --port 8000 --mean-latency 0.2``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -1,0 +1,150 @@
+"""Generation throughput: st-synth vs distilabel 1.5.3 on the same loopback endpoint.
+
+A fake OpenAI-compatible server (``python -m st_synth.testing``) runs in its own process with
+log-normal latency (mean 200 ms, sigma 1: most answers fast, a few very slow). For each concurrency, both
+tools generate retrieval examples; we report kept examples per second, requests per second against the
+bound ``concurrency / mean latency``, and client CPU milliseconds per kept example.
+
+    python benchmarks/bench_generation.py --distilabel-python /path/to/distilabel-venv/bin/python
+
+Results go to ``benchmarks/results/generation.json`` and ``.md``. Without ``--distilabel-python`` only
+st-synth is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+MEAN_LATENCY = 0.2
+
+
+def cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "st_synth.testing", "--port", str(port),
+               "--mean-latency", str(MEAN_LATENCY), "--no-fence"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{base_url}/models", timeout=1)
+            return process, base_url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("fake server did not start")
+
+
+def run_st_synth(base_url: str, concurrency: int, num_examples: int) -> dict:
+    from st_synth import GenerationConfig, SyntheticDatasetBuilder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = GenerationConfig(
+            model="fake-llm", base_url=base_url, num_examples=num_examples, kinds="retrieval",
+            languages="English", concurrency=concurrency, cache=f"{tmp}/cache.sqlite", show_progress=False,
+        )  # fmt: skip
+        builder = SyntheticDatasetBuilder(config)
+        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+        dataset = builder.build()
+        wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    return {
+        "kept": dataset["retrieval"].num_rows,
+        "requests": builder.report["requests_sent"],
+        "wall_s": wall,
+        "cpu_s": cpu,
+    }
+
+
+def run_distilabel(python: str, base_url: str, concurrency: int, num_examples: int) -> dict:
+    worker = Path(__file__).parent / "distilabel_e5_worker.py"
+    command = [python, str(worker), "--base-url", base_url, "--model", "fake-llm",
+               "--concurrency", str(concurrency), "--num-examples", str(num_examples)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(result: dict, concurrency: int) -> dict:
+    bound = concurrency / MEAN_LATENCY
+    return {
+        **result,
+        "kept_per_s": result["kept"] / result["wall_s"],
+        "requests_per_s": result["requests"] / result["wall_s"],
+        "share_of_bound": result["requests"] / result["wall_s"] / bound,
+        "cpu_ms_per_kept": 1000 * result["cpu_s"] / max(1, result["kept"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--distilabel-python", default=None)
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--seconds", type=float, default=8.0, help="Target duration of each measurement.")
+    args = parser.parse_args()
+    process, base_url = start_server()
+    rows = []
+    try:
+        for concurrency in map(int, args.concurrency.split(",")):
+            num_examples = max(10, int(args.seconds * concurrency / MEAN_LATENCY))
+            ours = summarise(run_st_synth(base_url, concurrency, num_examples), concurrency)
+            row = {
+                "concurrency": concurrency,
+                "num_examples": num_examples,
+                "bound_requests_per_s": concurrency / MEAN_LATENCY,
+                "st_synth": ours,
+            }
+            if args.distilabel_python:
+                theirs = summarise(
+                    run_distilabel(args.distilabel_python, base_url, concurrency, num_examples), concurrency
+                )
+                row["distilabel"] = theirs
+                row["kept_per_s_ratio"] = ours["kept_per_s"] / theirs["kept_per_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        process.terminate()
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"mean_latency_s": MEAN_LATENCY, "latency": "log-normal, sigma 1", "rows": rows}
+    (RESULTS / "generation.json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [
+        "| concurrency | examples | bound req/s | st-synth req/s (share of bound) | st-synth kept/s | st-synth CPU ms/kept | distilabel kept/s | distilabel CPU ms/kept | kept/s ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ours, theirs = row["st_synth"], row.get("distilabel")
+        lines.append(
+            f"| {row['concurrency']} | {row['num_examples']} | {row['bound_requests_per_s']:.0f} | "
+            f"{ours['requests_per_s']:.1f} ({ours['share_of_bound']:.0%}) | {ours['kept_per_s']:.1f} | "
+            f"{ours['cpu_ms_per_kept']:.2f} | "
+            + (
+                f"{theirs['kept_per_s']:.1f} | {theirs['cpu_ms_per_kept']:.2f} | {row['kept_per_s_ratio']:.2f}x |"
+                if theirs
+                else "- | - | - |"
+            )
+        )
+    (RESULTS / "generation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
