@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from st_synth.builder import GenerationConfig, SyntheticDatasetBuilder
+from st_synth.embedder import build_embedder, format_instruction
+from st_synth.instructions import get_instruction, register_instruction
 from st_synth.languages import XLMR_LANGUAGES, paper_language_weights
 from st_synth.taxonomy import TASK_KINDS, TaskKind
 
@@ -14,5 +16,9 @@ __all__ = [
     "GenerationConfig",
     "SyntheticDatasetBuilder",
     "TaskKind",
+    "build_embedder",
+    "format_instruction",
+    "get_instruction",
     "paper_language_weights",
+    "register_instruction",
 ]
