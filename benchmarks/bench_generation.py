@@ -45,13 +45,14 @@ def start_server() -> tuple[subprocess.Popen, str]:
                "--mean-latency", str(MEAN_LATENCY), "--no-fence"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(100):
+    for _ in range(600):
         try:
             urllib.request.urlopen(f"{base_url}/models", timeout=1)
             return process, base_url
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError("fake server did not start")
+    process.terminate()
+    raise RuntimeError("fake server did not start within 60 s")
 
 
 def run_st_synth(base_url: str, concurrency: int, num_examples: int) -> dict:

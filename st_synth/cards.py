@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -58,3 +60,79 @@ def render_dataset_card(dataset: DatasetDict, report: dict[str, Any], repo_id: s
         languages_summary=summary,
         size_category=_size_category(sum(s["rows"] for s in splits)),
     )
+
+
+CARD_DATA_FILE = "st_synth_card.json"
+
+
+def write_model_card(
+    folder: str | Path,
+    *,
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    generation_report: dict[str, Any],
+    summary: dict[str, Any],
+    repo_id: str | None = None,
+    evaluation: dict[str, float] | None = None,
+) -> Path:
+    """Render README.md into a saved model folder, and keep the card's facts beside it for updates."""
+    folder = Path(folder)
+    modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    adapter = folder / "adapter_config.json"
+    if not config and adapter.is_file():
+        config = {"architectures": ["LoRA adapter"]}
+    dimension = config.get("hidden_size", "?")
+    precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    facts = {
+        "title": (repo_id or folder.name).split("/")[-1],
+        "repo_id": repo_id or str(folder),
+        "base_model": model_args.base_model,
+        "base_model_id": model_args.base_model if "/" in model_args.base_model else None,
+        "architecture": ", ".join(config.get("architectures", [])) or "decoder",
+        "dimension": dimension,
+        "max_seq_length": model_args.max_seq_length,
+        "instruction_template": model_args.instruction_template,
+        "merged": not adapter.is_file(),
+        "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+                 "targets": list(model_args.lora_target_modules)},
+        "training": {
+            "temperature": data_args.temperature,
+            "scale": round(1 / data_args.temperature, 4),
+            "own_negatives": [n for n in data_args.no_in_batch_negatives if n in summary["sources"]],
+            "batch_size": training_args.per_device_train_batch_size,
+            "world_size": summary.get("world_size", 1),
+            "learning_rate": training_args.learning_rate,
+            "scheduler": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+            "warmup": training_args.warmup_steps or training_args.warmup_ratio,
+            "weight_decay": training_args.weight_decay,
+            "steps": summary["global_steps"],
+            "epochs": training_args.num_train_epochs,
+            "train_loss": summary["train_loss"],
+            "precision": precision,
+            "gradient_checkpointing": training_args.gradient_checkpointing,
+            "sources": summary["sources"],
+        },
+        "synthetic": generation_report or None,
+        "languages": language_codes((generation_report or {}).get("kept_by_language", {})),
+        "evaluation": evaluation or {},
+        "modules": [m.get("type") for m in modules],
+    }  # fmt: skip
+    (folder / CARD_DATA_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
+    return render_model_card(folder)
+
+
+def render_model_card(folder: str | Path, evaluation: dict[str, float] | None = None) -> Path:
+    """(Re)render README.md from the saved card facts, optionally with new evaluation results."""
+    folder = Path(folder)
+    facts_path = folder / CARD_DATA_FILE
+    if not facts_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {CARD_DATA_FILE}; it was not trained by st-synth's recipe.")
+    facts = json.loads(facts_path.read_text())
+    if evaluation is not None:
+        facts["evaluation"] = {**facts.get("evaluation", {}), **evaluation}
+        facts_path.write_text(json.dumps(facts, indent=2) + "\n")
+    readme = folder / "README.md"
+    readme.write_text(_template("model_card.md").render(**facts), encoding="utf-8")
+    return readme

@@ -48,3 +48,22 @@ def push_dataset(
         )
     logger.info("Pushed dataset to %s", repo_id)
     return str(getattr(commit, "commit_url", commit))
+
+
+def push_model(
+    folder: str | Path, repo_id: str, *, token: str | None = None, private: bool | None = None
+) -> str:
+    """Upload a saved SentenceTransformer folder (weights, configs, prompts, card) in one commit."""
+    folder = Path(folder)
+    if not (folder / "modules.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a saved SentenceTransformer folder (no modules.json).")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        commit_message="Upload e5-style embedder trained with st-synth",
+    )
+    logger.info("Pushed model to %s", repo_id)
+    return str(getattr(commit, "commit_url", commit))

@@ -1,0 +1,324 @@
+"""The e5-mistral training recipe on ``SentenceTransformerTrainer``: data, LoRA, losses, save, card.
+
+Everything the recipe script (``recipes/train_mistral.py``) does lives here, so it is importable,
+testable and the same under one CPU, ``accelerate launch``, ``torchrun`` or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
+    MultipleNegativesRankingLoss,
+)
+from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+from st_synth.embedder import (
+    DEFAULT_INSTRUCTION_TEMPLATE,
+    build_embedder,
+    check_instruction_template,
+    format_instruction,
+)
+from st_synth.lora import PAPER_TARGET_MODULES, check_target_modules, merge_lora
+from st_synth.losses import OwnNegativesLoss
+from st_synth.taxonomy import TASK_KINDS
+
+logger = logging.getLogger(__name__)
+
+TEXT_COLUMNS = ("query", "positive", "negative")
+SUMMARY_FILE = "training_summary.json"
+
+
+@dataclass
+class ModelArguments:
+    base_model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "Decoder backbone: a folder, a Hub id, 'smollm2-135m' (the packaged pretrained "
+                  "SmolLM2 as Mistral) or 'tiny' (a random two-layer Mistral built in place, for smoke tests)."},
+    )  # fmt: skip
+    max_seq_length: int = field(default=512, metadata={"help": "Tokens per input, EOS included."})
+    instruction_template: str = field(default=DEFAULT_INSTRUCTION_TEMPLATE)
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    lora_dropout: float = field(default=0.1)
+    lora_target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
+    torch_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16 weights."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa or flash_attention_2"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="", metadata={"help": "Folder written by `st-synth generate`, or a Hub id."})
+    kinds: list[str] | None = field(default=None, metadata={"help": "Train on these kinds (splits) only."})
+    extra_datasets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Your own labeled data as NAME=PATH_OR_HUB_ID|INSTRUCTION; its first three columns "
+                  "are read as (query, positive[, negative])."},
+    )  # fmt: skip
+    max_examples_per_source: int | None = field(default=None)
+    no_in_batch_negatives: list[str] = field(
+        default_factory=lambda: ["classification"],
+        metadata={"help": "Sources whose in-batch negatives are false negatives (labels repeat)."},
+    )
+    temperature: float = field(
+        default=0.02, metadata={"help": "InfoNCE temperature (scale = 1/temperature)."}
+    )
+    cached_loss: bool = field(default=False, metadata={"help": "GradCache: large batches at small memory."})
+    mini_batch_size: int = field(default=32, metadata={"help": "Mini-batch of the cached loss."})
+    gather_across_devices: bool = field(default=True, metadata={"help": "In-batch negatives from all ranks."})
+    eval_examples: int = field(default=0, metadata={"help": "Held out per source for evaluation loss."})
+
+
+@dataclass
+class OutputArguments:
+    merge: bool = field(default=True, metadata={"help": "Also save the LoRA merged into the weights."})
+    hub_private: bool = field(default=False)
+
+
+def resolve_base_model(name: str, cache_dir: str | Path | None = None) -> str:
+    """Turn the recipe's shortcuts into a model folder; anything else is passed on unchanged."""
+    if name == "smollm2-135m":
+        from st_synth.embedder import smollm2_as_mistral
+
+        return str(smollm2_as_mistral())
+    if name == "tiny":
+        from st_synth.testing.tiny import build_tiny_mistral
+
+        folder = Path(cache_dir or Path.home() / ".cache" / "st_synth") / "tiny-mistral"
+        if not (folder / "config.json").is_file():
+            build_tiny_mistral(folder, "none")
+        return str(folder)
+    return name
+
+
+def _load_any(path_or_id: str) -> Dataset | DatasetDict:
+    if Path(path_or_id).is_dir():
+        return load_from_disk(path_or_id)
+    return load_dataset(path_or_id)
+
+
+def load_sources(data: DataArguments, instruction_template: str) -> tuple[DatasetDict, dict[str, Any]]:
+    """The training sources (one split each), instructions applied, plus the synthetic generation report.
+
+    Refuses, before any model is loaded: a missing dataset, unknown kinds, missing columns, empty splits.
+    """
+    check_instruction_template(instruction_template)
+    sources: dict[str, Dataset] = {}
+    report: dict[str, Any] = {}
+    if data.dataset:
+        synthetic = _load_any(data.dataset)
+        if not isinstance(synthetic, DatasetDict):
+            raise ValueError(
+                f"{data.dataset} holds one split; `st-synth generate` writes one split per kind."
+            )
+        report_path = Path(data.dataset) / "generation_report.json"
+        if report_path.is_file():
+            report = json.loads(report_path.read_text())
+        wanted = data.kinds or list(synthetic)
+        unknown = [kind for kind in wanted if kind not in TASK_KINDS]
+        if unknown:
+            raise ValueError(f"Unknown kinds {unknown}; choose from: {', '.join(TASK_KINDS)}.")
+        absent = [kind for kind in wanted if kind not in synthetic]
+        if absent:
+            raise ValueError(f"Kinds {absent} are not in {data.dataset}; it has: {', '.join(synthetic)}.")
+        for kind in wanted:
+            sources[kind] = _prepare_synthetic(synthetic[kind], kind, instruction_template)
+    for spec in data.extra_datasets:
+        name, dataset = _prepare_extra(spec, instruction_template)
+        sources[name] = dataset
+    if not sources:
+        raise ValueError(
+            "No training data: pass --dataset (a `st-synth generate` folder) or --extra_datasets."
+        )
+    for name, dataset in sources.items():
+        if dataset.num_rows == 0:
+            raise ValueError(f"Training source {name!r} is empty; drop it or generate examples of that kind.")
+        if data.max_examples_per_source:
+            sources[name] = dataset.select(range(min(dataset.num_rows, data.max_examples_per_source)))
+    return DatasetDict(sources), report
+
+
+def _prepare_synthetic(split: Dataset, kind: str, template: str) -> Dataset:
+    needed = ["instruction", "query", "positive"]
+    missing = [column for column in needed if column not in split.column_names]
+    if missing:
+        raise ValueError(f"Split {kind!r} lacks columns {missing}; it has {split.column_names}.")
+    symmetric = TASK_KINDS[kind].symmetric
+    texts = [column for column in TEXT_COLUMNS if column in split.column_names]
+
+    def instruct(row: dict[str, str]) -> dict[str, str]:
+        prefix = format_instruction(row["instruction"], template)
+        # The paper: queries get the instruction; for symmetric tasks both sides do.
+        return {
+            column: (prefix + row[column] if column == "query" or symmetric else row[column])
+            for column in texts
+        }
+
+    return split.map(instruct, remove_columns=[c for c in split.column_names if c not in texts])
+
+
+def _prepare_extra(spec: str, template: str) -> tuple[str, Dataset]:
+    name, sep, rest = spec.partition("=")
+    path, bar, instruction = rest.partition("|")
+    if not sep or not bar or not name.strip() or not path.strip() or not instruction.strip():
+        raise ValueError(f"Extra dataset {spec!r} must look like NAME=PATH_OR_HUB_ID|INSTRUCTION.")
+    dataset = _load_any(path.strip())
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"{path} has no 'train' split; it has: {', '.join(dataset)}.")
+        dataset = dataset["train"]
+    columns = dataset.column_names
+    if len(columns) < 2:
+        raise ValueError(f"{path} needs at least (query, positive) columns; it has {columns}.")
+    kept = columns[:3]
+    dataset = dataset.select_columns(kept).rename_columns(dict(zip(kept, TEXT_COLUMNS, strict=False)))
+    prefix = format_instruction(instruction, template)
+    return name.strip(), dataset.map(lambda row: {"query": prefix + row["query"]})
+
+
+def build_losses(model: SentenceTransformer, sources: DatasetDict, data: DataArguments) -> dict[str, Any]:
+    scale = 1.0 / data.temperature
+    losses = {}
+    for name, dataset in sources.items():
+        if name in data.no_in_batch_negatives:
+            if "negative" not in dataset.column_names:
+                raise ValueError(
+                    f"Source {name!r} has in-batch negatives switched off but no hard negatives to learn from; "
+                    "remove it from --no_in_batch_negatives."
+                )
+            losses[name] = OwnNegativesLoss(model, scale=scale)
+        elif data.cached_loss:
+            losses[name] = CachedMultipleNegativesRankingLoss(
+                model, scale=scale, mini_batch_size=data.mini_batch_size,
+                gather_across_devices=data.gather_across_devices,
+            )  # fmt: skip
+        else:
+            losses[name] = MultipleNegativesRankingLoss(
+                model, scale=scale, gather_across_devices=data.gather_across_devices
+            )
+    return losses
+
+
+def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None) -> SentenceTransformer:
+    import torch
+    from peft import LoraConfig
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if model_args.torch_dtype not in dtypes:
+        raise ValueError(
+            f"torch_dtype {model_args.torch_dtype!r} is unknown; choose one of: {', '.join(dtypes)}."
+        )
+    model_kwargs: dict[str, Any] = {"dtype": dtypes[model_args.torch_dtype]}
+    if model_args.attn_implementation:
+        model_kwargs["attn_implementation"] = model_args.attn_implementation
+    model = build_embedder(
+        resolve_base_model(model_args.base_model, cache_dir),
+        max_seq_length=model_args.max_seq_length,
+        instruction_template=model_args.instruction_template,
+        model_kwargs=model_kwargs,
+    )
+    check_target_modules(model, model_args.lora_target_modules)
+    model.add_adapter(
+        LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=list(model_args.lora_target_modules),
+        )
+    )
+    return model
+
+
+def default_training_arguments(**overrides: Any) -> SentenceTransformerTrainingArguments:
+    settings: dict[str, Any] = {
+        "output_dir": "outputs/e5-model",
+        "batch_sampler": BatchSamplers.NO_DUPLICATES,
+        "multi_dataset_batch_sampler": MultiDatasetBatchSamplers.PROPORTIONAL,
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "report_to": "none",
+        **overrides,
+    }
+    return SentenceTransformerTrainingArguments(**settings)
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: SentenceTransformerTrainingArguments,
+    output_args: OutputArguments | None = None,
+) -> dict[str, Any]:
+    """Train, save the adapter and the merged model, write the card; return the training summary."""
+    output_args = output_args or OutputArguments()
+    # Validate data before loading a multi-GB backbone.
+    sources, generation_report = load_sources(data_args, model_args.instruction_template)
+    if training_args.batch_sampler != BatchSamplers.NO_DUPLICATES:
+        logger.warning(
+            "batch_sampler=%s lets duplicate texts into a batch (false negatives).",
+            training_args.batch_sampler,
+        )
+    if training_args.multi_dataset_batch_sampler not in (
+        MultiDatasetBatchSamplers.PROPORTIONAL, MultiDatasetBatchSamplers.ROUND_ROBIN,
+    ):  # fmt: skip
+        raise ValueError(
+            "Batches must hold one source at a time: use the proportional or round_robin sampler."
+        )
+    repo_id = training_args.hub_model_id if training_args.push_to_hub else None
+    training_args.push_to_hub = False  # we push once, at the end, the merged model with its card
+    eval_sources = None
+    if data_args.eval_examples:
+        split = {name: ds.train_test_split(test_size=data_args.eval_examples, seed=training_args.seed)
+                 for name, ds in sources.items()}  # fmt: skip
+        sources = DatasetDict({name: parts["train"] for name, parts in split.items()})
+        eval_sources = DatasetDict({name: parts["test"] for name, parts in split.items()})
+
+    model = build_model(model_args, cache_dir=Path(training_args.output_dir).parent)
+    losses = build_losses(model, sources, data_args)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=training_args, train_dataset=sources, eval_dataset=eval_sources, loss=losses
+    )
+    result = trainer.train()
+    output = Path(training_args.output_dir)
+    summary = {
+        "base_model": model_args.base_model,
+        "train_loss": result.training_loss,
+        "global_steps": result.global_step,
+        "sources": {name: ds.num_rows for name, ds in sources.items()},
+        "world_size": training_args.world_size,
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        from st_synth.cards import write_model_card
+
+        adapter_dir, final_dir = output / "adapter", output / "final"
+        model.save_pretrained(str(adapter_dir))
+        if output_args.merge:
+            merge_lora(model)
+            model.save_pretrained(str(final_dir))
+        target = final_dir if output_args.merge else adapter_dir
+        card_info = {
+            "model_args": model_args, "data_args": data_args, "training_args": training_args,
+            "generation_report": generation_report, "summary": summary,
+        }  # fmt: skip
+        (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        for folder in {adapter_dir, target}:
+            write_model_card(folder, **card_info, repo_id=repo_id)
+        if repo_id:
+            from st_synth.hub import push_model
+
+            summary["pushed"] = push_model(target, repo_id, private=output_args.hub_private or None)
+    return summary
+
+
+def world_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
