@@ -416,12 +416,17 @@ class _Run:
         return report
 
     def to_dataset(self) -> DatasetDict:
+        """One split per kind that kept examples (``datasets`` cannot reload a saved empty split)."""
         splits = {}
         by_plan = {plan.index: plan for plan in self.plans}
         for kind_name in self.config.kind_weights:
             kind = TASK_KINDS[kind_name]
+            indices = sorted(i for i in self.kept if by_plan[i].kind == kind_name)
+            if not indices:
+                logger.warning("No %s examples were kept; the dataset has no %s split.", kind_name, kind_name)
+                continue
             rows: dict[str, list[str]] = {column: [] for column in kind.columns}
-            for index in sorted(i for i in self.kept if by_plan[i].kind == kind_name):
+            for index in indices:
                 kept = self.kept[index]
                 rows["instruction"].append(kept.instruction)
                 for column, text in zip(kind.columns[1:-1], kept.texts, strict=True):

@@ -132,6 +132,7 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
         if absent:
             raise ValueError(f"Kinds {absent} are not in {data.dataset}; it has: {', '.join(synthetic)}.")
         for kind in wanted:
+            _refuse_empty(kind, synthetic[kind])
             sources[kind] = _prepare_synthetic(synthetic[kind], kind, instruction_template)
     for spec in data.extra_datasets:
         name, dataset = _prepare_extra(spec, instruction_template)
@@ -141,11 +142,15 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
             "No training data: pass --dataset (a `st-synth generate` folder) or --extra_datasets."
         )
     for name, dataset in sources.items():
-        if dataset.num_rows == 0:
-            raise ValueError(f"Training source {name!r} is empty; drop it or generate examples of that kind.")
+        _refuse_empty(name, dataset)
         if data.max_examples_per_source:
             sources[name] = dataset.select(range(min(dataset.num_rows, data.max_examples_per_source)))
     return DatasetDict(sources), report
+
+
+def _refuse_empty(name: str, dataset: Dataset) -> None:
+    if dataset.num_rows == 0:
+        raise ValueError(f"Training source {name!r} is empty; drop it or generate examples of that kind.")
 
 
 def _prepare_synthetic(split: Dataset, kind: str, template: str) -> Dataset:

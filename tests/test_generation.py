@@ -240,7 +240,8 @@ def test_failure_budget_stops_and_keeps_what_it_has(fake_server, tmp_path):
     dataset = builder.build()
     assert not builder.report["complete"]
     assert "failure budget of 10" in builder.report["stop_reason"]
-    assert dataset["sts"].num_rows == 0 and sum(builder.report["drops"].values()) >= 11
+    assert "sts" not in dataset and sum(builder.report["drops"].values()) >= 11
+    assert builder.report["kept_by_kind"] == {"sts": 0}
 
 
 def test_output_folder_is_ready_for_sentence_transformers(fake_server, tmp_path):

@@ -25,7 +25,7 @@ WORDS = (
     "query document passage text instruct given classify topic similar sentence relevant "
     "good bad great new old big small fast slow first last many much more most very "
     "i you he she we they my your his her our their me him us them not no yes Instruct Query "
-    "0 1 2 3 4 5 6 7 8 9"
+    "0 1 2 3 4 5 6 7 8 9 Retrieve semantically sport computers"
 ).split()
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

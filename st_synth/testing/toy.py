@@ -18,7 +18,7 @@ TOPICS = {
     "weather": "weather rain sun snow cold hot wind storm summer winter".split(),
 }
 INSTRUCTIONS = {
-    "retrieval": "find the document on the same topic",
+    "retrieval": "find the relevant document",
     "classification": "classify the topic",
     "sts": "Retrieve semantically similar text.",
 }

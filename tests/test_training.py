@@ -1,0 +1,184 @@
+"""The training recipe on a tiny in-place model: real script, YAML config, losses, batches, outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from sentence_transformers import SentenceTransformer
+
+from st_synth.testing.tiny import build_tiny_mistral
+from st_synth.testing.toy import TOPICS, write_toy_synthetic
+from st_synth.training import (
+    DataArguments,
+    ModelArguments,
+    OutputArguments,
+    build_losses,
+    build_model,
+    default_training_arguments,
+    load_sources,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return str(build_tiny_mistral(tmp_path_factory.mktemp("backbone") / "tiny", "bos_only", hidden_size=32))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return str(write_toy_synthetic(tmp_path_factory.mktemp("data") / "synthetic", rows_per_kind=48))
+
+
+def small_config(backbone: str, synthetic: str, output: Path, **extra) -> dict:
+    return {
+        "base_model": backbone, "dataset": synthetic, "max_seq_length": 32, "lora_r": 8, "lora_alpha": 16,
+        "lora_dropout": 0.0, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "num_train_epochs": 3,
+        "warmup_steps": 0, "weight_decay": 0.0, "logging_steps": 1, "save_strategy": "no", "use_cpu": True,
+        "output_dir": str(output), "seed": 7, "temperature": 0.05, **extra,
+    }  # fmt: skip
+
+
+def test_recipe_script_trains_saves_and_writes_the_card(backbone, synthetic, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(small_config(backbone, synthetic, tmp_path / "run")))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "train_mistral.py"), str(config), "--max_steps", "30"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    losses = [entry["loss"] for entry in summary["log_history"] if "loss" in entry]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # it learns the toy topics
+    adapter, final = tmp_path / "run" / "adapter", tmp_path / "run" / "final"
+    assert (adapter / "adapter_model.safetensors").is_file() and (final / "model.safetensors").is_file()
+    texts = ["cat dog bird", "stock market price"]
+    adapted = SentenceTransformer(str(adapter)).encode_query(texts, convert_to_tensor=True)
+    merged = SentenceTransformer(str(final)).encode_query(texts, convert_to_tensor=True)
+    torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-4)
+    card = (final / "README.md").read_text()
+    for fact in ("rank 8, alpha 16", "temperature 0.05 (scale 20.0)", "`toy-generator`", "retrieval 48",
+                 "own negatives only for classification", "merged into the weights", "arXiv:2401.00368"):  # fmt: skip
+        assert fact in card, fact
+
+
+def capture_batches(losses: dict, model) -> dict[str, list[list[str]]]:
+    """Wrap each source's loss to record the decoded texts of every batch it receives."""
+    seen: dict[str, list[list[str]]] = {name: [] for name in losses}
+    tokenizer = model[0].tokenizer
+    for name, loss in losses.items():
+        original = loss.forward
+
+        def forward(features, labels=None, _name=name, _original=original):
+            seen[_name].append(
+                [tokenizer.decode(ids[mask.bool()]) for ids, mask in
+                 zip(features[0]["input_ids"], features[0]["attention_mask"], strict=True)]
+            )  # fmt: skip
+            seen[_name].append(
+                [tokenizer.decode(ids[mask.bool()]) for ids, mask in
+                 zip(features[1]["input_ids"], features[1]["attention_mask"], strict=True)]
+            )  # fmt: skip
+            return _original(features, labels)
+
+        loss.forward = forward
+    return seen
+
+
+def test_one_source_per_batch_and_instructions_per_row(backbone, synthetic, tmp_path):
+    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+
+    model_args = ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, lora_alpha=8)
+    data_args = DataArguments(dataset=synthetic)
+    sources, _ = load_sources(data_args, model_args.instruction_template)
+    model = build_model(model_args)
+    losses = build_losses(model, sources, data_args)
+    assert type(losses["classification"]).__name__ == "OwnNegativesLoss"
+    assert (
+        type(losses["retrieval"]).__name__ == "MultipleNegativesRankingLoss"
+        and losses["retrieval"].scale == 50
+    )
+    seen = capture_batches(losses, model)
+    args = default_training_arguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=12,
+                                      use_cpu=True, save_strategy="no", logging_steps=100)  # fmt: skip
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=sources, loss=losses).train()
+    assert sum(len(batches) for batches in seen.values()) == 2 * 12
+    for name, batches in seen.items():
+        for queries, positives in zip(batches[::2], batches[1::2], strict=True):
+            assert len(set(queries)) == len(queries)  # no duplicate texts in a batch
+            for query, positive in zip(queries, positives, strict=True):
+                # every query carries its own row's instruction, so the batch holds one source only
+                assert query.startswith("<s> Instruct : " + {"retrieval": "find the relevant document",
+                                        "classification": "classify the topic",
+                                        "sts": "Retrieve semantically similar text ."}[name])  # fmt: skip
+                assert query.endswith("</s>") and positive.endswith("</s>")
+                # positives get the instruction only for symmetric kinds
+                assert positive.startswith("<s> Instruct :") == (name == "sts")
+                if name == "classification":
+                    assert positive.removeprefix("<s> ").removesuffix(" </s>") in TOPICS
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kinds": ["retreival"]}, "Unknown kinds"),
+        ({"kinds": ["bitext"]}, "not in"),
+        ({"extra_datasets": ["broken"]}, "NAME=PATH_OR_HUB_ID|INSTRUCTION"),
+    ],
+)
+def test_bad_data_is_refused_before_loading_a_model(synthetic, change, message):
+    with pytest.raises(ValueError, match=message):
+        load_sources(DataArguments(dataset=synthetic, **change), "Instruct: {instruction}\nQuery: ")
+
+
+def test_bad_settings_are_refused(backbone, synthetic, tmp_path):
+    from datasets import Dataset, load_from_disk
+
+    from st_synth.training import _refuse_empty
+
+    with pytest.raises(ValueError, match="'sts' is empty"):
+        _refuse_empty("sts", Dataset.from_dict({"query": ["a"]}).select([]))
+    data = load_from_disk(synthetic)
+    data["sts"] = load_from_disk(synthetic)["sts"].remove_columns("instruction")
+    data.save_to_disk(str(tmp_path / "nocol"))
+    with pytest.raises(ValueError, match=r"lacks columns \['instruction'\]"):
+        load_sources(DataArguments(dataset=str(tmp_path / "nocol")), "Instruct: {instruction}\nQuery: ")
+    with pytest.raises(ValueError, match="exactly once"):
+        load_sources(DataArguments(dataset=synthetic), "Query: ")
+    with pytest.raises(ValueError, match="its linear layers are"):
+        build_model(ModelArguments(base_model=backbone, max_seq_length=32, lora_target_modules=["c_attn"]))
+
+
+def test_push_uploads_weights_configs_and_card(backbone, synthetic, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    model_args = ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, lora_alpha=8)
+    args = default_training_arguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
+                                      max_steps=2, use_cpu=True, save_strategy="no", push_to_hub=True,
+                                      hub_model_id="me/tiny-e5", hub_token="hf_SECRET")  # fmt: skip
+    uploaded: dict[str, bytes] = {}
+
+    def upload_folder(self, *, repo_id, folder_path, repo_type, **kw):
+        assert (repo_id, repo_type) == ("me/tiny-e5", "model")
+        uploaded.update({str(p.relative_to(folder_path)): p.read_bytes() for p in Path(folder_path).rglob("*")
+                         if p.is_file()})  # fmt: skip
+        return "https://hub.local/commit/1"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    summary = train(model_args, DataArguments(dataset=synthetic), args, OutputArguments())
+    assert summary["pushed"] == "https://hub.local/commit/1"
+    assert {"model.safetensors", "modules.json", "config_sentence_transformers.json", "README.md",
+            "chat_template.jinja"} <= set(uploaded)  # fmt: skip
+    prompts = json.loads(uploaded["config_sentence_transformers.json"])["prompts"]
+    assert prompts["document"] == "" and prompts["query"]
+    assert b"me/tiny-e5" in uploaded["README.md"]
+    assert all(b"hf_SECRET" not in blob for blob in uploaded.values())
