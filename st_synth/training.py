@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("query", "positive", "negative")
 SUMMARY_FILE = "training_summary.json"
+# Set to a folder to have every rank record what its loss sees and a digest of its final LoRA weights:
+# the way to check a multi-process setup (negatives gathered across ranks, ranks in agreement).
+TRACE_ENV = "ST_SYNTH_TRACE_DIR"
 
 
 @dataclass
@@ -292,6 +295,8 @@ def train(
     trainer = SentenceTransformerTrainer(
         model=model, args=training_args, train_dataset=sources, eval_dataset=eval_sources, loss=losses
     )
+    if trace_dir := os.environ.get(TRACE_ENV):
+        _install_trace(Path(trace_dir), model, losses, trainer)
     result = trainer.train()
     output = Path(training_args.output_dir)
     summary = {
@@ -325,5 +330,36 @@ def train(
     return summary
 
 
-def world_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+def _install_trace(folder: Path, model: SentenceTransformer, losses: dict[str, Any], trainer: Any) -> None:
+    import hashlib
+
+    from transformers import TrainerCallback
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    trace = folder / f"rank{rank}.jsonl"
+
+    def record(entry: dict[str, Any]) -> None:
+        with trace.open("a") as handle:
+            handle.write(json.dumps({"rank": rank, **entry}) + "\n")
+
+    for name, loss in losses.items():
+        similarity = getattr(loss, "similarity_fct", None)
+        if similarity is None:
+            continue
+
+        def traced(queries, candidates, _name=name, _similarity=similarity):
+            record({"source": _name, "queries": queries.shape[0], "candidates": candidates.shape[0]})
+            return _similarity(queries, candidates)
+
+        loss.similarity_fct = traced
+
+    class Digest(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            digest = hashlib.sha256()
+            for name, param in sorted(model.named_parameters()):
+                if "lora_" in name:
+                    digest.update(param.detach().float().cpu().numpy().tobytes())
+            record({"lora_digest": digest.hexdigest(), "steps": state.global_step})
+
+    trainer.add_callback(Digest())

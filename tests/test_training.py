@@ -182,3 +182,41 @@ def test_push_uploads_weights_configs_and_card(backbone, synthetic, tmp_path, mo
     assert prompts["document"] == "" and prompts["query"]
     assert b"me/tiny-e5" in uploaded["README.md"]
     assert all(b"hf_SECRET" not in blob for blob in uploaded.values())
+
+
+@pytest.mark.slow
+def test_two_processes_gather_negatives_and_agree_on_weights(backbone, synthetic, tmp_path):
+    """A real torchrun run on CPU (gloo): each rank's loss scores its queries against the candidates of
+    both ranks, and both ranks end with the same LoRA weights."""
+    import os
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    config = tmp_path / "config.yaml"
+    settings = small_config(backbone, synthetic, tmp_path / "run", kinds=["retrieval", "sts"], max_steps=4,
+                            per_device_train_batch_size=4, ddp_backend="gloo", gradient_checkpointing=False)  # fmt: skip
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "ST_SYNTH_TRACE_DIR": str(tmp_path / "trace"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "recipes" / "train_mistral.py"),
+         str(config)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    traces = {
+        rank: [
+            json.loads(line) for line in (tmp_path / "trace" / f"rank{rank}.jsonl").read_text().splitlines()
+        ]
+        for rank in (0, 1)
+    }
+    for entries in traces.values():
+        calls = [e for e in entries if "candidates" in e]
+        assert calls, entries
+        # 4 local queries against (positive + negative) x 4 rows x 2 ranks
+        assert all(e["queries"] == 4 and e["candidates"] == 2 * 4 * 2 for e in calls)
+    digests = {
+        rank: next(e["lora_digest"] for e in entries if "lora_digest" in e)
+        for rank, entries in traces.items()
+    }
+    assert digests[0] == digests[1]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
