@@ -171,6 +171,8 @@ class ChatClient:
             self._slots.put_nowait(slot)
         self._jitter = random.Random()  # timing only: never influences what is generated
         self._checked: asyncio.Task | None = None
+        self._probe = asyncio.Lock()
+        self._format_confirmed = not self.negotiate or cache.get_meta(self._mode_key) is not None
 
     async def close(self) -> None:
         for client in self.clients:
@@ -222,11 +224,23 @@ class ChatClient:
             self.stats.cached_completion_tokens += hit["completion_tokens"]
             return Answer(**hit, cached=True)
         await self._check_endpoint()
+        if not self._format_confirmed:
+            # Until one answer confirms the response format, send one request at a time, so that an
+            # endpoint rejecting the format rejects one request rather than a whole wave of them.
+            async with self._probe:
+                if not self._format_confirmed:
+                    answer = await self._send(request, self.client)
+                    self._format_confirmed = True
+                    self.cache.set_meta(self._mode_key, self.mode)
+                    return self._store(key, request, answer)
         slot = await self._slots.get()
         try:
             answer = await self._send(request, self.clients[slot % len(self.clients)])
         finally:
             self._slots.put_nowait(slot)
+        return self._store(key, request, answer)
+
+    def _store(self, key: str, request: ChatRequest, answer: Answer) -> Answer:
         self.cache.put(key, {k: v for k, v in answer.__dict__.items() if k != "cached"})
         self.stats.add_usage(request.kind, answer.prompt_tokens, answer.completion_tokens)
         self.stats.modes[answer.mode] += 1

@@ -186,7 +186,7 @@ def test_result_does_not_depend_on_concurrency_or_faults(fake_server, tmp_path):
         make_config(server, tmp_path, concurrency=1, cache=str(tmp_path / "a.sqlite"))
     )
     data_serial = serial.build()
-    server.faults.extend(["429", "drop", "500"] * 3)
+    server.faults.extend(["429", "drop", "500"] * 2)
     parallel = SyntheticDatasetBuilder(
         make_config(server, tmp_path, concurrency=12, cache=str(tmp_path / "b.sqlite"))
     )
@@ -213,7 +213,7 @@ def test_shards_are_disjoint_and_their_union_is_the_single_run(fake_server, tmp_
 
 def test_response_format_negotiation_is_remembered(fake_server, tmp_path):
     server = fake_server(reject_json_schema=True)
-    builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=6, concurrency=1))
+    builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, concurrency=8))
     builder.build()
     assert builder.report["format_downgrades"] == 1
     assert set(builder.report["response_formats"]) == {"json_object_schema"}
