@@ -131,11 +131,36 @@ def _generate(args: argparse.Namespace) -> int:
     return 0 if report.get("complete") else 3
 
 
+def _add_push(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "push",
+        help="Upload a trained model folder (weights, configs, prompts, card) to the Hugging Face Hub.",
+        description="The token comes from huggingface_hub's own lookup (HF_TOKEN or `hf auth login`).",
+    )
+    p.add_argument("folder", help="A saved SentenceTransformer folder, e.g. outputs/e5-model/final.")
+    p.add_argument("--repo", required=True, help="Hub repository id, e.g. you/e5-smollm2.")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=_push)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from st_synth.hub import push_model
+
+    try:
+        url = push_model(args.folder, args.repo, private=args.private or None)
+    except FileNotFoundError as error:
+        print(f"st-synth push: error: {error}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-synth", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    _add_push(subparsers)
     return parser
 
 

@@ -183,6 +183,13 @@ def test_push_uploads_weights_configs_and_card(backbone, synthetic, tmp_path, mo
     assert b"me/tiny-e5" in uploaded["README.md"]
     assert all(b"hf_SECRET" not in blob for blob in uploaded.values())
 
+    from st_synth.cli import main as cli_main
+
+    uploaded.clear()
+    assert cli_main(["push", str(tmp_path / "run" / "final"), "--repo", "me/tiny-e5"]) == 0
+    assert "model.safetensors" in uploaded
+    assert cli_main(["push", str(tmp_path), "--repo", "me/tiny-e5"]) == 2  # not a model folder
+
 
 @pytest.mark.slow
 def test_two_processes_gather_negatives_and_agree_on_weights(backbone, synthetic, tmp_path):
@@ -220,3 +227,19 @@ def test_two_processes_gather_negatives_and_agree_on_weights(backbone, synthetic
     }
     assert digests[0] == digests[1]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_users_own_labeled_data_mixes_in_with_its_instruction(synthetic, tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"anchor": ["cat dog", "rain snow"], "answer": ["pets", "weather"]}).save_to_disk(
+        str(tmp_path / "mine")
+    )
+    data = DataArguments(
+        dataset=synthetic, kinds=["sts"], extra_datasets=[f"mine={tmp_path / 'mine'}|name the topic"]
+    )
+    sources, report = load_sources(data, "Instruct: {instruction}\nQuery: ")
+    assert list(sources) == ["sts", "mine"] and report["generator_model"] == "toy-generator"
+    assert sources["mine"].column_names == ["query", "positive"]
+    assert sources["mine"][0] == {"query": "Instruct: name the topic\nQuery: cat dog", "positive": "pets"}
+    assert sources["sts"][0]["positive"].startswith("Instruct: Retrieve semantically similar text.\nQuery: ")
