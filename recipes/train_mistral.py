@@ -17,7 +17,8 @@ Usage (all logic lives in ``st_synth.training``; this script only parses argumen
     python recipes/train_mistral.py recipes/configs/e5-mistral-7b.yaml --push_to_hub --hub_model_id you/e5-model
 
 Arguments: a YAML file (first argument) and/or flags; see ``--help`` for every field of ModelArguments,
-DataArguments, OutputArguments and sentence-transformers' SentenceTransformerTrainingArguments.
+DataArguments, OutputArguments and sentence-transformers' SentenceTransformerTrainingArguments. The
+shipped configs set batch_sampler: no_duplicates (duplicate texts in a batch are false negatives).
 """
 
 from __future__ import annotations

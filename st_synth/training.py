@@ -248,6 +248,8 @@ def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None)
 
 
 def default_training_arguments(**overrides: Any) -> SentenceTransformerTrainingArguments:
+    """sentence-transformers' training arguments with the recipe's defaults (the YAML configs set the
+    same): no duplicate texts in a batch (false negatives), one source per batch, checkpointing on."""
     settings: dict[str, Any] = {
         "output_dir": "outputs/e5-model",
         "batch_sampler": BatchSamplers.NO_DUPLICATES,

@@ -43,7 +43,7 @@ def small_config(backbone: str, synthetic: str, output: Path, **extra) -> dict:
         "base_model": backbone, "dataset": synthetic, "max_seq_length": 32, "lora_r": 8, "lora_alpha": 16,
         "lora_dropout": 0.0, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "num_train_epochs": 3,
         "warmup_steps": 0, "weight_decay": 0.0, "logging_steps": 1, "save_strategy": "no", "use_cpu": True,
-        "output_dir": str(output), "seed": 7, "temperature": 0.05, **extra,
+        "output_dir": str(output), "seed": 7, "temperature": 0.05, "batch_sampler": "no_duplicates", **extra,
     }  # fmt: skip
 
 
