@@ -29,7 +29,6 @@ def push_dataset(
     The token comes from ``token`` or huggingface_hub's own lookup (``HF_TOKEN``, ``hf auth login``) and
     is never written anywhere.
     """
-    api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "data").mkdir()
@@ -39,15 +38,8 @@ def push_dataset(
         (folder / "generation_report.json").write_text(
             json.dumps(report, indent=2, ensure_ascii=False) + "\n"
         )
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="dataset",
-            folder_path=str(folder),
-            commit_message="Upload synthetic embedding data generated with st-synth",
-        )
-    logger.info("Pushed dataset to %s", repo_id)
-    return str(getattr(commit, "commit_url", commit))
+        return _upload(folder, repo_id, "dataset", "Upload synthetic embedding data generated with st-synth",
+                       token=token, private=private)  # fmt: skip
 
 
 def push_model(
@@ -57,13 +49,17 @@ def push_model(
     folder = Path(folder)
     if not (folder / "modules.json").is_file():
         raise FileNotFoundError(f"{folder} is not a saved SentenceTransformer folder (no modules.json).")
+    return _upload(folder, repo_id, "model", "Upload e5-style embedder trained with st-synth",
+                   token=token, private=private)  # fmt: skip
+
+
+def _upload(folder: Path, repo_id: str, repo_type: str, message: str, *, token: str | None,
+            private: bool | None) -> str:  # fmt: skip
+    """Create the repo if needed and upload ``folder`` as one commit; return the commit URL."""
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     commit = api.upload_folder(
-        repo_id=repo_id,
-        repo_type="model",
-        folder_path=str(folder),
-        commit_message="Upload e5-style embedder trained with st-synth",
+        repo_id=repo_id, repo_type=repo_type, folder_path=str(folder), commit_message=message
     )
-    logger.info("Pushed model to %s", repo_id)
+    logger.info("Pushed %s to %s", repo_type, repo_id)
     return str(getattr(commit, "commit_url", commit))

@@ -362,17 +362,12 @@ def test_sigkill_and_resume_gives_the_uninterrupted_dataset(fake_server, tmp_pat
 def test_cli_exit_codes(fake_server, tmp_path):
     server = fake_server(bad_answer_rate=1.0)
     env = {**os.environ, "OPENAI_API_KEY": ""}
-    bad = subprocess.run(
-        cli(server, tmp_path / "o", tmp_path / "c.sqlite", "--kinds", "nope"),
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        command = cli(server, tmp_path / "o", tmp_path / "c.sqlite", *extra)
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+
+    bad = run("--kinds", "nope")
     assert bad.returncode == 2 and "Choose one of: retrieval" in bad.stderr
-    failing = subprocess.run(
-        cli(server, tmp_path / "o", tmp_path / "c.sqlite", "--failure-budget", "5"),
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    failing = run("--failure-budget", "5")
     assert failing.returncode == 3 and "INCOMPLETE" in failing.stdout
