@@ -37,6 +37,19 @@ def language_codes(labels: Any) -> list[str]:
     return sorted(codes)
 
 
+def _warmup(training_args: Any) -> str:
+    if training_args.warmup_steps:
+        return f"{training_args.warmup_steps:g} steps"
+    ratio = getattr(training_args, "warmup_ratio", None)
+    return f"{ratio:g} of the steps" if ratio else "none"
+
+
+def _languages_summary(report: dict[str, Any]) -> str:
+    kept = report.get("kept_by_language", {})
+    top = ", ".join(f"{language} {count}" for language, count in list(kept.items())[:8])
+    return f"{len(kept)} ({top}{', ...' if len(kept) > 8 else ''})"
+
+
 def render_dataset_card(dataset: DatasetDict, report: dict[str, Any], repo_id: str) -> str:
     splits = [
         {
@@ -48,9 +61,7 @@ def render_dataset_card(dataset: DatasetDict, report: dict[str, Any], repo_id: s
         for name, split in dataset.items()
     ]
     kept_languages = report.get("kept_by_language", {})
-    top = ", ".join(f"{lang} {count}" for lang, count in list(kept_languages.items())[:8])
-    more = len(kept_languages) - 8
-    summary = f"{len(kept_languages)} ({top}{', ...' if more > 0 else ''})"
+    summary = _languages_summary(report)
     return _template("dataset_card.md").render(
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
@@ -86,7 +97,7 @@ def write_model_card(
     dimension = config.get("hidden_size", "?")
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     facts = {
-        "title": (repo_id or folder.name).split("/")[-1],
+        "title": (repo_id or (folder.parent.name if folder.name in ("final", "adapter") else folder.name)).split("/")[-1],
         "repo_id": repo_id or str(folder),
         "base_model": model_args.base_model,
         "base_model_id": model_args.base_model if "/" in model_args.base_model else None,
@@ -105,7 +116,7 @@ def write_model_card(
             "world_size": summary.get("world_size", 1),
             "learning_rate": training_args.learning_rate,
             "scheduler": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
-            "warmup": training_args.warmup_steps or training_args.warmup_ratio,
+            "warmup": _warmup(training_args),
             "weight_decay": training_args.weight_decay,
             "steps": summary["global_steps"],
             "epochs": training_args.num_train_epochs,
@@ -114,7 +125,8 @@ def write_model_card(
             "gradient_checkpointing": training_args.gradient_checkpointing,
             "sources": summary["sources"],
         },
-        "synthetic": generation_report or None,
+        "synthetic": ({**generation_report, "languages": _languages_summary(generation_report)}
+                      if generation_report else None),
         "languages": language_codes((generation_report or {}).get("kept_by_language", {})),
         "evaluation": evaluation or {},
         "modules": [m.get("type") for m in modules],
