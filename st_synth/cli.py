@@ -155,12 +155,71 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="Evaluate a model on mteb tasks, each with its instruction.",
+        description="Retrieval and reranking instruct queries only; other task types instruct every text.",
+    )
+    p.add_argument("--model", required=True, help="A SentenceTransformer folder or Hub id.")
+    p.add_argument("--tasks", required=True, help="Comma-separated mteb task names.")
+    p.add_argument("--output", default="results.json", help="mteb results plus a summary (main score, mean).")
+    p.add_argument(
+        "--instruction",
+        action="append",
+        default=[],
+        metavar="TASK=TEXT",
+        help="Override a task's instruction (repeatable).",
+    )
+    p.add_argument("--no-instructions", action="store_true", help="Encode without any instruction.")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--update-card",
+        action="store_true",
+        help="Write the scores into the model folder's card (a folder trained by the recipe).",
+    )
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from st_synth import evaluation
+
+    try:
+        overrides = dict(item.split("=", 1) for item in args.instruction)
+    except ValueError:
+        print("st-synth evaluate: error: --instruction takes TASK=TEXT", file=sys.stderr)
+        return 2
+    try:
+        tasks = evaluation.resolve_tasks([name.strip() for name in args.tasks.split(",") if name.strip()])
+        payload = evaluation.evaluate(args.model, tasks, overrides=overrides, output=args.output,
+                                      use_instructions=not args.no_instructions, batch_size=args.batch_size)  # fmt: skip
+    except ValueError as error:
+        print(f"st-synth evaluate: error: {error}", file=sys.stderr)
+        return 2
+    for task, score in payload["summary"]["main_score"].items():
+        print(f"{task}: {score:.4f}")
+    print(
+        f"mean: {payload['summary']['mean']:.4f} ({payload['summary']['wall_time_s']:.1f} s) -> {args.output}"
+    )
+    if args.update_card:
+        from st_synth.cards import render_model_card
+
+        try:
+            readme = render_model_card(args.model, evaluation=payload["summary"]["main_score"])
+        except FileNotFoundError as error:
+            print(f"st-synth evaluate: error: {error}", file=sys.stderr)
+            return 2
+        print(f"updated {readme}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-synth", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_push(subparsers)
+    _add_evaluate(subparsers)
     return parser
 
 

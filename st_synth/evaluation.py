@@ -1,0 +1,120 @@
+"""Evaluation with mteb 2.x, each task encoded with its own instruction, the way the paper evaluated.
+
+Retrieval and reranking put the instruction on queries only; every other task type (STS, classification,
+clustering, pair classification, bitext, summarization) embeds all its texts as instructed queries.
+Instructions come from ``overrides``, else the registry (:func:`st_synth.instructions.get_instruction`,
+by task name, then by task type). They are given per call, so custom tasks mteb does not know get theirs.
+Embeddings are cached within a run: mteb re-encodes repeated texts (an STS set of 50 documents asks for
+thousands of encodes), and the cache turns that into 50.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+from st_synth.instructions import get_instruction
+
+logger = logging.getLogger(__name__)
+
+QUERY_ONLY_TYPES = {"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"}
+
+
+def _abs_encoder():
+    from mteb.models.abs_encoder import AbsEncoder
+
+    return AbsEncoder
+
+
+class InstructedEncoder(_abs_encoder()):
+    """An mteb encoder around a SentenceTransformer that applies per-task instructions."""
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        overrides: dict[str, str] | None = None,
+        *,
+        use_instructions: bool = True,
+        batch_size: int = 32,
+    ) -> None:
+        self.model = model
+        self.overrides = dict(overrides or {})
+        self.use_instructions = use_instructions
+        self.batch_size = batch_size
+        self.calls: list[dict[str, Any]] = []  # what was encoded how: for reports and tests
+        self._cache: dict[tuple[str | None, str], np.ndarray] = {}
+
+    def instruction_for(self, task_name: str, task_type: str | None) -> str | None:
+        if not self.use_instructions:
+            return None
+        return self.overrides.get(task_name) or get_instruction(task_name, task_type)
+
+    def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
+        texts = [text for batch in inputs for text in batch["text"]]
+        instruction = self.instruction_for(task_metadata.name, task_metadata.type)
+        is_document = getattr(prompt_type, "value", prompt_type) == "document"
+        if task_metadata.type in QUERY_ONLY_TYPES and is_document:
+            instruction = None
+        missing = list(dict.fromkeys(t for t in texts if (instruction, t) not in self._cache))
+        if missing:
+            vectors = self.model.encode(
+                missing, prompt=instruction, batch_size=self.batch_size, convert_to_numpy=True,
+                show_progress_bar=False,
+            )  # fmt: skip
+            self._cache.update({(instruction, t): v for t, v in zip(missing, vectors, strict=True)})
+        self.calls.append({"task": task_metadata.name, "side": "document" if is_document else "query",
+                           "instruction": instruction, "texts": len(texts), "encoded": len(missing)})  # fmt: skip
+        return np.stack([self._cache[(instruction, t)] for t in texts])
+
+
+def resolve_tasks(names: list[str]) -> list[Any]:
+    """mteb task objects for ``names``; an unknown name fails with close matches."""
+    import mteb
+
+    known = {task.metadata.name: task for task in mteb.get_tasks()}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, known, n=3) for name in unknown}
+        detail = "; ".join(f"{name!r} (close: {', '.join(close) or 'none'})" for name, close in hints.items())
+        raise ValueError(f"Unknown mteb task(s): {detail}.")
+    return [known[name] for name in names]
+
+
+def evaluate(
+    model: SentenceTransformer | str,
+    tasks: list[Any],
+    *,
+    overrides: dict[str, str] | None = None,
+    use_instructions: bool = True,
+    output: str | Path | None = None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Run mteb on ``tasks``; return (and write to ``output``) mteb's results plus a compact summary."""
+    import mteb
+
+    if isinstance(model, str):
+        try:
+            model = SentenceTransformer(model)
+        except Exception as error:  # any loading failure reads the same to the user
+            raise ValueError(f"Cannot load a SentenceTransformer from {model!r}: {error}") from error
+    encoder = InstructedEncoder(model, overrides, use_instructions=use_instructions, batch_size=batch_size)
+    started = time.perf_counter()
+    result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=True,
+                           encode_kwargs={"batch_size": batch_size})  # fmt: skip
+    scores = {task.task_name: float(task.get_score()) for task in result.task_results}
+    payload = {
+        "summary": {"main_score": scores, "mean": float(np.mean(list(scores.values()))) if scores else None,
+                    "wall_time_s": round(time.perf_counter() - started, 3)},
+        "instructions": {call["task"]: call["instruction"] for call in encoder.calls if call["side"] == "query"},
+        "mteb": [task.to_dict() for task in result.task_results],
+    }  # fmt: skip
+    if output is not None:
+        Path(output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return payload

@@ -1,0 +1,81 @@
+"""Evaluation through mteb's in-memory mock tasks on a tiny in-place model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mteb.mocks import mock_tasks
+
+from st_synth import build_embedder
+from st_synth.evaluation import InstructedEncoder, evaluate, resolve_tasks
+from st_synth.instructions import STS_INSTRUCTION
+from st_synth.testing.tiny import build_tiny_mistral
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_embedder(
+        str(build_tiny_mistral(tmp_path_factory.mktemp("m") / "tiny", "none")), max_seq_length=64
+    )
+
+
+def test_instructions_reach_queries_not_documents_and_scores_are_stable(model, tmp_path):
+    tasks = [mock_tasks.MockRetrievalTask(), mock_tasks.MockSTSTask()]
+    overrides = {"MockRetrievalTask": "find the passage"}
+    first = evaluate(model, tasks, overrides=overrides, output=tmp_path / "results.json")
+    again = evaluate(model, [mock_tasks.MockRetrievalTask(), mock_tasks.MockSTSTask()], overrides=overrides)
+    assert first["summary"]["main_score"] == again["summary"]["main_score"]
+    scores = first["summary"]["main_score"]
+    assert set(scores) == {"MockRetrievalTask", "MockSTSTask"}
+    assert 0 <= scores["MockRetrievalTask"] <= 1 and -1 <= scores["MockSTSTask"] <= 1
+    assert first["instructions"] == {"MockRetrievalTask": "find the passage", "MockSTSTask": STS_INSTRUCTION}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["main_score"] == scores and saved["mteb"][0]["task_name"] == "MockRetrievalTask"
+
+
+def test_encoder_sides_and_cache(model):
+    encoder = InstructedEncoder(model, {"MockRetrievalTask": "find the passage"})
+    evaluate_calls = []
+    import mteb
+
+    mteb.evaluate(encoder, [mock_tasks.MockRetrievalTask(), mock_tasks.MockSTSTask()], cache=None,
+                  show_progress_bar=False)  # fmt: skip
+    evaluate_calls = encoder.calls
+    sides = {(c["task"], c["side"]): c["instruction"] for c in evaluate_calls}
+    assert sides[("MockRetrievalTask", "query")] == "find the passage"
+    assert sides[("MockRetrievalTask", "document")] is None
+    assert sides[("MockSTSTask", "query")] == STS_INSTRUCTION  # symmetric: every text is a query
+    repeated = [c for c in evaluate_calls if c["task"] == "MockRetrievalTask" and c["side"] == "query"]
+    assert len(repeated) >= 2 and repeated[-1]["encoded"] == 0  # the second pass came from the cache
+    plain = InstructedEncoder(model, use_instructions=False)
+    assert plain.instruction_for("MockSTSTask", "STS") is None
+
+
+def test_unknown_task_names_fail_with_close_matches():
+    with pytest.raises(ValueError, match=r"'STSBenchmrk' \(close: STSBenchmark"):
+        resolve_tasks(["STSBenchmrk"])
+
+
+def test_cli_evaluates_and_updates_the_card(tmp_path, monkeypatch, capsys):
+    from st_synth import evaluation
+    from st_synth.cli import main
+    from st_synth.testing.toy import write_toy_synthetic
+    from st_synth.training import DataArguments, ModelArguments, default_training_arguments, train
+
+    backbone = str(build_tiny_mistral(tmp_path / "tiny", "none"))
+    data = str(write_toy_synthetic(tmp_path / "data", rows_per_kind=16))
+    args = default_training_arguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=1,
+                                      use_cpu=True, save_strategy="no")  # fmt: skip
+    train(ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4), DataArguments(dataset=data), args)
+    monkeypatch.setattr(evaluation, "resolve_tasks", lambda names: [mock_tasks.MockSTSTask()])
+    final = tmp_path / "run" / "final"
+    assert "not evaluated yet" in (final / "README.md").read_text()
+    code = main(["evaluate", "--model", str(final), "--tasks", "MockSTSTask",
+                 "--output", str(tmp_path / "r.json"), "--update-card"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "MockSTSTask:" in out and "mean:" in out
+    card = (final / "README.md").read_text()
+    assert "| MockSTSTask |" in card and "not evaluated yet" not in card
+    assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--tasks", "MockSTSTask"]) == 2
