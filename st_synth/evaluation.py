@@ -75,10 +75,13 @@ class InstructedEncoder(_abs_encoder()):
 
 
 def resolve_tasks(names: list[str]) -> list[Any]:
-    """mteb task objects for ``names``; an unknown name fails with close matches."""
+    """mteb task objects for ``names`` (st-synth's offline tasks first); unknown names get close matches."""
     import mteb
 
-    known = {task.metadata.name: task for task in mteb.get_tasks()}
+    from st_synth.offline_tasks import OFFLINE_TASKS
+
+    known: dict[str, Any] = {task.metadata.name: task for task in mteb.get_tasks()}
+    known.update({name: task_class() for name, task_class in OFFLINE_TASKS.items()})
     unknown = [name for name in names if name not in known]
     if unknown:
         hints = {name: difflib.get_close_matches(name, known, n=3) for name in unknown}

@@ -79,3 +79,13 @@ def test_cli_evaluates_and_updates_the_card(tmp_path, monkeypatch, capsys):
     card = (final / "README.md").read_text()
     assert "| MockSTSTask |" in card and "not evaluated yet" not in card
     assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--tasks", "MockSTSTask"]) == 2
+
+
+def test_lee_document_sts_loads_offline_and_scores(model):
+    tasks = resolve_tasks(["LeeDocSTS"])
+    tasks[0].load_data()
+    test = tasks[0].dataset["test"]
+    assert test.num_rows == 50 * 49 // 2 and min(test["score"]) >= 0 and max(test["score"]) <= 1
+    first = evaluate(model, tasks)
+    score = first["summary"]["main_score"]["LeeDocSTS"]
+    assert -1 <= score <= 1 and first["instructions"] == {"LeeDocSTS": STS_INSTRUCTION}
