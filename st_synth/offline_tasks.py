@@ -2,6 +2,8 @@
 
 * ``LeeDocSTS``: the 50 news documents of Lee et al. (2005) with human similarity judgements for every
   pair (1,225 pairs, scores 0-1), from gensim's test data (``pip install gensim --no-deps`` is enough).
+* ``ChatterbotQARetrieval``: English questions from chatterbot-corpus, each to be matched with its reply
+  among all the replies of the corpus.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import importlib.metadata
 from pathlib import Path
 from typing import Any
 
+from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
@@ -24,6 +27,16 @@ def gensim_test_data() -> Path:
             f"The offline evaluation data comes from gensim's test files; {_INSTALL_HINT}."
         ) from None
     return Path(str(dist.locate_file("gensim/test/test_data")))
+
+
+def chatterbot_english() -> Path:
+    try:
+        dist = importlib.metadata.distribution("chatterbot-corpus")
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(
+            f"The offline retrieval data comes from chatterbot-corpus; {_INSTALL_HINT}."
+        ) from None
+    return Path(str(dist.locate_file("chatterbot_corpus/data/english")))
 
 
 def _metadata(**fields: Any) -> TaskMetadata:
@@ -70,4 +83,46 @@ class LeeDocSTS(AbsTaskSTS):
         self.data_loaded = True
 
 
-OFFLINE_TASKS: dict[str, type] = {"LeeDocSTS": LeeDocSTS}
+class ChatterbotQARetrieval(AbsTaskRetrieval):
+    metadata = _metadata(
+        name="ChatterbotQARetrieval",
+        type="Retrieval",
+        description="English questions of chatterbot-corpus, each matched with its reply among all replies.",
+        reference="https://github.com/gunthercox/chatterbot-corpus",
+        main_score="ndcg_at_10",
+        date=("2017-01-01", "2021-12-31"),
+        bibtex_citation="",
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        import yaml
+        from datasets import Dataset
+
+        answers: dict[str, str] = {}  # reply text -> doc id (replies repeat across questions)
+        queries: dict[str, str] = {}  # question text -> query id
+        relevant: dict[str, dict[str, int]] = {}
+        for path in sorted(chatterbot_english().glob("*.yml")):
+            conversations = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(
+                "conversations"
+            ) or []
+            for turns in conversations:
+                if not isinstance(turns, list) or len(turns) < 2:
+                    continue
+                question, reply = (str(turn).strip() for turn in turns[:2])
+                if not question or not reply or question in queries:
+                    continue
+                doc_id = answers.setdefault(reply, f"d{len(answers)}")
+                queries[question] = f"q{len(queries)}"
+                relevant[queries[question]] = {doc_id: 1}
+        split = {
+            "queries": Dataset.from_dict({"id": list(queries.values()), "text": list(queries)}),
+            "corpus": Dataset.from_dict({"id": list(answers.values()), "text": list(answers),
+                                         "title": [""] * len(answers)}),
+            "relevant_docs": relevant,
+            "top_ranked": None,
+        }  # fmt: skip
+        self.dataset = {"default": {"test": split}}
+        self.data_loaded = True
+
+
+OFFLINE_TASKS: dict[str, type] = {"LeeDocSTS": LeeDocSTS, "ChatterbotQARetrieval": ChatterbotQARetrieval}

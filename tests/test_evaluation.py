@@ -9,7 +9,7 @@ from mteb.mocks import mock_tasks
 
 from st_synth import build_embedder
 from st_synth.evaluation import InstructedEncoder, evaluate, resolve_tasks
-from st_synth.instructions import STS_INSTRUCTION
+from st_synth.instructions import STS_INSTRUCTION, get_instruction
 from st_synth.testing.tiny import build_tiny_mistral
 
 
@@ -89,3 +89,18 @@ def test_lee_document_sts_loads_offline_and_scores(model):
     first = evaluate(model, tasks)
     score = first["summary"]["main_score"]["LeeDocSTS"]
     assert -1 <= score <= 1 and first["instructions"] == {"LeeDocSTS": STS_INSTRUCTION}
+
+
+def test_chatterbot_retrieval_loads_offline_and_instructs_queries_only(model):
+    tasks = resolve_tasks(["ChatterbotQARetrieval"])
+    tasks[0].load_data()
+    split = tasks[0].dataset["default"]["test"]
+    assert split["queries"].num_rows > 200 and split["corpus"].num_rows > 200
+    assert all(len(docs) == 1 for docs in split["relevant_docs"].values())
+    encoder = InstructedEncoder(model)
+    import mteb
+
+    result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=False)
+    assert 0 <= result.task_results[0].get_score() <= 1
+    sides = {c["side"]: c["instruction"] for c in encoder.calls}
+    assert sides == {"query": get_instruction("ChatterbotQARetrieval"), "document": None}
