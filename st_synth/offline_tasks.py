@@ -19,24 +19,23 @@ from mteb.abstasks.task_metadata import TaskMetadata
 _INSTALL_HINT = "install the eval-data extra: pip install 'st-synth[eval-data]'"
 
 
-def gensim_test_data() -> Path:
+def _package_folder(distribution: str, relative: str, what: str) -> Path:
+    """A data folder inside an installed package, or a ValueError that says how to install it."""
     try:
-        dist = importlib.metadata.distribution("gensim")
+        dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise ValueError(
-            f"The offline evaluation data comes from gensim's test files; {_INSTALL_HINT}."
+            f"The offline {what} comes from the {distribution} package; {_INSTALL_HINT}."
         ) from None
-    return Path(str(dist.locate_file("gensim/test/test_data")))
+    return Path(str(dist.locate_file(relative)))
+
+
+def gensim_test_data() -> Path:
+    return _package_folder("gensim", "gensim/test/test_data", "evaluation data")
 
 
 def chatterbot_english() -> Path:
-    try:
-        dist = importlib.metadata.distribution("chatterbot-corpus")
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError(
-            f"The offline retrieval data comes from chatterbot-corpus; {_INSTALL_HINT}."
-        ) from None
-    return Path(str(dist.locate_file("chatterbot_corpus/data/english")))
+    return _package_folder("chatterbot-corpus", "chatterbot_corpus/data/english", "retrieval data")
 
 
 def _metadata(**fields: Any) -> TaskMetadata:
