@@ -242,6 +242,7 @@ class _Run:
         c = builder.config
         self.config = c
         self.plans = builder.shard_plans()
+        self.by_index = {plan.index: plan for plan in self.plans}
         self._owns_clients = builder._client is None
         api = builder._client or make_clients(c)
         self.chat = ChatClient(
@@ -316,10 +317,10 @@ class _Run:
             if self.stop_reason is not None:
                 return None
             request = brainstorm_request(self.config.seed, TASK_KINDS[kind], block, attempt)
-            reason = await self._answer(request, parse_tasks)
-            if not isinstance(reason, str):
-                return reason
-            self._drop(f"brainstorm:{reason}", kind)
+            result = await self._answer(request, parse_tasks)
+            if not isinstance(result, str):
+                return result
+            self._drop(f"brainstorm:{result}", kind)
         return None
 
     async def _answer(self, request: ChatRequest, parse) -> Any:
@@ -361,15 +362,14 @@ class _Run:
         Sequential by design: whether example i repeats depends only on examples below i, which are
         final by the time the walk reaches i, so the outcome is the same for every schedule.
         """
-        by_index = {plan.index: plan for plan in self.plans}
         seen: set[tuple] = set()
         for index in sorted(self.kept):
             kept: _Kept | None = self.kept[index]
-            while kept is not None and (key := self._dedup_key(by_index[index], kept)) in seen:
-                self._drop("duplicate", by_index[index].kind)
+            while kept is not None and (key := self._dedup_key(self.by_index[index], kept)) in seen:
+                self._drop("duplicate", self.by_index[index].kind)
                 self.progress.update(-1)
                 del self.kept[index]
-                kept = await self._example(by_index[index], kept.attempt + 1)
+                kept = await self._example(self.by_index[index], kept.attempt + 1)
             if kept is not None:
                 seen.add(key)
 
@@ -379,9 +379,8 @@ class _Run:
 
     def report(self, wall_time: float) -> dict[str, Any]:
         c, s = self.config, self.chat.stats
-        by_plan = {plan.index: plan for plan in self.plans}
-        kept_kind = Counter(by_plan[i].kind for i in self.kept)
-        kept_language = Counter(by_plan[i].language_label for i in self.kept)
+        kept_kind = Counter(self.by_index[i].kind for i in self.kept)
+        kept_language = Counter(self.by_index[i].language_label for i in self.kept)
         complete = len(self.kept) == len(self.plans)
         report: dict[str, Any] = {
             **c.public_settings(),
@@ -418,10 +417,9 @@ class _Run:
     def to_dataset(self) -> DatasetDict:
         """One split per kind that kept examples (``datasets`` cannot reload a saved empty split)."""
         splits = {}
-        by_plan = {plan.index: plan for plan in self.plans}
         for kind_name in self.config.kind_weights:
             kind = TASK_KINDS[kind_name]
-            indices = sorted(i for i in self.kept if by_plan[i].kind == kind_name)
+            indices = sorted(i for i in self.kept if self.by_index[i].kind == kind_name)
             if not indices:
                 logger.warning("No %s examples were kept; the dataset has no %s split.", kind_name, kind_name)
                 continue
@@ -431,7 +429,7 @@ class _Run:
                 rows["instruction"].append(kept.instruction)
                 for column, text in zip(kind.columns[1:-1], kept.texts, strict=True):
                     rows[column].append(text)
-                rows["language"].append(by_plan[index].language_label)
+                rows["language"].append(self.by_index[index].language_label)
             features = Features({column: Value("string") for column in kind.columns})
             splits[kind_name] = Dataset.from_dict(rows, features=features)
         return DatasetDict(splits)
