@@ -162,7 +162,12 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         description="Retrieval and reranking instruct queries only; other task types instruct every text.",
     )
     p.add_argument("--model", required=True, help="A SentenceTransformer folder or Hub id.")
-    p.add_argument("--tasks", required=True, help="Comma-separated mteb task names.")
+    p.add_argument("--tasks", default="", help="Comma-separated mteb task names.")
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        help="An mteb benchmark name (e.g. 'MTEB(eng, v2)'), or 'st-synth-offline' for the shipped tasks.",
+    )
     p.add_argument("--output", default="results.json", help="mteb results plus a summary (main score, mean).")
     p.add_argument(
         "--instruction",
@@ -190,7 +195,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("st-synth evaluate: error: --instruction takes TASK=TEXT", file=sys.stderr)
         return 2
     try:
-        tasks = evaluation.resolve_tasks([name.strip() for name in args.tasks.split(",") if name.strip()])
+        names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+        if not names and not args.benchmark:
+            raise ValueError("give --tasks NAME[,NAME...] or --benchmark NAME")
+        tasks = evaluation.resolve_benchmark(args.benchmark) if args.benchmark else []
+        tasks += [task for task in evaluation.resolve_tasks(names)
+                  if task.metadata.name not in {t.metadata.name for t in tasks}]  # fmt: skip
         payload = evaluation.evaluate(args.model, tasks, overrides=overrides, output=args.output,
                                       use_instructions=not args.no_instructions, batch_size=args.batch_size)  # fmt: skip
     except ValueError as error:

@@ -74,6 +74,45 @@ class InstructedEncoder(_abs_encoder()):
         return np.stack([self._cache[(instruction, t)] for t in texts])
 
 
+OFFLINE_BENCHMARK = "st-synth-offline"
+"""The shipped real tasks (no network): ``--benchmark st-synth-offline``."""
+
+
+def resolve_benchmark(name: str) -> list[Any]:
+    """The tasks of an mteb benchmark (or of ``st-synth-offline``); unknown names get close matches."""
+    import mteb
+
+    from st_synth.offline_tasks import OFFLINE_TASKS
+
+    if name == OFFLINE_BENCHMARK:
+        return resolve_tasks(list(OFFLINE_TASKS))
+    known = [benchmark.name for benchmark in mteb.get_benchmarks()] + [OFFLINE_BENCHMARK]
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+        raise ValueError(f"Unknown benchmark {name!r} (close: {', '.join(close) or 'none'}); "
+                         f"{OFFLINE_BENCHMARK!r} needs no network.")  # fmt: skip
+    return list(mteb.get_benchmark(name).tasks)
+
+
+def load_task_data(tasks: list[Any]) -> None:
+    """Load every task's data before any model is loaded, so that unreachable data fails early and plainly."""
+    from st_synth.offline_tasks import OFFLINE_TASKS
+
+    for task in tasks:
+        if getattr(task, "data_loaded", False):
+            continue
+        try:
+            task.load_data()
+        except (ConnectionError, OSError) as error:
+            source = (getattr(task.metadata, "dataset", None) or {}).get("path", "the Hugging Face Hub")
+            raise ValueError(
+                f"The data of task {task.metadata.name!r} cannot be reached: mteb downloads it from "
+                f"{source!r} on the Hub, and this machine cannot get it ({type(error).__name__}). "
+                f"Run where the Hub is reachable, or evaluate on the tasks that ship with st-synth and need "
+                f"no network: {', '.join(OFFLINE_TASKS)} (--benchmark {OFFLINE_BENCHMARK})."
+            ) from error
+
+
 def resolve_tasks(names: list[str]) -> list[Any]:
     """mteb task objects for ``names`` (st-synth's offline tasks first); unknown names get close matches."""
     import mteb
@@ -102,6 +141,7 @@ def evaluate(
     """Run mteb on ``tasks``; return (and write to ``output``) mteb's results plus a compact summary."""
     import mteb
 
+    load_task_data(tasks)
     if isinstance(model, str):
         try:
             model = SentenceTransformer(model)

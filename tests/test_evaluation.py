@@ -104,3 +104,55 @@ def test_chatterbot_retrieval_loads_offline_and_instructs_queries_only(model):
     assert 0 <= result.task_results[0].get_score() <= 1
     sides = {c["side"]: c["instruction"] for c in encoder.calls}
     assert sides == {"query": get_instruction("ChatterbotQARetrieval"), "document": None}
+
+
+def test_mini_newsgroups_loads_safely_without_label_leaks(model):
+    import pickle
+
+    from st_synth.offline_tasks import _NewsgroupUnpickler, read_mini_newsgroups
+
+    posts, labels, names = read_mini_newsgroups()
+    assert names == ["alt.atheism", "sci.space"] and len(posts) == 200 and sorted(set(labels)) == [0, 1]
+    tasks = resolve_tasks(["MiniNewsgroupsClassification"])
+    tasks[0].load_data()
+    train, test = tasks[0].dataset["train"], tasks[0].dataset["test"]
+    assert train.num_rows == test.num_rows == 100 and sum(test["label"]) == 50
+    assert not any("Newsgroups:" in text or "alt.atheism" in text.split("\n")[0] for text in train["text"])
+    assert all(text.startswith("Subject:") for text in test["text"])
+    evil = b"cos\nsystem\n(S'echo pwned'\ntR."  # a pickle that would run a shell command
+    import io
+
+    with pytest.raises(pickle.UnpicklingError, match=r"os\.system"):
+        _NewsgroupUnpickler(io.BytesIO(evil)).load()
+    first = evaluate(model, tasks)
+    again = evaluate(model, resolve_tasks(["MiniNewsgroupsClassification"]))
+    score = first["summary"]["main_score"]["MiniNewsgroupsClassification"]
+    assert 0 <= score <= 1 and score == again["summary"]["main_score"]["MiniNewsgroupsClassification"]
+    assert first["instructions"] == {"MiniNewsgroupsClassification": get_instruction("MiniNewsgroupsClassification")}
+
+
+def test_benchmarks_resolve_and_unknown_ones_get_close_matches():
+    from st_synth.evaluation import resolve_benchmark
+
+    names = [task.metadata.name for task in resolve_benchmark("st-synth-offline")]
+    assert names == ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
+    assert "SciFact" in [task.metadata.name for task in resolve_benchmark("BEIR")]
+    with pytest.raises(ValueError, match=r"Unknown benchmark 'BIER' \(close: .*BEIR"):
+        resolve_benchmark("BIER")
+
+
+def test_unreachable_task_data_is_a_clear_error_before_the_model_loads(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "st_synth.cli", "evaluate", "--model", str(tmp_path / "no-model"),
+         "--tasks", "SciFact", "--output", str(tmp_path / "r.json")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "The data of task 'SciFact' cannot be reached" in done.stderr
+    assert "--benchmark st-synth-offline" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r.json").exists()
