@@ -33,6 +33,7 @@ from st_synth.training import (
     ModelArguments,
     OutputArguments,
     SentenceTransformerTrainingArguments,
+    settings_to_flags,
     train,
 )
 
@@ -41,16 +42,7 @@ def yaml_to_flags(path: str) -> list[str]:
     import yaml
 
     with open(path) as handle:
-        settings = yaml.safe_load(handle) or {}
-    flags: list[str] = []
-    for key, value in settings.items():
-        if isinstance(value, list):
-            flags += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            flags += [f"--{key}", json.dumps(value)]
-        else:
-            flags += [f"--{key}", str(value)]
-    return flags
+        return settings_to_flags(yaml.safe_load(handle) or {})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -135,8 +135,15 @@ def write_model_card(
     return render_model_card(folder)
 
 
-def render_model_card(folder: str | Path, evaluation: dict[str, float] | None = None) -> Path:
-    """(Re)render README.md from the saved card facts, optionally with new evaluation results."""
+def render_model_card(
+    folder: str | Path,
+    evaluation: dict[str, float] | None = None,
+    *,
+    comparison: dict[str, dict[str, float]] | None = None,
+    consistency_filter: dict[str, Any] | None = None,
+) -> Path:
+    """(Re)render README.md from the saved card facts, optionally with new evaluation results, the scores
+    of other models on the same tasks (e.g. the untrained backbone) and the consistency filter's report."""
     folder = Path(folder)
     facts_path = folder / CARD_DATA_FILE
     if not facts_path.is_file():
@@ -144,7 +151,13 @@ def render_model_card(folder: str | Path, evaluation: dict[str, float] | None = 
     facts = json.loads(facts_path.read_text())
     if evaluation is not None:
         facts["evaluation"] = {**facts.get("evaluation", {}), **evaluation}
+    if comparison is not None:
+        facts["comparison"] = comparison
+    if consistency_filter is not None:
+        facts["consistency_filter"] = consistency_filter
+    if evaluation is not None or comparison is not None or consistency_filter is not None:
         facts_path.write_text(json.dumps(facts, indent=2) + "\n")
     readme = folder / "README.md"
-    readme.write_text(_template("model_card.md").render(**facts), encoding="utf-8")
+    defaults = {"comparison": {}, "consistency_filter": None}
+    readme.write_text(_template("model_card.md").render(**{**defaults, **facts}), encoding="utf-8")
     return readme

