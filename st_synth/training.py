@@ -80,6 +80,14 @@ class DataArguments:
     mini_batch_size: int = field(default=32, metadata={"help": "Mini-batch of the cached loss."})
     gather_across_devices: bool = field(default=True, metadata={"help": "In-batch negatives from all ranks."})
     eval_examples: int = field(default=0, metadata={"help": "Held out per source for evaluation loss."})
+    use_instructions: bool = field(
+        default=True,
+        metadata={"help": "Prefix queries with their task instruction (the paper). Off: plain text."},
+    )
+    hard_negatives: bool = field(
+        default=True,
+        metadata={"help": "Train on the generated hard negatives. Off: in-batch negatives only."},
+    )
 
 
 @dataclass
@@ -150,10 +158,15 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
             raise ValueError(f"Kinds {absent} are not in {data.dataset}; it has: {', '.join(synthetic)}.")
         for kind in wanted:
             _refuse_empty(kind, synthetic[kind])
-            sources[kind] = _prepare_synthetic(synthetic[kind], kind, instruction_template)
+            sources[kind] = _prepare_synthetic(
+                synthetic[kind], kind, instruction_template, data.use_instructions
+            )
     for spec in data.extra_datasets:
-        name, dataset = _prepare_extra(spec, instruction_template)
+        name, dataset = _prepare_extra(spec, instruction_template, data.use_instructions)
         sources[name] = dataset
+    if not data.hard_negatives:
+        sources = {name: ds.remove_columns([c for c in ds.column_names if c == "negative"])
+                   for name, ds in sources.items()}  # fmt: skip
     if not sources:
         raise ValueError(
             "No training data: pass --dataset (a `st-synth generate` folder) or --extra_datasets."
@@ -170,7 +183,7 @@ def _refuse_empty(name: str, dataset: Dataset) -> None:
         raise ValueError(f"Training source {name!r} is empty; drop it or generate examples of that kind.")
 
 
-def _prepare_synthetic(split: Dataset, kind: str, template: str) -> Dataset:
+def _prepare_synthetic(split: Dataset, kind: str, template: str, use_instructions: bool = True) -> Dataset:
     needed = ["instruction", "query", "positive"]
     missing = [column for column in needed if column not in split.column_names]
     if missing:
@@ -179,7 +192,7 @@ def _prepare_synthetic(split: Dataset, kind: str, template: str) -> Dataset:
     texts = [column for column in TEXT_COLUMNS if column in split.column_names]
 
     def instruct(row: dict[str, str]) -> dict[str, str]:
-        prefix = format_instruction(row["instruction"], template)
+        prefix = format_instruction(row["instruction"], template) if use_instructions else ""
         # The paper: queries get the instruction; for symmetric tasks both sides do.
         return {
             column: (prefix + row[column] if column == "query" or symmetric else row[column])
@@ -189,7 +202,7 @@ def _prepare_synthetic(split: Dataset, kind: str, template: str) -> Dataset:
     return split.map(instruct, remove_columns=[c for c in split.column_names if c not in texts])
 
 
-def _prepare_extra(spec: str, template: str) -> tuple[str, Dataset]:
+def _prepare_extra(spec: str, template: str, use_instructions: bool = True) -> tuple[str, Dataset]:
     name, sep, rest = spec.partition("=")
     path, bar, instruction = rest.partition("|")
     if not sep or not bar or not name.strip() or not path.strip() or not instruction.strip():
@@ -204,6 +217,8 @@ def _prepare_extra(spec: str, template: str) -> tuple[str, Dataset]:
         raise ValueError(f"{path} needs at least (query, positive) columns; it has {columns}.")
     kept = columns[:3]
     dataset = dataset.select_columns(kept).rename_columns(dict(zip(kept, TEXT_COLUMNS, strict=False)))
+    if not use_instructions:
+        return name.strip(), dataset
     prefix = format_instruction(instruction, template)
     return name.strip(), dataset.map(lambda row: {"query": prefix + row["query"]})
 
@@ -212,12 +227,16 @@ def build_losses(model: SentenceTransformer, sources: DatasetDict, data: DataArg
     scale = 1.0 / data.temperature
     losses = {}
     for name, dataset in sources.items():
-        if name in data.no_in_batch_negatives:
-            if "negative" not in dataset.column_names:
+        own_only = name in data.no_in_batch_negatives
+        if own_only and "negative" not in dataset.column_names:
+            if data.hard_negatives:
                 raise ValueError(
                     f"Source {name!r} has in-batch negatives switched off but no hard negatives to learn from; "
                     "remove it from --no_in_batch_negatives."
                 )
+            logger.warning("Source %r trains on in-batch negatives: hard negatives are off.", name)
+            own_only = False
+        if own_only:
             losses[name] = OwnNegativesLoss(model, scale=scale)
         elif data.cached_loss:
             losses[name] = CachedMultipleNegativesRankingLoss(

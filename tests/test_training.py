@@ -243,3 +243,24 @@ def test_users_own_labeled_data_mixes_in_with_its_instruction(synthetic, tmp_pat
     assert sources["mine"].column_names == ["query", "positive"]
     assert sources["mine"][0] == {"query": "Instruct: name the topic\nQuery: cat dog", "positive": "pets"}
     assert sources["sts"][0]["positive"].startswith("Instruct: Retrieve semantically similar text.\nQuery: ")
+
+
+def test_ablation_switches_drop_instructions_and_hard_negatives(backbone, synthetic):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from st_synth.losses import OwnNegativesLoss
+
+    template = "Instruct: {instruction}\nQuery: "
+    full, _ = load_sources(DataArguments(dataset=synthetic), template)
+    plain, _ = load_sources(DataArguments(dataset=synthetic, use_instructions=False), template)
+    assert full["retrieval"][0]["query"].startswith("Instruct: ")
+    assert not any(row["query"].startswith("Instruct:") for row in plain["retrieval"])
+    assert plain["retrieval"]["query"] == [q.split("\nQuery: ", 1)[1] for q in full["retrieval"]["query"]]
+    assert plain["retrieval"]["negative"] == full["retrieval"]["negative"]
+    no_negatives = DataArguments(dataset=synthetic, hard_negatives=False)
+    sources, _ = load_sources(no_negatives, template)
+    assert all("negative" not in ds.column_names for ds in sources.values())
+    model = build_model(ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4))
+    losses = build_losses(model, sources, no_negatives)
+    assert type(losses["classification"]) is MultipleNegativesRankingLoss  # no own negatives left to use
+    assert type(build_losses(model, full, DataArguments())["classification"]) is OwnNegativesLoss
