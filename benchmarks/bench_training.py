@@ -8,7 +8,9 @@ measures the model and loss path rather than Trainer bookkeeping:
   ``MultipleNegativesRankingLoss``;
 * st-synth: ``st_synth.training.build_model`` + ``build_losses`` (the recipe's own objects).
 
-Reported: non-pad tokens per second, peak memory, and the loss of the first steps side by side.
+Reported: non-pad tokens per second, peak memory, and the loss of the first steps side by side (both paths
+on identical batches). On the length mix the recipe then trains on the same triplets batched its own way
+(``LengthGroupedBatchSampler``: similar lengths together), which is where its padding saving shows.
 
     python benchmarks/bench_training.py --preset tiny --steps 6                 # CPU smoke run
     python benchmarks/bench_training.py --preset mistral-7b --device cuda --steps 20 --batch-size 32
@@ -56,6 +58,19 @@ def build_backbone(preset: str, folder: Path) -> str:
     config.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return str(folder)
+
+
+def group_by_length(batches: list[list[list[str]]], seed: int) -> list[list[list[str]]]:
+    """The same triplets, batched the way the recipe batches them (``LengthGroupedBatchSampler``)."""
+    from datasets import Dataset
+
+    from st_synth.sampling import LengthGroupedBatchSampler
+
+    rows = [row for columns in batches for row in zip(*columns, strict=True)]
+    dataset = Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(("q", "p", "n"))})
+    batch_size = len(batches[0][0])
+    sampler = LengthGroupedBatchSampler(dataset, batch_size=batch_size, drop_last=False, seed=seed)
+    return [[[rows[i][c] for i in batch] for c in range(3)] for batch in sampler]
 
 
 def make_batches(kind: str, steps: int, batch_size: int, max_len: int, seed: int) -> list[list[list[str]]]:
@@ -133,7 +148,7 @@ def run(name: str, builder, path: str, batches, max_len: int, dtype: torch.dtype
     model[0].auto_model.gradient_checkpointing_enable({"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    losses, tokens, elapsed = [], 0, 0.0
+    losses, tokens, elapsed, padded = [], 0, 0.0, 0
     for step, columns in enumerate(batches):
         features = []
         for column in columns:
@@ -154,10 +169,12 @@ def run(name: str, builder, path: str, batches, max_len: int, dtype: torch.dtype
         if step > 0:  # the first step pays for warm-up
             elapsed += time.perf_counter() - start
             tokens += sum(int(f["attention_mask"].sum()) for f in features)
+            padded += sum(f["attention_mask"].numel() for f in features)
         losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     del model, optimizer
-    return {"path": name, "non_pad_tokens_per_s": tokens / elapsed, "peak_gib": peak, "losses": losses}
+    return {"path": name, "non_pad_tokens_per_s": tokens / elapsed, "peak_gib": peak, "losses": losses,
+            "pad_fraction": round(1 - tokens / padded, 4), "steps": len(batches)}  # fmt: skip
 
 
 def main() -> None:
@@ -170,6 +187,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--inputs", default="fixed,mix")
+    parser.add_argument("--no-length-grouping", action="store_true", help="Mix: the baseline's batches.")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rows = []
@@ -177,14 +195,20 @@ def main() -> None:
         path = build_backbone(args.preset, Path(tmp) / "backbone")
         for kind in args.inputs.split(","):
             batches = make_batches(kind, args.steps, args.batch_size, args.max_len, seed=0)
-            results = [run(name, builder, path, batches, args.max_len, dtype, args.device)
-                       for name, builder in (("baseline", baseline_model), ("st_synth", recipe_model))]  # fmt: skip
-            base, ours = results
+            base = run("baseline", baseline_model, path, batches, args.max_len, dtype, args.device)
+            # Same batches first: the loss check (the recipe's model and loss must agree with the baseline).
+            same = run("st_synth", recipe_model, path, batches, args.max_len, dtype, args.device)
             row = {
-                "inputs": kind, "baseline": base, "st_synth": ours,
-                "speedup": ours["non_pad_tokens_per_s"] / base["non_pad_tokens_per_s"],
-                "max_loss_diff_first_steps": max(abs(a - b) for a, b in zip(base["losses"][:5], ours["losses"][:5], strict=True)),
+                "inputs": kind, "baseline": base, "st_synth_same_batches": same,
+                "max_loss_diff_first_steps": max(abs(a - b) for a, b in zip(base["losses"][:5], same["losses"][:5], strict=True)),
             }  # fmt: skip
+            ours = same
+            if kind == "mix" and not args.no_length_grouping:
+                # Then the recipe's own batching of the same triplets: similar lengths together.
+                ours = run("st_synth", recipe_model, path, group_by_length(batches, seed=0), args.max_len, dtype,
+                           args.device)  # fmt: skip
+            row["st_synth"] = ours
+            row["speedup"] = ours["non_pad_tokens_per_s"] / base["non_pad_tokens_per_s"]
             rows.append(row)
             print(
                 json.dumps({k: row[k] for k in ("inputs", "speedup", "max_loss_diff_first_steps")}),
@@ -197,17 +221,20 @@ def main() -> None:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "rows": rows,
-    }
+        "padding": {row["inputs"]: {"baseline": row["baseline"]["pad_fraction"], "st_synth": row["st_synth"]["pad_fraction"]}
+                    for row in rows},
+    }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"training-{args.preset}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"device: {device_name}, preset {args.preset}, batch {args.batch_size} triplets, {args.steps} steps", "",
-             "| inputs | baseline non-pad tok/s | st-synth non-pad tok/s | speedup | peak GiB (base / ours) | max loss diff |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| inputs | baseline non-pad tok/s | st-synth non-pad tok/s | speedup | pad share (base / ours) | peak GiB (base / ours) | max loss diff, same batches |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         b, o = row["baseline"], row["st_synth"]
         peak = f"{b['peak_gib']:.1f} / {o['peak_gib']:.1f}" if b["peak_gib"] is not None else "-"
         lines.append(f"| {row['inputs']} | {b['non_pad_tokens_per_s']:.0f} | {o['non_pad_tokens_per_s']:.0f} | "
-                     f"{row['speedup']:.2f}x | {peak} | {row['max_loss_diff_first_steps']:.2e} |")  # fmt: skip
+                     f"{row['speedup']:.2f}x | {b['pad_fraction']:.0%} / {o['pad_fraction']:.0%} | {peak} | "
+                     f"{row['max_loss_diff_first_steps']:.2e} |")  # fmt: skip
     (RESULTS / f"training-{args.preset}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -80,6 +80,11 @@ class DataArguments:
     mini_batch_size: int = field(default=32, metadata={"help": "Mini-batch of the cached loss."})
     gather_across_devices: bool = field(default=True, metadata={"help": "In-batch negatives from all ranks."})
     eval_examples: int = field(default=0, metadata={"help": "Held out per source for evaluation loss."})
+    length_grouping: bool = field(
+        default=True,
+        metadata={"help": "Batch rows of similar length (less padding), still without duplicate texts; "
+                  "replaces the no_duplicates sampler. Off: sentence-transformers' own sampler."},
+    )  # fmt: skip
     use_instructions: bool = field(
         default=True,
         metadata={"help": "Prefix queries with their task instruction (the paper). Off: plain text."},
@@ -305,7 +310,11 @@ def train(
     output_args = output_args or OutputArguments()
     # Validate data before loading a multi-GB backbone.
     sources, generation_report = load_sources(data_args, model_args.instruction_template)
-    if training_args.batch_sampler != BatchSamplers.NO_DUPLICATES:
+    if data_args.length_grouping and training_args.batch_sampler == BatchSamplers.NO_DUPLICATES:
+        from st_synth.sampling import LengthGroupedBatchSampler
+
+        training_args.batch_sampler = LengthGroupedBatchSampler
+    elif training_args.batch_sampler != BatchSamplers.NO_DUPLICATES:
         logger.warning(
             "batch_sampler=%s lets duplicate texts into a batch (false negatives).",
             training_args.batch_sampler,
