@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--inputs", default="fixed,mix")
+    parser.add_argument("--results", default=str(RESULTS), help="Folder for training-<preset>.json/.md.")
     parser.add_argument("--no-length-grouping", action="store_true", help="Mix: the baseline's batches.")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -224,8 +225,9 @@ def main() -> None:
         "padding": {row["inputs"]: {"baseline": row["baseline"]["pad_fraction"], "st_synth": row["st_synth"]["pad_fraction"]}
                     for row in rows},
     }  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"training-{args.preset}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"training-{args.preset}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"device: {device_name}, preset {args.preset}, batch {args.batch_size} triplets, {args.steps} steps", "",
              "| inputs | baseline non-pad tok/s | st-synth non-pad tok/s | speedup | pad share (base / ours) | peak GiB (base / ours) | max loss diff, same batches |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -235,7 +237,7 @@ def main() -> None:
         lines.append(f"| {row['inputs']} | {b['non_pad_tokens_per_s']:.0f} | {o['non_pad_tokens_per_s']:.0f} | "
                      f"{row['speedup']:.2f}x | {b['pad_fraction']:.0%} / {o['pad_fraction']:.0%} | {peak} | "
                      f"{row['max_loss_diff_first_steps']:.2e} |")  # fmt: skip
-    (RESULTS / f"training-{args.preset}.md").write_text("\n".join(lines) + "\n")
+    (results / f"training-{args.preset}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

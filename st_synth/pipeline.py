@@ -286,15 +286,16 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     return record
 
 
-def _evaluate_cached(name: str, fingerprint: str, plan: RunPlan, load_model, echo) -> dict[str, float]:
+def _evaluate_cached(
+    name: str, fingerprint: str, plan: RunPlan, load_model, echo, instructions: bool | None = None
+) -> dict[str, float]:
     from st_synth.evaluation import evaluate, resolve_tasks
 
     folder = plan.output / "eval"
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.json"
-    key = _fingerprint(
-        fingerprint, plan.tasks, {k: plan.evaluate[k] for k in ("instructions", "max_seq_length")}
-    )
+    instructions = plan.evaluate["instructions"] if instructions is None else instructions
+    key = _fingerprint(fingerprint, plan.tasks, instructions, plan.evaluate["max_seq_length"])
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == key:
@@ -303,7 +304,7 @@ def _evaluate_cached(name: str, fingerprint: str, plan: RunPlan, load_model, ech
     model = load_model()
     model.max_seq_length = min(model.max_seq_length or plan.evaluate["max_seq_length"],
                                plan.evaluate["max_seq_length"])  # fmt: skip
-    payload = evaluate(model, resolve_tasks(plan.tasks), use_instructions=plan.evaluate["instructions"],
+    payload = evaluate(model, resolve_tasks(plan.tasks), use_instructions=instructions,
                        batch_size=plan.evaluate["batch_size"])  # fmt: skip
     payload["fingerprint"] = key
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -337,9 +338,10 @@ def _evaluate(plan: RunPlan, stages: _Stages) -> dict[str, dict[str, float]]:
                                           lambda: SentenceTransformer(str(final)), stages.echo)  # fmt: skip
     if plan.evaluate["reference"]:
         reference = plan.evaluate["reference"]
-        results[reference] = _evaluate_cached(
-            "reference", reference, plan, lambda: SentenceTransformer(resolve_guide(reference)), stages.echo
-        )
+        # A plain sentence encoder, not instruction-tuned: it reads the texts as they are.
+        results[reference] = _evaluate_cached("reference", reference, plan,
+                                              lambda: SentenceTransformer(resolve_guide(reference)), stages.echo,
+                                              instructions=False)  # fmt: skip
     stages.done("evaluate", started, f"results under {plan.output / 'eval'}")
     return results
 

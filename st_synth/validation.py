@@ -16,6 +16,9 @@ MAX_ANSWER_CHARS = 60_000
 MAX_FIELD_CHARS = 12_000
 MAX_TASK_CHARS = 400
 MIN_TASK_CHARS = 8
+MIN_TASK_WORDS = 3  # "write_list" is not a task description
+# A template slot the model echoed instead of filling: "[topic]", "[the-important-content]", "{query}".
+_PLACEHOLDER = re.compile(r"\[[a-z][a-z0-9 _-]{2,40}\]|\{[a-z_][a-z0-9 _-]{1,40}\}|<[a-z][a-z _-]{2,40}>")
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _SPACES = re.compile(r"\s+")
 
@@ -76,6 +79,8 @@ def parse_example(content: str | None, kind: TaskKind) -> tuple[str, ...]:
             raise Rejected("empty_field", key)
         if len(field) > MAX_FIELD_CHARS:
             raise Rejected("field_too_long", key)
+        if _PLACEHOLDER.search(field):
+            raise Rejected("unfilled_placeholder", key)
         texts.append(field)
     normalized = [normalize(text) for text in texts]
     if normalized[0] == normalized[1]:
@@ -105,7 +110,8 @@ def parse_tasks(content: str | None) -> list[str]:
             continue
         task = _SPACES.sub(" ", item).strip()
         key = normalize(task)
-        if MIN_TASK_CHARS <= len(task) <= MAX_TASK_CHARS and key not in seen:
+        usable = MIN_TASK_CHARS <= len(task) <= MAX_TASK_CHARS and len(task.split()) >= MIN_TASK_WORDS
+        if usable and key not in seen and not _PLACEHOLDER.search(task):
             seen.add(key)
             tasks.append(task)
     if not tasks:

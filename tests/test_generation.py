@@ -106,6 +106,9 @@ def test_validation_rejects_bad_answers_with_reasons():
         "field_too_long": json.dumps({**good, "positive_document": "x" * 20_000}),
         "not_an_object": json.dumps(["q", "p", "n"]),
         "empty_answer": "",
+        "unfilled_placeholder": json.dumps(
+            {**good, "positive_document": "This is what I found: [the-important-content]"}
+        ),
     }
     for reason, content in cases.items():
         with pytest.raises(Rejected) as caught:
@@ -118,6 +121,12 @@ def test_validation_rejects_bad_answers_with_reasons():
         "Classify tweets by mood",
     ]
     assert parse_tasks('{"tasks": ["Match questions to FAQ answers"]}') == ["Match questions to FAQ answers"]
+    assert parse_tasks('["write_list", "Summarise [topic] articles", "Rank reviews by helpfulness"]') == [
+        "Rank reviews by helpfulness"
+    ]
+    # Real citations and numbers in brackets are text, not placeholders.
+    cited = {**good, "positive_document": "Insulin lowers glucose [1] within 30 minutes [2, 3]."}
+    assert parse_example(json.dumps(cited), kind)[1] == cited["positive_document"]
 
 
 # -- bad input fails before any request --------------------------------------------------------------------

@@ -264,3 +264,22 @@ def test_ablation_switches_drop_instructions_and_hard_negatives(backbone, synthe
     losses = build_losses(model, sources, no_negatives)
     assert type(losses["classification"]) is MultipleNegativesRankingLoss  # no own negatives left to use
     assert type(build_losses(model, full, DataArguments())["classification"]) is OwnNegativesLoss
+
+
+def test_training_benchmark_smoke_run_on_cpu(tmp_path):
+    """The GPU benchmark's script, tiny preset on CPU: it runs end to end and the recipe's loss equals the
+    baseline's on identical batches (no timing is asserted)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--preset", "tiny", "--steps", "3",
+         "--batch-size", "4", "--max-len", "128", "--device", "cpu", "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "training-tiny.json").read_text())
+    assert [row["inputs"] for row in payload["rows"]] == ["fixed", "mix"]
+    for row in payload["rows"]:
+        assert row["max_loss_diff_first_steps"] < 1e-5 and row["speedup"] > 0
+    mix = payload["padding"]["mix"]  # the saving itself is measured at scale in test_sampling
+    assert (
+        0 < mix["baseline"] < 1 and 0 < mix["st_synth"] < 1 and payload["padding"]["fixed"]["baseline"] == 0
+    )
