@@ -5,7 +5,8 @@
 Variants (each a full `st-synth run` under OUTPUT/<variant>; generation answers come from the cache, so
 every variant trains on the same generated examples):
 
-* full:              consistency filter, instructions, hard negatives (the shipped default)
+* full:              consistency filter, instructions, hard negatives: the main job itself (its output
+                     folder, so a finished main job is reused rather than retrained)
 * no_filter:         every validated example, unfiltered
 * no_instructions:   queries without their task instruction, in training and in evaluation
 * no_hard_negatives: in-batch negatives only
@@ -55,9 +56,11 @@ def main() -> None:
             section: {**base.get(section, {}), **values} for section, values in VARIANTS[name].items()
         }
         overrides = {**base, **overrides}
-        overrides.setdefault("evaluate", {}).update({"reference": None, "baseline": name == names[0]})
+        if name != "full":
+            overrides.setdefault("evaluate", {}).update({"reference": None, "baseline": False})
         config = pipeline.load_config(args.config, overrides)
-        config["output"] = str(Path(args.output) / name)
+        if name != "full":  # "full" is the main job itself: its output (and trained model) are reused
+            config["output"] = str(Path(args.output) / name)
         plans[name] = pipeline.plan_run(config)
     rows, baseline = {}, None
     for name, plan in plans.items():

@@ -158,3 +158,12 @@ def test_unreachable_task_data_is_a_clear_error_before_the_model_loads(tmp_path)
     assert "The data of task 'SciFact' cannot be reached" in done.stderr
     assert "--benchmark st-synth-offline" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_needs_tasks_or_a_benchmark_and_names_unknown_benchmarks(tmp_path, capsys):
+    from st_synth.cli import main
+
+    assert main(["evaluate", "--model", str(tmp_path), "--output", str(tmp_path / "r.json")]) == 2
+    assert "give --tasks NAME[,NAME...] or --benchmark NAME" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path), "--benchmark", "st-synth-ofline"]) == 2
+    assert "Unknown benchmark 'st-synth-ofline' (close: st-synth-offline" in capsys.readouterr().err
