@@ -31,6 +31,7 @@ from st_synth.embedder import (
 )
 from st_synth.lora import PAPER_TARGET_MODULES, check_target_modules, merge_lora
 from st_synth.losses import OwnNegativesLoss
+from st_synth.speed import FUSED_KERNEL_MODES, apply_fused_kernels
 from st_synth.taxonomy import TASK_KINDS
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ class ModelArguments:
     lora_target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
     torch_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16 weights."})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa or flash_attention_2"})
+    fused_kernels: str = field(
+        default="auto",
+        metadata={"help": "auto: Liger's RMSNorm/RoPE/SwiGLU kernels where CUDA and liger-kernel are present, "
+                  "plain modules elsewhere; liger: require them; off: never."},
+    )  # fmt: skip
 
 
 @dataclass
@@ -260,6 +266,10 @@ def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None)
     from peft import LoraConfig
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if model_args.fused_kernels not in FUSED_KERNEL_MODES:
+        raise ValueError(
+            f"fused_kernels {model_args.fused_kernels!r} is unknown; choose one of: {', '.join(FUSED_KERNEL_MODES)}."
+        )
     if model_args.torch_dtype not in dtypes:
         raise ValueError(
             f"torch_dtype {model_args.torch_dtype!r} is unknown; choose one of: {', '.join(dtypes)}."
@@ -274,6 +284,10 @@ def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None)
         model_kwargs=model_kwargs,
     )
     check_target_modules(model, model_args.lora_target_modules)
+    # Before the adapter: Liger patches the backbone's own modules; LoRA then wraps its linear layers.
+    model.fused_kernels = apply_fused_kernels(
+        model[0].auto_model, model_args.fused_kernels, str(model.device)
+    )
     model.add_adapter(
         LoraConfig(
             r=model_args.lora_r,
@@ -349,6 +363,8 @@ def train(
         "global_steps": result.global_step,
         "sources": {name: ds.num_rows for name, ds in sources.items()},
         "world_size": training_args.world_size,
+        "fused_kernels": getattr(model, "fused_kernels", "off"),
+        "length_grouping": data_args.length_grouping,
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():

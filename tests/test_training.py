@@ -283,3 +283,30 @@ def test_training_benchmark_smoke_run_on_cpu(tmp_path):
     assert (
         0 < mix["baseline"] < 1 and 0 < mix["st_synth"] < 1 and payload["padding"]["fixed"]["baseline"] == 0
     )
+
+
+def test_fused_kernels_fall_back_cleanly_on_cpu_with_the_same_loss(backbone, synthetic):
+    from st_synth.speed import apply_fused_kernels
+
+    sources, _ = load_sources(
+        DataArguments(dataset=synthetic, kinds=["retrieval"]), "Instruct: {instruction}\nQuery: "
+    )
+    batch = sources["retrieval"].select(range(4))
+    losses = {}
+    for mode in ("auto", "off"):
+        torch.manual_seed(0)
+        model = build_model(
+            ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, fused_kernels=mode)
+        )
+        assert model.fused_kernels == ("off" if mode == "off" else
+                                       "not used: the model trains on cpu, Liger's kernels need CUDA")  # fmt: skip
+        loss = build_losses(model, sources, DataArguments())["retrieval"]
+        features = [model.preprocess(list(batch[column])) for column in ("query", "positive", "negative")]
+        losses[mode] = float(loss(features, None))
+    assert losses["auto"] == losses["off"]
+    with pytest.raises(ValueError, match="fused_kernels=liger cannot be honoured: the model trains on cpu"):
+        build_model(ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, fused_kernels="liger"))
+    with pytest.raises(ValueError, match="fused_kernels 'fast' is unknown; choose one of: auto, liger, off"):
+        build_model(ModelArguments(base_model=backbone, max_seq_length=32, fused_kernels="fast"))
+    with pytest.raises(ValueError, match="choose one of"):
+        apply_fused_kernels(None, "fast", "cpu")
