@@ -10,6 +10,7 @@ every variant trains on the same generated examples):
 * no_filter:         every validated example, unfiltered
 * no_instructions:   queries without their task instruction, in training and in evaluation
 * no_hard_negatives: in-batch negatives only
+* no_real_data:      synthetic data only (without the config's extra_datasets)
 
 Writes benchmarks/results/ablations.json and .md (scores per task, mean, and the change against `full`).
 """
@@ -29,6 +30,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "no_filter": {"filter": {"enabled": False}},
     "no_instructions": {"train": {"use_instructions": False}, "evaluate": {"instructions": False}},
     "no_hard_negatives": {"train": {"hard_negatives": False}},
+    "no_real_data": {"train": {"extra_datasets": []}},
 }
 
 

@@ -17,12 +17,15 @@ import io
 import pickle
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mteb.abstasks.classification import AbsTaskClassification
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 _INSTALL_HINT = "install the eval-data extra: pip install 'st-synth[eval-data]'"
 
@@ -88,6 +91,29 @@ class LeeDocSTS(AbsTaskSTS):
             "score": [float(rows[i][j]) for i, j in pairs],
         })})  # fmt: skip
         self.data_loaded = True
+
+
+def lee_background_pairs() -> Dataset:
+    """Real training pairs from a shipped corpus: the 300 news documents of gensim's ``lee_background.cor``
+    (none of them is among LeeDocSTS's 50), each cut at a sentence boundary into its first and second
+    half: (query, positive) pairs for an unsupervised "same document" objective."""
+    import re
+
+    from datasets import Dataset
+
+    documents = (gensim_test_data() / "lee_background.cor").read_text(encoding="utf-8", errors="replace")
+    queries, positives = [], []
+    for document in documents.strip().split("\n"):
+        sentences = re.split(r"(?<=[.!?])\s+", document.strip())
+        if len(sentences) >= 4:
+            half = len(sentences) // 2
+            queries.append(" ".join(sentences[:half]))
+            positives.append(" ".join(sentences[half:]))
+    return Dataset.from_dict({"query": queries, "positive": positives})
+
+
+BUILTIN_TRAINING_SOURCES = {"lee-background": lee_background_pairs}
+"""Real training data that ships in packages: ``train.extra_datasets: ["NAME=builtin:lee-background|..."]``."""
 
 
 class _Bunch(dict):

@@ -72,7 +72,8 @@ class DataArguments:
     extra_datasets: list[str] = field(
         default_factory=list,
         metadata={"help": "Your own labeled data as NAME=PATH_OR_HUB_ID|INSTRUCTION; its first three columns "
-                  "are read as (query, positive[, negative])."},
+                  "are read as (query, positive[, negative]). PATH may be builtin:lee-background (real "
+                  "half-document pairs from a corpus gensim ships)."},
     )  # fmt: skip
     max_examples_per_source: int | None = field(default=None)
     no_in_batch_negatives: list[str] = field(
@@ -113,7 +114,8 @@ def settings_to_flags(settings: dict[str, Any]) -> list[str]:
     flags: list[str] = []
     for key, value in settings.items():
         if isinstance(value, list):
-            flags += [f"--{key}", *map(str, value)]
+            if value:  # an empty list is the field's default: argparse cannot take a flag with no values
+                flags += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
             flags += [f"--{key}", json.dumps(value)]
         else:
@@ -138,6 +140,15 @@ def resolve_base_model(name: str, cache_dir: str | Path | None = None) -> str:
 
 
 def _load_any(path_or_id: str) -> Dataset | DatasetDict:
+    if path_or_id.startswith("builtin:"):
+        from st_synth.offline_tasks import BUILTIN_TRAINING_SOURCES
+
+        name = path_or_id.removeprefix("builtin:")
+        if name not in BUILTIN_TRAINING_SOURCES:
+            raise ValueError(
+                f"Unknown builtin source {name!r}; choose from: {', '.join(BUILTIN_TRAINING_SOURCES)}."
+            )
+        return BUILTIN_TRAINING_SOURCES[name]()
     if Path(path_or_id).is_dir():
         return load_from_disk(path_or_id)
     return load_dataset(path_or_id)

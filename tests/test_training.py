@@ -310,3 +310,21 @@ def test_fused_kernels_fall_back_cleanly_on_cpu_with_the_same_loss(backbone, syn
         build_model(ModelArguments(base_model=backbone, max_seq_length=32, fused_kernels="fast"))
     with pytest.raises(ValueError, match="choose one of"):
         apply_fused_kernels(None, "fast", "cpu")
+
+
+def test_builtin_real_source_is_disjoint_from_the_evaluation_documents():
+    from st_synth.offline_tasks import gensim_test_data
+
+    data = DataArguments(
+        extra_datasets=["lee_background=builtin:lee-background|Retrieve semantically similar text."]
+    )
+    sources, _ = load_sources(data, "Instruct: {instruction}\nQuery: ")
+    pairs = sources["lee_background"]
+    assert pairs.num_rows == 295 and pairs.column_names == ["query", "positive"]
+    assert pairs[0]["query"].startswith(
+        "Instruct: Retrieve semantically similar text.\nQuery: Hundreds of people"
+    )
+    evaluation_docs = (gensim_test_data() / "lee.cor").read_text(errors="replace").split("\n")
+    assert not any(doc[:80] in text for doc in evaluation_docs if doc for text in pairs["positive"])
+    with pytest.raises(ValueError, match="Unknown builtin source 'lee'; choose from: lee-background"):
+        load_sources(DataArguments(extra_datasets=["x=builtin:lee|t"]), "Instruct: {instruction}\nQuery: ")
