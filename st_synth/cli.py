@@ -199,8 +199,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not names and not args.benchmark:
             raise ValueError("give --tasks NAME[,NAME...] or --benchmark NAME")
         tasks = evaluation.resolve_benchmark(args.benchmark) if args.benchmark else []
-        tasks += [task for task in evaluation.resolve_tasks(names)
-                  if task.metadata.name not in {t.metadata.name for t in tasks}]  # fmt: skip
+        chosen = {task.metadata.name for task in tasks}
+        tasks += [task for task in evaluation.resolve_tasks(names) if task.metadata.name not in chosen]
         payload = evaluation.evaluate(args.model, tasks, overrides=overrides, output=args.output,
                                       use_instructions=not args.no_instructions, batch_size=args.batch_size)  # fmt: skip
     except ValueError as error:

@@ -135,12 +135,15 @@ class _NewsgroupUnpickler(pickle.Unpickler):
     """Loads only the handful of plain types the file is made of; anything else is refused, so the file
     cannot run code even if it were tampered with."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allowed = {("copy_reg", "_reconstructor"): copyreg._reconstructor, ("__builtin__", "dict"): dict,
+                        ("sklearn.datasets.base", "Bunch"): _Bunch, **_numpy_globals()}  # fmt: skip
+
     def find_class(self, module: str, name: str) -> Any:
-        allowed = {("copy_reg", "_reconstructor"): copyreg._reconstructor, ("__builtin__", "dict"): dict,
-                   ("sklearn.datasets.base", "Bunch"): _Bunch, **_numpy_globals()}  # fmt: skip
-        if (module, name) not in allowed:
+        if (module, name) not in self.allowed:
             raise pickle.UnpicklingError(f"mini_newsgroup refers to {module}.{name}, which is not allowed")
-        return allowed[(module, name)]
+        return self.allowed[(module, name)]
 
 
 def read_mini_newsgroups() -> tuple[list[str], list[int], list[str]]:

@@ -65,6 +65,11 @@ class RunPlan:
     private: bool
 
     @property
+    def final_model(self) -> Path:
+        """Where the recipe saves the merged model."""
+        return Path(self.training_args.output_dir) / "final"
+
+    @property
     def stages(self) -> list[str]:
         return ["generate", "filter" if self.consistency else None, "train", "evaluate", "package"]
 
@@ -205,7 +210,7 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
     summary["generation"] = _generate(plan, stages)
     summary["filter"] = _filter(plan, stages)
     summary["training"] = _train(plan, stages)
-    summary["evaluation"] = _evaluate(plan, stages)
+    summary["evaluation"] = _evaluate(plan, stages, summary["training"]["fingerprint"])
     summary["card"] = _package(plan, stages, summary)
     summary["timings_s"] = stages.timings
     (plan.output / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -265,7 +270,7 @@ def _filter(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
 def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     from st_synth.training import train
 
-    final = Path(plan.training_args.output_dir) / "final"
+    final = plan.final_model
     fingerprint = _fingerprint(plan.train_settings | {"dataset": dataset_fingerprint(plan.output / "data")})
     marker = final / RUN_FILE
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
@@ -314,7 +319,7 @@ def _evaluate_cached(
     return scores
 
 
-def _evaluate(plan: RunPlan, stages: _Stages) -> dict[str, dict[str, float]]:
+def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[str, dict[str, float]]:
     from sentence_transformers import SentenceTransformer
 
     from st_synth.embedder import build_embedder
@@ -332,9 +337,8 @@ def _evaluate(plan: RunPlan, stages: _Stages) -> dict[str, dict[str, float]]:
                                    instruction_template=plan.model_args.instruction_template),
             stages.echo,
         )  # fmt: skip
-    final = Path(plan.training_args.output_dir) / "final"
-    trained_print = json.loads((final / RUN_FILE).read_text())["fingerprint"]
-    results["trained"] = _evaluate_cached("trained", trained_print, plan,
+    final = plan.final_model
+    results["trained"] = _evaluate_cached("trained", trained_fingerprint, plan,
                                           lambda: SentenceTransformer(str(final)), stages.echo)  # fmt: skip
     if plan.evaluate["reference"]:
         reference = plan.evaluate["reference"]
@@ -349,7 +353,7 @@ def _evaluate(plan: RunPlan, stages: _Stages) -> dict[str, dict[str, float]]:
 def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
     from st_synth.cards import render_model_card
 
-    final = Path(plan.training_args.output_dir) / "final"
+    final = plan.final_model
     started = stages.start("package", f"model card in {final}")
     evaluation = summary["evaluation"]
     comparison = {name: scores for name, scores in evaluation.items() if name != "trained"}

@@ -37,13 +37,17 @@ def _why_not(backbone: Any, device: str) -> str | None:
     return None
 
 
-def apply_fused_kernels(backbone: Any, mode: str, device: str) -> str:
-    """Patch ``backbone`` (a transformers model) per ``mode``; return what was done, for logs and cards."""
+def check_fused_kernels(mode: str) -> str:
     if mode not in FUSED_KERNEL_MODES:
         raise ValueError(
             f"fused_kernels {mode!r} is unknown; choose one of: {', '.join(FUSED_KERNEL_MODES)}."
         )
-    if mode == "off":
+    return mode
+
+
+def apply_fused_kernels(backbone: Any, mode: str, device: str) -> str:
+    """Patch ``backbone`` (a transformers model) per ``mode``; return what was done, for logs and cards."""
+    if check_fused_kernels(mode) == "off":
         return "off"
     reason = _why_not(backbone, device)
     if reason is not None:

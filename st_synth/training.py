@@ -31,7 +31,7 @@ from st_synth.embedder import (
 )
 from st_synth.lora import PAPER_TARGET_MODULES, check_target_modules, merge_lora
 from st_synth.losses import OwnNegativesLoss
-from st_synth.speed import FUSED_KERNEL_MODES, apply_fused_kernels
+from st_synth.speed import apply_fused_kernels, check_fused_kernels
 from st_synth.taxonomy import TASK_KINDS
 
 logger = logging.getLogger(__name__)
@@ -277,10 +277,7 @@ def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None)
     from peft import LoraConfig
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if model_args.fused_kernels not in FUSED_KERNEL_MODES:
-        raise ValueError(
-            f"fused_kernels {model_args.fused_kernels!r} is unknown; choose one of: {', '.join(FUSED_KERNEL_MODES)}."
-        )
+    check_fused_kernels(model_args.fused_kernels)  # before the backbone loads
     if model_args.torch_dtype not in dtypes:
         raise ValueError(
             f"torch_dtype {model_args.torch_dtype!r} is unknown; choose one of: {', '.join(dtypes)}."
