@@ -15,6 +15,7 @@ import copyreg
 import importlib.metadata
 import io
 import pickle
+import re
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,8 +98,6 @@ def lee_background_pairs() -> Dataset:
     """Real training pairs from a shipped corpus: the 300 news documents of gensim's ``lee_background.cor``
     (none of them is among LeeDocSTS's 50), each cut at a sentence boundary into its first and second
     half: (query, positive) pairs for an unsupervised "same document" objective."""
-    import re
-
     from datasets import Dataset
 
     documents = (gensim_test_data() / "lee_background.cor").read_text(encoding="utf-8", errors="replace")
@@ -112,7 +111,80 @@ def lee_background_pairs() -> Dataset:
     return Dataset.from_dict({"query": queries, "positive": positives})
 
 
-BUILTIN_TRAINING_SOURCES = {"lee-background": lee_background_pairs}
+_WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_WIKI_SKIPPED_SECTIONS = frozenset({
+    "references", "see also", "external links", "notes", "further reading", "bibliography", "sources",
+    "footnotes", "citations", "works cited", "gallery", "links",
+})  # fmt: skip
+_WIKI_LINK_NAMESPACES = re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):")
+
+
+def _drop_nested(text: str, opening: str, closing: str) -> str:
+    """``text`` without its (possibly nested) ``opening ... closing`` spans, e.g. wiki templates."""
+    kept, depth, start = [], 0, 0
+    for match in re.finditer(f"{re.escape(opening)}|{re.escape(closing)}", text):
+        if match[0] == opening:
+            if depth == 0:
+                kept.append(text[start : match.start()])
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                start = match.end()
+    if depth == 0:
+        kept.append(text[start:])
+    return "".join(kept)
+
+
+def wikitext_to_plain(text: str) -> str:
+    """Readable prose from MediaWiki markup: comments, references, templates, tables, files and categories
+    dropped; links replaced by their label; bold/italic quotes and HTML tags removed."""
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = _drop_nested(_drop_nested(text, "{{", "}}"), "{|", "|}")
+    while (match := _WIKI_LINK_NAMESPACES.search(text)) is not None:  # [[File:...[[nested]]...]]
+        text = text[: match.start()] + _drop_nested(text[match.start() :], "[[", "]]")
+    text = re.sub(r"\[\[[^\]|]*\|([^\]]*)\]\]|\[\[([^\]]*)\]\]", lambda m: m[1] or m[2] or "", text)
+    text = re.sub(r"\[https?://\S+(?: ([^\]]*))?\]", lambda m: m[1] or "", text)
+    return re.sub(r"<[^>]+>|'{2,}", "", text)
+
+
+def wikipedia_section_pairs(min_words: int = 40) -> Dataset:
+    """Real (heading, passage) pairs from the English Wikipedia sample gensim ships (about 100 articles):
+    the query is ``"Title"`` for the lead or ``"Title: Section"``, the positive that section's first prose
+    paragraph of at least ``min_words`` words; reference-like sections are skipped. About 1,500 pairs, in
+    the spirit of the title/passage pairs E5 was pre-trained on. Ordered round robin over the articles."""
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    from datasets import Dataset
+
+    root = ET.fromstring(bz2.decompress((gensim_test_data() / _WIKI_DUMP).read_bytes()))
+    ns = {"mw": root.tag.partition("}")[0].lstrip("{")}
+    articles: list[list[tuple[str, str]]] = []
+    for page in root.iterfind("mw:page", ns):
+        title = page.findtext("mw:title", "", ns)
+        markup = page.findtext("mw:revision/mw:text", "", ns)
+        if page.findtext("mw:ns", "", ns) != "0" or markup.lstrip().upper().startswith("#REDIRECT"):
+            continue
+        parts = re.split(r"^(={2,})\s*(.*?)\s*\1\s*$", wikitext_to_plain(markup), flags=re.M)
+        sections = [("", parts[0])] + [(parts[i + 2], parts[i + 3]) for i in range(0, len(parts) - 1, 3)]
+        articles.append([])
+        for heading, body in sections:
+            if heading.lower() in _WIKI_SKIPPED_SECTIONS:
+                continue
+            for paragraph in body.split("\n\n"):
+                words = paragraph.split()
+                if len(words) >= min_words and not paragraph.lstrip().startswith(("*", "#", ":", ";", "|")):
+                    articles[-1].append((f"{title}: {heading}" if heading else title, " ".join(words)))
+                    break
+    # Round robin over articles (every lead, then every first section, ...): a prefix such as
+    # ``max_examples_per_source`` keeps covers as many articles as it can.
+    pairs = [article[i] for i in range(max(map(len, articles))) for article in articles if i < len(article)]
+    return Dataset.from_dict({"query": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
+
+
+BUILTIN_TRAINING_SOURCES = {"lee-background": lee_background_pairs, "wiki-sections": wikipedia_section_pairs}
 """Real training data that ships in packages: ``train.extra_datasets: ["NAME=builtin:lee-background|..."]``."""
 
 

@@ -73,7 +73,8 @@ class DataArguments:
         default_factory=list,
         metadata={"help": "Your own labeled data as NAME=PATH_OR_HUB_ID|INSTRUCTION; its first three columns "
                   "are read as (query, positive[, negative]). PATH may be builtin:lee-background (real "
-                  "half-document pairs from a corpus gensim ships)."},
+                  "half-document pairs from news gensim ships) or builtin:wiki-sections (real heading/passage "
+                  "pairs from its Wikipedia sample)."},
     )  # fmt: skip
     max_examples_per_source: int | None = field(default=None)
     no_in_batch_negatives: list[str] = field(

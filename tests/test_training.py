@@ -326,5 +326,37 @@ def test_builtin_real_source_is_disjoint_from_the_evaluation_documents():
     )
     evaluation_docs = (gensim_test_data() / "lee.cor").read_text(errors="replace").split("\n")
     assert not any(doc[:80] in text for doc in evaluation_docs if doc for text in pairs["positive"])
-    with pytest.raises(ValueError, match="Unknown builtin source 'lee'; choose from: lee-background"):
+    with pytest.raises(
+        ValueError, match="Unknown builtin source 'lee'; choose from: lee-background, wiki-sections"
+    ):
         load_sources(DataArguments(extra_datasets=["x=builtin:lee|t"]), "Instruct: {instruction}\nQuery: ")
+
+
+def test_wikitext_becomes_plain_prose():
+    from st_synth.offline_tasks import wikitext_to_plain
+
+    markup = (
+        "{{Infobox|name={{nested|x}}|y=1}}<!-- a comment -->'''Albedo''' is the [[diffuse reflection|"
+        "measure]] of [[light]].<ref name=a>{{cite|b}}</ref> It is dimensionless.<ref name=c/> "
+        "[[File:Albedo.png|thumb|A [[map]] of it]]See [https://example.org the site] and "
+        "[https://example.org/x].\n{| class=wikitable\n| cell\n|}\n<small>end</small> ''small''"
+    )
+    assert wikitext_to_plain(markup) == (
+        "Albedo is the measure of light. It is dimensionless. See the site and .\n\nend small"
+    )
+
+
+def test_wikipedia_sections_are_real_clean_and_spread_over_articles():
+    data = DataArguments(extra_datasets=["wiki=builtin:wiki-sections|Retrieve the section."])
+    pairs = load_sources(data, "Instruct: {instruction}\nQuery: ")[0]["wiki"]
+    queries = [q.removeprefix("Instruct: Retrieve the section.\nQuery: ") for q in pairs["query"]]
+    assert pairs.num_rows > 1000
+    assert queries[:3] == ["Anarchism", "Autism", "Albedo"]  # every article's lead comes first
+    first_round = [q.split(": ")[0] for q in queries[:90]]
+    assert len(set(first_round)) == 90  # one passage per article before any article's second
+    assert sum(":" not in q for q in queries[:90]) > 80  # mostly leads
+    assert "Alaska: Etymology" in queries and not any(q.endswith(": References") for q in queries)
+    for passage in pairs["positive"]:
+        assert len(passage.split()) >= 40
+        assert not any(mark in passage for mark in ("[[", "{{", "<ref", "'''", "<!--"))
+    assert pairs["positive"][0].startswith("Anarchism is a political philosophy")
