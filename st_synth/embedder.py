@@ -53,16 +53,19 @@ def embedding_chat_template(instruction_template: str, add_bos: bool) -> str:
     """The Jinja chat template of an e5-style embedder (see the module docstring)."""
     before, after = check_instruction_template(instruction_template).split("{instruction}")
     literal = json.dumps  # a JSON string is a valid Jinja string literal, escapes included
+    # Written flat (no macro, one branch per message): it is rendered once per input text, and a Jinja
+    # macro call per message cost about as much as the rest of the template.
+    content = (
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    )
     return (
         f"{{#- {_TEMPLATE_MARK}{literal(instruction_template)} -#}}\n"
-        "{%- macro text(content) -%}"
-        "{%- if content is string -%}{{ content }}"
-        "{%- else -%}{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-        "{%- endif -%}"
-        "{%- endmacro -%}" + ("{{ bos_token }}" if add_bos else "") + "{%- for message in messages -%}"
-        f"{{%- if message['role'] == 'system' -%}}{{{{ {literal(before)} }}}}{{{{ text(message['content']) }}}}"
-        f"{{{{ {literal(after)} }}}}"
-        "{%- else -%}{{ text(message['content']) }}{%- endif -%}"
+        + ("{{ bos_token }}" if add_bos else "")
+        + "{%- for message in messages -%}"
+        f"{{%- if message['role'] == 'system' -%}}{{{{ {literal(before)} }}}}{content}{{{{ {literal(after)} }}}}"
+        f"{{%- else -%}}{content}{{%- endif -%}}"
         "{%- endfor -%}"
         "{{ eos_token }}"
     )

@@ -153,7 +153,7 @@ def wikipedia_section_pairs(min_words: int = 40) -> Dataset:
     """Real (heading, passage) pairs from the English Wikipedia sample gensim ships (about 100 articles):
     the query is ``"Title"`` for the lead or ``"Title: Section"``, the positive that section's first prose
     paragraph of at least ``min_words`` words; reference-like sections are skipped. About 1,500 pairs, in
-    the spirit of the title/passage pairs E5 was pre-trained on. Ordered round robin over the articles."""
+    the spirit of the title/passage pairs E5 was pre-trained on. Ordered article by article."""
     import bz2
     import xml.etree.ElementTree as ET
 
@@ -178,9 +178,9 @@ def wikipedia_section_pairs(min_words: int = 40) -> Dataset:
                 if len(words) >= min_words and not paragraph.lstrip().startswith(("*", "#", ":", ";", "|")):
                     articles[-1].append((f"{title}: {heading}" if heading else title, " ".join(words)))
                     break
-    # Round robin over articles (every lead, then every first section, ...): a prefix such as
-    # ``max_examples_per_source`` keeps covers as many articles as it can.
-    pairs = [article[i] for i in range(max(map(len, articles))) for article in articles if i < len(article)]
+    # Article by article, in the dump's order: a prefix (``max_examples_per_source``) keeps whole articles,
+    # whose sections then meet in batches as each other's hard in-batch negatives.
+    pairs = [pair for article in articles for pair in article]
     return Dataset.from_dict({"query": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
 
 

@@ -351,10 +351,10 @@ def test_wikipedia_sections_are_real_clean_and_spread_over_articles():
     pairs = load_sources(data, "Instruct: {instruction}\nQuery: ")[0]["wiki"]
     queries = [q.removeprefix("Instruct: Retrieve the section.\nQuery: ") for q in pairs["query"]]
     assert pairs.num_rows > 1000
-    assert queries[:3] == ["Anarchism", "Autism", "Albedo"]  # every article's lead comes first
-    first_round = [q.split(": ")[0] for q in queries[:90]]
-    assert len(set(first_round)) == 90  # one passage per article before any article's second
-    assert sum(":" not in q for q in queries[:90]) > 80  # mostly leads
+    titles = [q.split(": ")[0] for q in queries]
+    runs = [title for i, title in enumerate(titles) if i == 0 or title != titles[i - 1]]
+    assert len(runs) == len(set(runs)) > 90  # article by article: each article's sections are contiguous
+    assert queries[0] == "Anarchism" and queries[1].startswith("Anarchism: ")
     assert "Alaska: Etymology" in queries and not any(q.endswith(": References") for q in queries)
     for passage in pairs["positive"]:
         assert len(passage.split()) >= 40
