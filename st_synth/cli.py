@@ -35,8 +35,16 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--local",
         action="store_true",
-        help="Start llama.cpp on 127.0.0.1 serving the packaged SmolLM2-135M-Instruct for this run "
-        "(needs the 'local' extra); --base-url and --model then default to it.",
+        help="Start a local server (llama.cpp, else `transformers serve`) on 127.0.0.1 serving the packaged "
+        "SmolLM2-135M-Instruct for this run (needs the 'local' extra); --base-url and --model then default "
+        "to it.",
+    )
+    p.add_argument(
+        "--local-backend",
+        default="auto",
+        choices=["auto", "llama.cpp", "transformers"],
+        help="Server behind --local: llama.cpp (fast, schema-constrained JSON) or `transformers serve` (no "
+        "compile step, ~6x slower); auto takes llama.cpp where llama-cpp-python is installed.",
     )
     p.add_argument(
         "--api-key-env",
@@ -85,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.local and args.base_url:
             raise ValueError("--local starts its own endpoint; drop --base-url or --local")
         # Everything is validated before the local server starts or any request is sent.
-        server = LocalLLMServer() if args.local else None
+        server = LocalLLMServer(backend=args.local_backend) if args.local else None
         config = GenerationConfig(
             model=args.model or (SMOLLM2_ALIAS if server else None),
             num_examples=args.num_examples,
@@ -265,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.push_to_hub:
             config["push_to_hub"] = args.push_to_hub
         plan = pipeline.plan_run(config)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, RuntimeError) as error:
         print(f"st-synth run: error: {error}", file=sys.stderr)
         return 2
     try:

@@ -20,6 +20,33 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _INSTALL_HINT = 'install the local extra: pip install "st-synth[local]"'
+BACKENDS = ("auto", "llama.cpp", "transformers")
+"""``llama.cpp``: llama-cpp-python's server (~100 tokens/s on 2 cores, schema-constrained JSON).
+``transformers``: ``transformers serve`` (no compile step, about 15 tokens/s here, JSON mode by prompt only).
+``auto``: llama.cpp where llama-cpp-python is installed, else transformers."""
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The local server backend to use, or a ValueError/RuntimeError naming the choices and installs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown local LLM backend {backend!r}; choose one of: {', '.join(BACKENDS)}.")
+    has_llama = importlib.util.find_spec("llama_cpp") is not None
+    has_serve = all(importlib.util.find_spec(name) is not None for name in ("fastapi", "uvicorn"))
+    if backend == "auto":
+        if has_llama or has_serve:
+            return "llama.cpp" if has_llama else "transformers"
+        raise RuntimeError(
+            "No local LLM server is installed: llama.cpp needs llama-cpp-python "
+            f"({_INSTALL_HINT}), `transformers serve` needs fastapi and uvicorn "
+            '(pip install "transformers[serving]").'
+        )
+    if backend == "llama.cpp" and not has_llama:
+        raise RuntimeError(f"llama-cpp-python is not installed; {_INSTALL_HINT}.")
+    if backend == "transformers" and not has_serve:
+        raise RuntimeError(
+            '`transformers serve` needs fastapi and uvicorn: pip install "transformers[serving]".'
+        )
+    return backend
 
 
 def packaged_smollm2_gguf() -> Path:
@@ -41,7 +68,9 @@ def _free_port() -> int:
 
 
 class LocalLLMServer:
-    """``with LocalLLMServer() as server:`` starts llama.cpp on 127.0.0.1 and stops it on exit.
+    """``with LocalLLMServer() as server:`` starts a local OpenAI-compatible server on 127.0.0.1 serving
+    the packaged SmolLM2 GGUF (or ``model_path``) and stops it on exit: llama.cpp, or ``transformers
+    serve`` where llama-cpp-python is missing (``backend``, see ``BACKENDS``).
 
     One thread by default: on two cores a llama.cpp server with two threads stalls whenever another
     process computes, and one is steadier.
@@ -51,14 +80,14 @@ class LocalLLMServer:
         self,
         model_path: str | Path | None = None,
         *,
+        backend: str = "auto",
         alias: str = SMOLLM2_ALIAS,
         threads: int = 1,
         context: int = 4096,
         port: int | None = None,
         startup_timeout: float = 180.0,
     ) -> None:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise RuntimeError(f"llama-cpp-python is not installed; {_INSTALL_HINT}.")
+        self.backend = resolve_backend(backend)
         self.model_path = Path(model_path) if model_path else packaged_smollm2_gguf()
         self.alias = alias
         self.threads = threads
@@ -74,20 +103,31 @@ class LocalLLMServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> LocalLLMServer:
-        command = [
+    def command(self) -> list[str]:
+        if self.backend == "transformers":
+            # A forced model answers whatever model name a request carries; GGUF as FOLDER:FILE.
+            return [
+                sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve",
+                f"{self.model_path.parent}:{self.model_path.name}", "--host", "127.0.0.1",
+                "--port", str(self.port), "--device", "cpu", "--log-level", "warning",
+            ]  # fmt: skip
+        return [
             sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
             "--model_alias", self.alias, "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", str(self.context), "--n_threads", str(self.threads), "--verbose", "False",
         ]  # fmt: skip
-        logger.info("Starting llama.cpp server: %s", " ".join(command))
+
+    def start(self) -> LocalLLMServer:
+        command = self.command()
+        logger.info("Starting %s server: %s", self.backend, " ".join(command))
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1"}
         with self.log_path.open("w") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(
-                    f"llama.cpp server exited with {self._process.returncode}:\n{self.log_tail()}"
+                    f"{self.backend} server exited with {self._process.returncode}:\n{self.log_tail()}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
@@ -97,7 +137,7 @@ class LocalLLMServer:
                 time.sleep(0.25)
         self.stop()
         raise RuntimeError(
-            f"llama.cpp server did not answer within {self.startup_timeout:.0f}s:\n{self.log_tail()}"
+            f"{self.backend} server did not answer within {self.startup_timeout:.0f}s:\n{self.log_tail()}"
         )
 
     def log_tail(self, lines: int = 20) -> str:

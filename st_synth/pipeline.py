@@ -35,7 +35,7 @@ RUN_FILE = "st_synth_run.json"
 DEFAULT_TASKS = ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
 EVALUATE_KEYS = {"tasks": DEFAULT_TASKS, "baseline": True, "reference": "all-MiniLM-L6-v2",
                  "instructions": True, "batch_size": 16, "max_seq_length": 128}  # fmt: skip
-GENERATE_EXTRA_KEYS = {"local": False, "llm_threads": 1}
+GENERATE_EXTRA_KEYS = {"local": False, "llm_threads": 1, "llm_backend": "auto"}
 
 
 def _check_keys(section: str, given: dict[str, Any], valid: list[str]) -> None:
@@ -54,6 +54,7 @@ class RunPlan:
     generation: Any  # GenerationConfig
     local: bool
     llm_threads: int
+    llm_backend: str  # resolved: llama.cpp or transformers (meaningful where local)
     consistency: Any  # ConsistencyFilter or None
     train_settings: dict[str, Any]
     model_args: Any
@@ -93,7 +94,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     from st_synth.builder import GenerationConfig
     from st_synth.evaluation import resolve_tasks
     from st_synth.filtering import ConsistencyFilter
-    from st_synth.local_llm import SMOLLM2_ALIAS
+    from st_synth.local_llm import SMOLLM2_ALIAS, resolve_backend
     from st_synth.training import (
         DataArguments,
         ModelArguments,
@@ -109,6 +110,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     _check_keys("generate", generate, gen_fields + list(GENERATE_EXTRA_KEYS))
     local = bool(generate.pop("local", False))
     llm_threads = int(generate.pop("llm_threads", 1))
+    llm_backend = str(generate.pop("llm_backend", "auto"))
     if local and generate.get("base_url"):
         raise ValueError("generate.local starts its own endpoint; drop generate.base_url or generate.local.")
     if local:
@@ -153,6 +155,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     resolve_tasks(tasks)  # unknown names fail now, with close matches
     return RunPlan(
         output=output, generation=generation, local=local, llm_threads=llm_threads, consistency=consistency,
+        llm_backend=resolve_backend(llm_backend) if local else llm_backend,
         train_settings=settings, model_args=model_args, data_args=data_args, training_args=training_args,
         tasks=tasks, evaluate=evaluate, push_to_hub=config.get("push_to_hub"),
         private=bool(config.get("private", False)),
@@ -224,8 +227,8 @@ def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
 
     g = plan.generation
     started = stages.start("generate", f"{g.num_examples} examples from {g.model}"
-                           + (" (local llama.cpp server)" if plan.local else f" at {g.public_settings()['base_url']}"))  # fmt: skip
-    server = LocalLLMServer(threads=plan.llm_threads) if plan.local else None
+                           + (f" (local {plan.llm_backend} server)" if plan.local else f" at {g.public_settings()['base_url']}"))  # fmt: skip
+    server = LocalLLMServer(backend=plan.llm_backend, threads=plan.llm_threads) if plan.local else None
     if server:
         g.base_url = server.base_url
     builder = SyntheticDatasetBuilder(g)

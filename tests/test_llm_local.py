@@ -44,3 +44,29 @@ def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
                       "wall_time_s": report["wall_time_s"], "completion_tokens": report["completion_tokens"]}, indent=1))  # fmt: skip
     assert report["format_downgrades"] == 1 and set(report["response_formats"]) == {"json_object_schema"}
     assert report["requests_sent"] > 0 and sum(d.num_rows for d in dataset.values()) > 0
+
+
+def test_smollm2_through_transformers_serve_generates(tmp_path):
+    """The fallback server: no compile step, slower, no schema-constrained decoding."""
+    from st_synth import GenerationConfig, SyntheticDatasetBuilder
+    from st_synth.local_llm import SMOLLM2_ALIAS, LocalLLMServer
+
+    server = LocalLLMServer(backend="transformers", threads=2)
+    config = GenerationConfig(
+        model=SMOLLM2_ALIAS,
+        base_url=server.base_url,
+        num_examples=int(os.environ.get("ST_SYNTH_LLM_EXAMPLES", "4")),
+        kinds="sts,short_short",
+        languages="English",
+        cache=str(tmp_path / "cache.sqlite"),
+        concurrency=1,
+        show_progress=False,
+    )
+    with server:
+        builder = SyntheticDatasetBuilder(config)
+        dataset = builder.build()
+    report = builder.report
+    print(json.dumps({"kept": report["kept_by_kind"], "drops": report["drops"], "formats": report["response_formats"],
+                      "wall_time_s": report["wall_time_s"], "requests": report["requests_sent"]}, indent=1))  # fmt: skip
+    assert report["requests_sent"] > 0 and report["completion_tokens"] > 0
+    assert sum(d.num_rows for d in dataset.values()) + sum(report["drops"].values()) > 0

@@ -1,0 +1,51 @@
+"""Choosing the local LLM server: llama.cpp where it is installed, else `transformers serve`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from st_synth import local_llm
+from st_synth.local_llm import LocalLLMServer, resolve_backend
+
+
+def _hide(monkeypatch, *names: str) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a)
+    )
+
+
+def test_auto_prefers_llama_cpp_then_transformers_serve(monkeypatch):
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert resolve_backend("auto") == "llama.cpp"
+    _hide(monkeypatch, "llama_cpp")
+    assert resolve_backend("auto") == "transformers"
+    with pytest.raises(RuntimeError, match="llama-cpp-python is not installed"):
+        resolve_backend("llama.cpp")
+    _hide(monkeypatch, "llama_cpp", "fastapi")
+    with pytest.raises(RuntimeError, match=r"llama-cpp-python .*fastapi and uvicorn"):
+        resolve_backend("auto")
+    with pytest.raises(
+        ValueError, match=r"Unknown local LLM backend .vllm.; choose one of: auto, llama\.cpp, transformers"
+    ):
+        resolve_backend("vllm")
+
+
+def test_transformers_backend_serves_the_packaged_gguf_on_loopback():
+    server = LocalLLMServer(backend="transformers", port=12345)
+    command = server.command()
+    gguf = local_llm.packaged_smollm2_gguf()
+    assert command[3:5] == ["serve", f"{gguf.parent}:{gguf.name}"]
+    assert command[command.index("--host") + 1] == "127.0.0.1" and "12345" in command
+    assert server.base_url == "http://127.0.0.1:12345/v1"
+
+
+def test_run_refuses_an_unknown_backend_before_starting(tmp_path, capsys):
+    from st_synth.cli import main
+
+    code = main(["run", "--config", "recipes/configs/local-smollm2.yaml", "--output", str(tmp_path / "out"),
+                 "--set", "generate.llm_backend=vllm"])  # fmt: skip
+    assert code == 2 and "choose one of: auto, llama.cpp, transformers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
