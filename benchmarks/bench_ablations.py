@@ -9,6 +9,8 @@ every variant trains on the same generated examples):
                      folder, so a finished main job is reused rather than retrained)
 * no_filter:         every validated example, unfiltered
 * no_instructions:   queries without their task instruction, in training and in evaluation
+* with_instructions: the opposite, for a config that trains without them (the default list holds
+                     whichever of the two differs from the config)
 * no_hard_negatives: in-batch negatives only
 * no_real_data:      synthetic data only (without the config's extra_datasets)
 
@@ -29,6 +31,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "full": {},
     "no_filter": {"filter": {"enabled": False}},
     "no_instructions": {"train": {"use_instructions": False}, "evaluate": {"instructions": False}},
+    "with_instructions": {"train": {"use_instructions": True}, "evaluate": {"instructions": True}},
     "no_hard_negatives": {"train": {"hard_negatives": False}},
     "no_real_data": {"train": {"extra_datasets": []}},
 }
@@ -40,18 +43,22 @@ def main() -> None:
     )
     parser.add_argument("--config", default="recipes/configs/local-smollm2.yaml")
     parser.add_argument("--output", default="outputs/ablations")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Any of: {', '.join(VARIANTS)}.")
+    parser.add_argument("--variants", default=None, help=f"Any of: {', '.join(VARIANTS)}.")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--results", default="benchmarks/results/ablations")
     args = parser.parse_args()
 
     from st_synth.cli import _parse_sets
 
+    base = _parse_sets(args.set)
+    if args.variants is None:
+        trains_with = pipeline.plan_run(pipeline.load_config(args.config, base)).data_args.use_instructions
+        skip = "with_instructions" if trains_with else "no_instructions"
+        args.variants = ",".join(name for name in VARIANTS if name != skip)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    base = _parse_sets(args.set)
     plans = {}
     for name in names:  # every variant is validated before the first one starts
         overrides = {

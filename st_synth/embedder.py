@@ -53,8 +53,8 @@ def embedding_chat_template(instruction_template: str, add_bos: bool) -> str:
     """The Jinja chat template of an e5-style embedder (see the module docstring)."""
     before, after = check_instruction_template(instruction_template).split("{instruction}")
     literal = json.dumps  # a JSON string is a valid Jinja string literal, escapes included
-    # Written flat (no macro, one branch per message): it is rendered once per input text, and a Jinja
-    # macro call per message cost about as much as the rest of the template.
+    # Written flat (no macro call per message): it is rendered once per input text; on bench_encode's tiny
+    # model that took st-synth's overhead over plain last-token pooling from 9.5% to 6.6%.
     content = (
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
