@@ -87,7 +87,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from st_synth.builder import GenerationConfig, SyntheticDatasetBuilder, generation_report_summary
     from st_synth.client import EndpointError
-    from st_synth.local_llm import SMOLLM2_ALIAS, LocalLLMServer
+    from st_synth.local_llm import LocalLLMServer
 
     try:
         if args.local and args.base_url:
@@ -95,7 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
         # Everything is validated before the local server starts or any request is sent.
         server = LocalLLMServer(backend=args.local_backend) if args.local else None
         config = GenerationConfig(
-            model=args.model or (SMOLLM2_ALIAS if server else None),
+            model=args.model or (server.served_model if server else None),
             num_examples=args.num_examples,
             kinds=args.kinds,
             languages=args.languages,

@@ -61,6 +61,28 @@ def packaged_smollm2_gguf() -> Path:
     return path
 
 
+def gguf_as_causal_lm_folder(gguf: Path, output_dir: str | Path | None = None) -> Path:
+    """A GGUF chat model as a plain transformers folder (weights dequantised, tokenizer and chat template
+    kept), written once under ``~/.cache/st_synth/<name>-hf`` and reused."""
+    output = Path(output_dir or Path.home() / ".cache" / "st_synth" / f"{gguf.stem}-hf")
+    if (output / "config.json").is_file() and (output / "model.safetensors").is_file():
+        return output
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Writing %s as a transformers folder at %s", gguf, output)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model cannot save_pretrained itself: copy its weights into one built from its config.
+    model = type(loaded)(loaded.config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.config.architectures = [type(loaded).__name__]
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output))
+    tokenizer.save_pretrained(str(output))
+    return output
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -103,13 +125,25 @@ class LocalLLMServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def served_model(self) -> str:
+        """The model name requests must carry: the alias (llama.cpp) or the served folder (transformers,
+        which refuses any other name)."""
+        if self.backend == "transformers" and not self.model_path.is_dir():
+            return str(gguf_as_causal_lm_folder(self.model_path))
+        return str(self.model_path) if self.backend == "transformers" else self.alias
+
     def command(self) -> list[str]:
         if self.backend == "transformers":
-            # A forced model answers whatever model name a request carries; GGUF as FOLDER:FILE.
+            # A forced model answers whatever model name a request carries. `transformers serve` cannot
+            # serve the GGUF itself (its config names no architecture), so it gets a folder written once.
+            folder = (
+                self.model_path if self.model_path.is_dir() else gguf_as_causal_lm_folder(self.model_path)
+            )
             return [
                 sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve",
-                f"{self.model_path.parent}:{self.model_path.name}", "--host", "127.0.0.1",
-                "--port", str(self.port), "--device", "cpu", "--log-level", "warning",
+                str(folder), "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
+                "--log-level", "warning",
             ]  # fmt: skip
         return [
             sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
@@ -121,6 +155,8 @@ class LocalLLMServer:
         command = self.command()
         logger.info("Starting %s server: %s", self.backend, " ".join(command))
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1"}
+        if self.backend == "transformers":  # its /v1/models scans the Hub cache and fails where there is none
+            env["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="st-synth-hf-cache-")
         with self.log_path.open("w") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout

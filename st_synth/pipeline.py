@@ -223,7 +223,7 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
 
 def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     from st_synth.builder import SyntheticDatasetBuilder, generation_report_summary
-    from st_synth.local_llm import LocalLLMServer
+    from st_synth.local_llm import SMOLLM2_ALIAS, LocalLLMServer
 
     g = plan.generation
     started = stages.start("generate", f"{g.num_examples} examples from {g.model}"
@@ -231,6 +231,8 @@ def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     server = LocalLLMServer(backend=plan.llm_backend, threads=plan.llm_threads) if plan.local else None
     if server:
         g.base_url = server.base_url
+        if g.model == SMOLLM2_ALIAS:  # transformers serve answers only to its folder's name
+            g.model = server.served_model
     builder = SyntheticDatasetBuilder(g)
     with server or nullcontext():
         builder.build()

@@ -49,11 +49,11 @@ def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
 def test_smollm2_through_transformers_serve_generates(tmp_path):
     """The fallback server: no compile step, slower, no schema-constrained decoding."""
     from st_synth import GenerationConfig, SyntheticDatasetBuilder
-    from st_synth.local_llm import SMOLLM2_ALIAS, LocalLLMServer
+    from st_synth.local_llm import LocalLLMServer
 
     server = LocalLLMServer(backend="transformers", threads=2)
     config = GenerationConfig(
-        model=SMOLLM2_ALIAS,
+        model=server.served_model,
         base_url=server.base_url,
         num_examples=int(os.environ.get("ST_SYNTH_LLM_EXAMPLES", "4")),
         kinds="sts,short_short",

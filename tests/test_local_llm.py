@@ -37,7 +37,12 @@ def test_transformers_backend_serves_the_packaged_gguf_on_loopback():
     server = LocalLLMServer(backend="transformers", port=12345)
     command = server.command()
     gguf = local_llm.packaged_smollm2_gguf()
-    assert command[3:5] == ["serve", f"{gguf.parent}:{gguf.name}"]
+    folder = local_llm.gguf_as_causal_lm_folder(gguf)
+    assert command[3:5] == ["serve", str(folder)]
+    assert "LlamaForCausalLM" in (folder / "config.json").read_text()
+    assert (folder / "chat_template.jinja").is_file() or "chat_template" in (
+        folder / "tokenizer_config.json"
+    ).read_text()
     assert command[command.index("--host") + 1] == "127.0.0.1" and "12345" in command
     assert server.base_url == "http://127.0.0.1:12345/v1"
 
