@@ -44,7 +44,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         choices=["auto", "llama.cpp", "transformers"],
         help="Server behind --local: llama.cpp (fast, schema-constrained JSON) or `transformers serve` (no "
-        "compile step, ~6x slower); auto takes llama.cpp where llama-cpp-python is installed.",
+        "compile step, about 10x slower); auto takes llama.cpp where llama-cpp-python is installed.",
     )
     p.add_argument(
         "--api-key-env",

