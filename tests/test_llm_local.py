@@ -56,7 +56,7 @@ def test_smollm2_through_transformers_serve_generates(tmp_path):
         model=server.served_model,
         base_url=server.base_url,
         num_examples=int(os.environ.get("ST_SYNTH_LLM_EXAMPLES", "4")),
-        kinds="sts,short_short",
+        kinds=os.environ.get("ST_SYNTH_LLM_KINDS", "sts,short_short"),
         languages="English",
         cache=str(tmp_path / "cache.sqlite"),
         concurrency=1,
