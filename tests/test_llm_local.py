@@ -16,25 +16,26 @@ pytestmark = [
 ]
 
 
-def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
+def _generate(server, tmp_path, examples: str, **settings):
+    """Start ``server``, generate with it one request at a time, return (dataset, report)."""
     from st_synth import GenerationConfig, SyntheticDatasetBuilder
-    from st_synth.local_llm import SMOLLM2_ALIAS, LocalLLMServer
-    from st_synth.taxonomy import TASK_KINDS
 
-    server = LocalLLMServer()
     config = GenerationConfig(
-        model=SMOLLM2_ALIAS,
-        base_url=server.base_url,
-        num_examples=int(os.environ.get("ST_SYNTH_LLM_EXAMPLES", "24")),
-        languages="English,German,French",
-        cache=str(tmp_path / "cache.sqlite"),
-        concurrency=1,
-        show_progress=False,
-    )
+        model=server.served_model, base_url=server.base_url, cache=str(tmp_path / "cache.sqlite"),
+        num_examples=int(os.environ.get("ST_SYNTH_LLM_EXAMPLES", examples)), concurrency=1,
+        show_progress=False, **settings,
+    )  # fmt: skip
     with server:
         builder = SyntheticDatasetBuilder(config)
         dataset = builder.build()
-    report = builder.report
+    return dataset, builder.report
+
+
+def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
+    from st_synth.local_llm import LocalLLMServer
+    from st_synth.taxonomy import TASK_KINDS
+
+    dataset, report = _generate(LocalLLMServer(), tmp_path, "24", languages="English,German,French")
     keep_rate = {
         kind: report["kept_by_kind"][kind]
         / max(1, report["kept_by_kind"][kind] + report["drops_by_kind"][kind])
@@ -48,24 +49,11 @@ def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
 
 def test_smollm2_through_transformers_serve_generates(tmp_path):
     """The fallback server: no compile step, slower, no schema-constrained decoding."""
-    from st_synth import GenerationConfig, SyntheticDatasetBuilder
     from st_synth.local_llm import LocalLLMServer
 
     server = LocalLLMServer(backend="transformers", threads=2)
-    config = GenerationConfig(
-        model=server.served_model,
-        base_url=server.base_url,
-        num_examples=int(os.environ.get("ST_SYNTH_LLM_EXAMPLES", "4")),
-        kinds=os.environ.get("ST_SYNTH_LLM_KINDS", "sts,short_short"),
-        languages="English",
-        cache=str(tmp_path / "cache.sqlite"),
-        concurrency=1,
-        show_progress=False,
-    )
-    with server:
-        builder = SyntheticDatasetBuilder(config)
-        dataset = builder.build()
-    report = builder.report
+    kinds = os.environ.get("ST_SYNTH_LLM_KINDS", "sts,short_short")
+    dataset, report = _generate(server, tmp_path, "4", kinds=kinds, languages="English")
     print(json.dumps({"kept": report["kept_by_kind"], "drops": report["drops"], "formats": report["response_formats"],
                       "wall_time_s": report["wall_time_s"], "requests": report["requests_sent"]}, indent=1))  # fmt: skip
     assert report["requests_sent"] > 0 and report["completion_tokens"] > 0
