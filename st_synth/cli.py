@@ -7,6 +7,7 @@ import logging
 import sys
 
 from st_synth.client import RESPONSE_FORMATS
+from st_synth.local_llm import BACKENDS
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +43,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--local-backend",
         default="auto",
-        choices=["auto", "llama.cpp", "transformers"],
+        choices=BACKENDS,
         help="Server behind --local: llama.cpp (fast, schema-constrained JSON) or `transformers serve` (no "
         "compile step, about 10x slower); auto takes llama.cpp where llama-cpp-python is installed.",
     )

@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,6 +118,7 @@ class LocalLLMServer:
         self.port = port or _free_port()
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen | None = None
+        self._hub_cache: str | None = None
         handle, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
         os.close(handle)
         self.log_path = Path(name)
@@ -125,25 +127,23 @@ class LocalLLMServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def _transformers_folder(self) -> Path:
+        # `transformers serve` cannot serve the GGUF itself (its config names no architecture), so it gets
+        # a folder written once.
+        return self.model_path if self.model_path.is_dir() else gguf_as_causal_lm_folder(self.model_path)
+
     @property
     def served_model(self) -> str:
-        """The model name requests must carry: the alias (llama.cpp) or the served folder (transformers,
-        which refuses any other name)."""
-        if self.backend == "transformers" and not self.model_path.is_dir():
-            return str(gguf_as_causal_lm_folder(self.model_path))
-        return str(self.model_path) if self.backend == "transformers" else self.alias
+        """The model name requests must carry: the alias (llama.cpp) or the served folder (transformers
+        serve, pinned to that folder, refuses any other name)."""
+        return str(self._transformers_folder()) if self.backend == "transformers" else self.alias
 
     def command(self) -> list[str]:
         if self.backend == "transformers":
-            # A forced model answers whatever model name a request carries. `transformers serve` cannot
-            # serve the GGUF itself (its config names no architecture), so it gets a folder written once.
-            folder = (
-                self.model_path if self.model_path.is_dir() else gguf_as_causal_lm_folder(self.model_path)
-            )
             return [
                 sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve",
-                str(folder), "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
-                "--log-level", "warning",
+                str(self._transformers_folder()), "--host", "127.0.0.1", "--port", str(self.port),
+                "--device", "cpu", "--log-level", "warning",
             ]  # fmt: skip
         return [
             sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
@@ -156,7 +156,8 @@ class LocalLLMServer:
         logger.info("Starting %s server: %s", self.backend, " ".join(command))
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1"}
         if self.backend == "transformers":  # its /v1/models scans the Hub cache and fails where there is none
-            env["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="st-synth-hf-cache-")
+            self._hub_cache = tempfile.mkdtemp(prefix="st-synth-hf-cache-")
+            env["HF_HUB_CACHE"] = self._hub_cache
         with self.log_path.open("w") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
@@ -188,6 +189,9 @@ class LocalLLMServer:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+        if self._hub_cache:
+            shutil.rmtree(self._hub_cache, ignore_errors=True)
+            self._hub_cache = None
 
     def __enter__(self) -> LocalLLMServer:
         return self.start()
