@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -67,6 +67,7 @@ class GenerationConfig:
     max_attempts: int = 5
     failure_budget: int | None = None
     request_timeout: float = 120.0
+    max_tokens: int | None = None  # cap on completion tokens per request; None: each kind's own budget
     max_retries: int = 8
     retry_base_delay: float = 0.5
     price_prompt_per_million: float | None = None
@@ -87,6 +88,9 @@ class GenerationConfig:
              f"shard_index must be in 0..{self.num_shards - 1}, got {self.shard_index}"),
             (self.block_size >= 1, f"block_size must be at least 1, got {self.block_size}"),
             (self.max_attempts >= 1, f"max_attempts must be at least 1, got {self.max_attempts}"),
+            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 16),
+             f"max_tokens must be an integer of at least 16 (or unset), got {self.max_tokens!r}"),
+            (self.request_timeout > 0, f"request_timeout must be positive, got {self.request_timeout}"),
             (0 <= self.temperature <= 2, f"temperature must be in [0, 2], got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.response_format == "auto" or self.response_format in RESPONSE_FORMATS,
@@ -129,6 +133,7 @@ class GenerationConfig:
             "languages": "paper" if _is_paper(self.languages) else self.language_weights,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
             "prompts_version": PROMPTS_VERSION,
             "bitext_low_scores": list(BITEXT_LOW_SCORES),
             "num_shards": self.num_shards,
@@ -316,12 +321,16 @@ class _Run:
         for attempt in range(self.config.max_attempts):
             if self.stop_reason is not None:
                 return None
-            request = brainstorm_request(self.config.seed, TASK_KINDS[kind], block, attempt)
+            request = self._capped(brainstorm_request(self.config.seed, TASK_KINDS[kind], block, attempt))
             result = await self._answer(request, parse_tasks)
             if not isinstance(result, str):
                 return result
             self._drop(f"brainstorm:{result}", kind)
         return None
+
+    def _capped(self, request: ChatRequest) -> ChatRequest:
+        cap = self.config.max_tokens
+        return request if cap is None or request.max_tokens <= cap else replace(request, max_tokens=cap)
 
     async def _answer(self, request: ChatRequest, parse) -> Any:
         """The parsed answer to ``request``, or the reason (a string) it cannot be used."""
@@ -344,7 +353,7 @@ class _Run:
             tasks = await self._tasks_for(plan) if kind.brainstorm else None
             if kind.brainstorm and tasks is None:
                 break
-            request = example_request(self.config.seed, plan, attempt, tasks)
+            request = self._capped(example_request(self.config.seed, plan, attempt, tasks))
             result = await self._answer(request, lambda content: parse_example(content, kind))
             if isinstance(result, str):
                 self._drop(result, plan.kind)

@@ -61,7 +61,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-index", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--response-format", default="auto", choices=("auto", *RESPONSE_FORMATS))
+    p.add_argument(
+        "--response-format",
+        default=None,
+        choices=("auto", *RESPONSE_FORMATS),
+        help="How to ask for JSON (default auto: the strictest the endpoint accepts; text for "
+        "--local-backend transformers, which ignores response_format).",
+    )
     p.add_argument("--max-attempts", type=int, default=5, help="Attempts per example before giving it up.")
     p.add_argument(
         "--failure-budget",
@@ -69,7 +75,19 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="Dropped answers allowed before the run stops (default: 2 x examples + 20).",
     )
-    p.add_argument("--request-timeout", type=float, default=120.0, help="Seconds per request.")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="Seconds per request (default 120; 600 for --local-backend transformers).",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="Cap on completion tokens per request (default: each kind's own budget, 384-2048; 384 for "
+        "--local-backend transformers).",
+    )
     p.add_argument("--max-retries", type=int, default=8, help="Retries of one request on 429/5xx/timeouts.")
     p.add_argument("--price-prompt", type=float, default=None, help="Price per million prompt tokens.")
     p.add_argument(
@@ -88,13 +106,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     from st_synth.builder import GenerationConfig, SyntheticDatasetBuilder, generation_report_summary
     from st_synth.client import EndpointError
-    from st_synth.local_llm import LocalLLMServer
+    from st_synth.local_llm import LocalLLMServer, backend_generation_defaults
 
     try:
         if args.local and args.base_url:
             raise ValueError("--local starts its own endpoint; drop --base-url or --local")
         # Everything is validated before the local server starts or any request is sent.
         server = LocalLLMServer(backend=args.local_backend) if args.local else None
+        given = {"request_timeout": args.request_timeout, "max_tokens": args.max_tokens,
+                 "response_format": args.response_format}  # fmt: skip
+        backend_defaults = backend_generation_defaults(server.backend) if server else {}
+        limits = {k: v if v is not None else backend_defaults.get(k) for k, v in given.items()}
         config = GenerationConfig(
             model=args.model or (server.served_model if server else None),
             num_examples=args.num_examples,
@@ -106,13 +128,14 @@ def _generate(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             temperature=args.temperature,
             top_p=args.top_p,
-            response_format=args.response_format,
+            response_format=limits["response_format"] or "auto",
             cache=args.cache,
             num_shards=args.num_shards,
             shard_index=args.shard_index,
             max_attempts=args.max_attempts,
             failure_budget=args.failure_budget,
-            request_timeout=args.request_timeout,
+            request_timeout=limits["request_timeout"] or 120.0,
+            max_tokens=limits["max_tokens"],
             max_retries=args.max_retries,
             price_prompt_per_million=args.price_prompt,
             price_completion_per_million=args.price_completion,

@@ -26,6 +26,19 @@ BACKENDS = ("auto", "llama.cpp", "transformers")
 ``transformers``: ``transformers serve`` (no compile step; about 40 s per answer on 2 cores, JSON by prompt only).
 ``auto``: llama.cpp where llama-cpp-python is installed, else transformers."""
 
+# `transformers serve`: about 12 tokens/s on 2 cores, so an answer that runs on to the kinds' own budgets
+# (up to 2,048 tokens) would take minutes and outlive the default 120 s request timeout: its requests are
+# capped and given longer. It ignores `response_format` (it logs so and answers free text), so requests
+# ask for JSON in the prompt only and the report says so. The user's own settings win.
+_BACKEND_GENERATION_DEFAULTS = {
+    "transformers": {"max_tokens": 384, "request_timeout": 600.0, "response_format": "text"}
+}
+
+
+def backend_generation_defaults(backend: str) -> dict[str, float | int | str]:
+    """Generation settings a local backend needs (``GenerationConfig`` fields); the user's own win."""
+    return dict(_BACKEND_GENERATION_DEFAULTS.get(resolve_backend(backend), {}))
+
 
 def resolve_backend(backend: str = "auto") -> str:
     """The local server backend to use, or a ValueError/RuntimeError naming the choices and installs."""
@@ -67,6 +80,7 @@ def gguf_as_causal_lm_folder(gguf: Path, output_dir: str | Path | None = None) -
     kept), written once under ``~/.cache/st_synth/<name>-hf`` and reused."""
     output = Path(output_dir or Path.home() / ".cache" / "st_synth" / f"{gguf.stem}-hf")
     if (output / "config.json").is_file() and (output / "model.safetensors").is_file():
+        _sampling_generation_config(output)
         return output
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,7 +95,21 @@ def gguf_as_causal_lm_folder(gguf: Path, output_dir: str | Path | None = None) -
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output))
     tokenizer.save_pretrained(str(output))
+    _sampling_generation_config(output)
     return output
+
+
+def _sampling_generation_config(folder: Path) -> None:
+    """``transformers serve`` starts from the folder's generation config and sets only the request's
+    temperature on it: without ``do_sample`` every request would be answered greedily (the same answer for
+    any temperature or seed, and a small model loops). Temperature 0 still turns sampling off there."""
+    from transformers import GenerationConfig
+
+    path = folder / "generation_config.json"
+    config = GenerationConfig.from_pretrained(str(folder)) if path.is_file() else GenerationConfig()
+    if not config.do_sample:
+        config.do_sample = True
+        config.save_pretrained(str(folder))
 
 
 def _free_port() -> int:

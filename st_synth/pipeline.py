@@ -94,7 +94,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     from st_synth.builder import GenerationConfig
     from st_synth.evaluation import resolve_tasks
     from st_synth.filtering import ConsistencyFilter
-    from st_synth.local_llm import SMOLLM2_ALIAS, resolve_backend
+    from st_synth.local_llm import SMOLLM2_ALIAS, backend_generation_defaults, resolve_backend
     from st_synth.training import (
         DataArguments,
         ModelArguments,
@@ -114,6 +114,8 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     if local and generate.get("base_url"):
         raise ValueError("generate.local starts its own endpoint; drop generate.base_url or generate.local.")
     if local:
+        for key, value in backend_generation_defaults(llm_backend).items():
+            generate.setdefault(key, value)
         generate.setdefault("model", SMOLLM2_ALIAS)
         generate["base_url"] = "http://127.0.0.1:1/v1"  # the real port is known once the server starts
     generation = GenerationConfig(**generate)

@@ -19,7 +19,9 @@ pytestmark = [
 def _generate(server, tmp_path, examples: str, **settings):
     """Start ``server``, generate with it one request at a time, return (dataset, report)."""
     from st_synth import GenerationConfig, SyntheticDatasetBuilder
+    from st_synth.local_llm import backend_generation_defaults
 
+    settings = {**backend_generation_defaults(server.backend), **settings}
     config = GenerationConfig(
         model=server.served_model, base_url=server.base_url, cache=str(tmp_path / "cache.sqlite"),
         num_examples=int(os.environ.get("ST_SYNTH_LLM_EXAMPLES", examples)), concurrency=1,

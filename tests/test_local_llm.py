@@ -54,3 +54,24 @@ def test_run_refuses_an_unknown_backend_before_starting(tmp_path, capsys):
                  "--set", "generate.llm_backend=vllm"])  # fmt: skip
     assert code == 2 and "choose one of: auto, llama.cpp, transformers" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_transformers_backend_caps_answers_unless_the_user_sets_limits(monkeypatch):
+    from st_synth.pipeline import load_config, plan_run
+
+    _hide(monkeypatch, "llama_cpp")
+    assert local_llm.backend_generation_defaults("auto") == {
+        "max_tokens": 384, "request_timeout": 600.0, "response_format": "text"
+    }  # fmt: skip
+    config = load_config("recipes/configs/local-smollm2.yaml")
+    generation = plan_run(config).generation
+    limits = (generation.max_tokens, generation.request_timeout, generation.response_format)
+    assert limits == (384, 600.0, "text")
+    config["generate"].update(max_tokens=128, request_timeout=30.0)
+    generation = plan_run(config).generation
+    assert (generation.max_tokens, generation.request_timeout) == (128, 30.0)
+    monkeypatch.undo()
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp keeps each kind's own budget
+        generation = plan_run(load_config("recipes/configs/local-smollm2.yaml")).generation
+        limits = (generation.max_tokens, generation.request_timeout, generation.response_format)
+        assert limits == (None, 120.0, "auto")
