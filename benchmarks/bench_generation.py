@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,6 +54,27 @@ def start_server() -> tuple[subprocess.Popen, str]:
             time.sleep(0.1)
     process.terminate()
     raise RuntimeError("fake server did not start within 60 s")
+
+
+def server_timing(base_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{base_url}/timing", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def measured(base_url: str, run, *args) -> dict:
+    """``run(base_url, *args)`` plus what the server saw meanwhile: requests in flight on average over the
+    run's wall time, and the mean time a request spent in the server against the latency drawn for it."""
+    before = server_timing(base_url)
+    result = run(base_url, *args)
+    after = server_timing(base_url)
+    delta = {key: after[key] - before[key] for key in after}
+    handled = max(1, delta["handled"])
+    return {
+        **result,
+        "server_mean_inflight": delta["inflight_seconds"] / result["wall_s"],
+        "server_latency_ms": 1000 * delta["handler_seconds"] / handled,
+        "drawn_latency_ms": 1000 * delta["drawn_seconds"] / handled,
+    }
 
 
 def run_st_synth(base_url: str, concurrency: int, num_examples: int) -> dict:
@@ -107,7 +129,7 @@ def main() -> None:
     try:
         for concurrency in map(int, args.concurrency.split(",")):
             num_examples = max(10, int(args.seconds * concurrency / MEAN_LATENCY))
-            ours = summarise(run_st_synth(base_url, concurrency, num_examples), concurrency)
+            ours = summarise(measured(base_url, run_st_synth, concurrency, num_examples), concurrency)
             row = {
                 "concurrency": concurrency,
                 "num_examples": num_examples,
@@ -116,7 +138,10 @@ def main() -> None:
             }
             if args.distilabel_python:
                 theirs = summarise(
-                    run_distilabel(args.distilabel_python, base_url, concurrency, num_examples), concurrency
+                    measured(
+                        base_url, partial(run_distilabel, args.distilabel_python), concurrency, num_examples
+                    ),
+                    concurrency,
                 )
                 row["distilabel"] = theirs
                 row["kept_per_s_ratio"] = ours["kept_per_s"] / theirs["kept_per_s"]
@@ -128,15 +153,16 @@ def main() -> None:
     payload = {"mean_latency_s": MEAN_LATENCY, "latency": "log-normal, sigma 1", "rows": rows}
     (RESULTS / "generation.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        "| concurrency | examples | bound req/s | st-synth req/s (share of bound) | st-synth kept/s | st-synth CPU ms/kept | distilabel kept/s | distilabel CPU ms/kept | kept/s ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concurrency | examples | bound req/s | st-synth req/s (share of bound) | st-synth kept/s | st-synth CPU ms/kept | in flight at the server (st-synth) | ms in the server per request (drawn) | distilabel kept/s | distilabel CPU ms/kept | kept/s ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ours, theirs = row["st_synth"], row.get("distilabel")
         lines.append(
             f"| {row['concurrency']} | {row['num_examples']} | {row['bound_requests_per_s']:.0f} | "
             f"{ours['requests_per_s']:.1f} ({ours['share_of_bound']:.0%}) | {ours['kept_per_s']:.1f} | "
-            f"{ours['cpu_ms_per_kept']:.2f} | "
+            f"{ours['cpu_ms_per_kept']:.2f} | {ours['server_mean_inflight']:.1f} | "
+            f"{ours['server_latency_ms']:.0f} ({ours['drawn_latency_ms']:.0f}) | "
             + (
                 f"{theirs['kept_per_s']:.1f} | {theirs['cpu_ms_per_kept']:.2f} | {row['kept_per_s_ratio']:.2f}x |"
                 if theirs

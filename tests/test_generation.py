@@ -138,6 +138,7 @@ def test_bad_input_is_refused_before_any_request(fake_server, tmp_path, monkeypa
         ({"num_examples": 0}, "positive integer"),
         ({"kinds": "bitext", "languages": "English"}, "at least two languages"),
         ({"response_format": "yaml"}, "choose auto"),
+        ({"max_tokens": 0}, "max_tokens must be an integer of at least 16"),
     ]:
         with pytest.raises(ValueError, match=message):
             make_config(server, tmp_path, **overrides)
@@ -174,6 +175,34 @@ def test_faults_lose_nothing_and_accounting_is_exact(fake_server, tmp_path):
     assert sum(t["prompt_tokens"] for t in report["tokens_by_kind"].values()) == report["prompt_tokens"]
     assert report["cost_usd"] == pytest.approx(report["prompt_tokens"] * 2.0 / 1e6)
     assert sum(report["kept_by_kind"].values()) == sum(report["kept_by_language"].values()) == 30
+
+
+def test_max_tokens_caps_every_request_and_keys_the_cache(fake_server, tmp_path):
+    server = fake_server()
+    capped = SyntheticDatasetBuilder(make_config(server, tmp_path, kinds="retrieval,sts", max_tokens=200))
+    capped.build()
+    assert server.chat_requests > 0 and {body["max_tokens"] for body in server.received} == {200}
+    assert capped.report["max_tokens"] == 200
+    sent = server.chat_requests
+    # Each kind's own budget (all above 200) is a different request: the capped answers are not reused.
+    SyntheticDatasetBuilder(make_config(server, tmp_path, kinds="retrieval,sts")).build()
+    uncapped = {body["max_tokens"] for body in server.received[sent:]}
+    assert uncapped == {1024, TASK_KINDS["retrieval"].max_tokens, TASK_KINDS["sts"].max_tokens}
+
+
+def test_fake_server_reports_where_time_went(fake_server, tmp_path):
+    """The benchmark's instrument: requests in flight integrated over time equals the time requests spent
+    in the server (Little's law), which is at least the latency drawn for them."""
+    import urllib.request
+
+    server = fake_server(latency=0.01)
+    SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, concurrency=3)).build()
+    with urllib.request.urlopen(f"{server.base_url}/timing") as response:
+        timing = json.loads(response.read())
+    assert timing["handled"] == server.chat_requests > 0
+    assert timing["drawn_seconds"] == pytest.approx(0.01 * timing["handled"])
+    assert timing["handler_seconds"] >= timing["drawn_seconds"]
+    assert timing["inflight_seconds"] == pytest.approx(timing["handler_seconds"], rel=0.01)
 
 
 def test_cached_rerun_sends_zero_requests_and_gives_the_same_data(fake_server, tmp_path):

@@ -70,6 +70,11 @@ class FakeOpenAIServer:
         self.fault_log: list[str] = []
         self.model_listings = 0
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        # Where a throughput shortfall comes from: requests in flight here (integrated over time) and time
+        # spent per request beyond the latency drawn for it.
+        self.timing = {"inflight_seconds": 0.0, "handled": 0, "handler_seconds": 0.0, "drawn_seconds": 0.0}
+        self._inflight = 0
+        self._inflight_since = time.perf_counter()
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._httpd = _Server(("127.0.0.1", port), self._handler())
@@ -127,6 +132,21 @@ class FakeOpenAIServer:
                 return self.bad_answers[h % len(self.bad_answers)]
         return None
 
+    def _track(self, change: int, handler_seconds: float = 0.0, drawn_seconds: float = 0.0) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            self.timing["inflight_seconds"] += self._inflight * (now - self._inflight_since)
+            self._inflight, self._inflight_since = self._inflight + change, now
+            if change < 0:
+                self.timing["handled"] += 1
+                self.timing["handler_seconds"] += handler_seconds
+                self.timing["drawn_seconds"] += drawn_seconds
+
+    def timing_snapshot(self) -> dict[str, float]:
+        self._track(0)
+        with self._lock:
+            return dict(self.timing)
+
     def _delay(self) -> float:
         if callable(self.latency):
             with self._lock:
@@ -166,7 +186,9 @@ class FakeOpenAIServer:
             def do_GET(self) -> None:
                 if not self._authorized():
                     return
-                if self.path.rstrip("/").endswith("/models"):
+                if self.path.rstrip("/").endswith("/timing"):  # not OpenAI's: for benchmarks
+                    self._send_json(200, server.timing_snapshot())
+                elif self.path.rstrip("/").endswith("/models"):
                     with server._lock:
                         server.model_listings += 1
                     self._send_json(
@@ -194,19 +216,30 @@ class FakeOpenAIServer:
                         500, {"error": {"message": "response_format json_schema is not supported"}}
                     )
                     return
+                started = time.perf_counter()
+                server._track(+1)
+                delay = 0.0
+                try:
+                    delay = self._answer(body)
+                finally:
+                    server._track(-1, time.perf_counter() - started, delay)
+
+            def _answer(self, body: dict) -> float:
+                """Answer a chat request (faults included); return the latency drawn for it."""
                 fault = server._next_fault(body)
                 if fault:
                     with server._lock:
                         server.fault_log.append(fault)
-                time.sleep(server.slow_seconds if fault == "slow" else server._delay())
+                delay = server.slow_seconds if fault == "slow" else server._delay()
+                time.sleep(delay)
                 if fault in TRANSIENT:
                     headers = {"Retry-After": "0", "retry-after-ms": "20"} if fault == "429" else {}
                     self._send_json(TRANSIENT[fault], {"error": {"message": f"injected {fault}"}}, headers)
-                    return
+                    return delay
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.close()
-                    return
+                    return delay
                 content, finish = server.answer_for(body, fault)
                 prompt_tokens = len(re.findall(r"\S+", body["messages"][-1]["content"]))
                 with server._lock:
@@ -219,6 +252,7 @@ class FakeOpenAIServer:
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(content.split()),
                               "total_tokens": prompt_tokens + len(content.split())},
                 })  # fmt: skip
+                return delay
 
         return Handler
 
