@@ -3,8 +3,9 @@
 Both read the same texts with the same batch size; the baseline is ST's ``Transformer`` pinned to plain
 text + ``Pooling("lasttoken")`` + ``Normalize``, fed each text with the EOS token appended as text (the
 usual hand-made e5 recipe), so both run the same number of tokens and the ratio is the cost of st-synth's
-mechanism alone (chat-template rendering, EOS restore). Runs alternate (A, B, A, B, ...) and the fastest
-run of each is compared: on a shared CPU the minimum is the least disturbed estimate.
+mechanism alone (the EOS from the tokenizer's post-processor, which also guards it against truncation).
+Runs alternate (A, B, A, B, ...) and the fastest run of each is compared: on a shared CPU the minimum is
+the least disturbed estimate.
 
     python benchmarks/bench_encode.py            # tiny model and SmolLM2-135M (needs the local extra)
     python benchmarks/bench_encode.py --tiny-only
@@ -27,10 +28,10 @@ from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from st_synth import build_embedder
+from st_synth.embedder import TEXT_ONLY
 from st_synth.testing.tiny import WORDS, build_tiny_mistral
 
 RESULTS = Path(__file__).parent / "results"
-TEXT_ONLY = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
 
 
 def baseline(path: str, max_seq_length: int) -> SentenceTransformer:

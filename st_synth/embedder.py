@@ -2,15 +2,19 @@
 
 The model is a plain ``SentenceTransformer``: ``Transformer`` -> ``Pooling("lasttoken")`` -> ``Normalize``,
 so ``SentenceTransformer(path)`` loads it with no custom code (sentence-transformers 6 refuses to import
-module classes from other packages without ``trust_remote_code``). What makes it an e5 embedder is the
-tokenizer's chat template, written here and saved with the model:
+module classes from other packages without ``trust_remote_code``). What makes it an e5 embedder:
 
-* it renders plain text only: the content, never role markers or a system prompt of the base model;
-* a system message (where sentence-transformers puts a ``prompt``) becomes the instruction, formatted by
-  the instruction template, ``Instruct: {instruction}\nQuery: `` by default;
-* it ends every input with the EOS token, and sentence-transformers' ``restore_suffix`` writes that EOS
-  back over the last real token whenever truncation cut it off, whatever the tokenizer itself adds;
-* it starts with BOS exactly when the tokenizer adds one to plain text (Mistral does, SmolLM2 does not).
+* the ``Transformer`` is pinned to plain text: inputs never go through the backbone's chat template (no
+  role markers, no system prompt), whatever the tokenizer carries;
+* the fast tokenizer's post-processor (Rust, saved in ``tokenizer.json``) ends every input with the EOS
+  token and starts it with BOS exactly when the tokenizer added one before (Mistral does, SmolLM2 does
+  not). Truncation reserves room for them, so the EOS survives any cut, and it costs nothing per text;
+  ``add_eos_token`` is saved too, for tokenizer classes that rebuild their post-processor from the flag;
+* named prompts are the instruction already formatted by the instruction template
+  (``Instruct: {instruction}\nQuery: `` by default): ``encode_query`` prefixes it, ``encode_document`` gets
+  none, and a per-call instruction is ``prompt=format_instruction(...)``, as for the e5 models on the Hub;
+* the tokenizer's chat template is replaced by one rendering the same thing for chat-style callers (and
+  recording the instruction template, read back by :func:`instruction_template_of`).
 
 ``Pooling("lasttoken")`` reads the last real position from the attention mask, so left and right padding
 give the same embedding, also where the pad token is the EOS token.
@@ -33,6 +37,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
 DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 _TEMPLATE_MARK = "st-synth instruction template: "
+TEXT_ONLY = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
 
 
 def check_instruction_template(template: str) -> str:
@@ -53,8 +58,6 @@ def embedding_chat_template(instruction_template: str, add_bos: bool) -> str:
     """The Jinja chat template of an e5-style embedder (see the module docstring)."""
     before, after = check_instruction_template(instruction_template).split("{instruction}")
     literal = json.dumps  # a JSON string is a valid Jinja string literal, escapes included
-    # Written flat (no macro call per message): it is rendered once per input text; on bench_encode's tiny
-    # model that took st-synth's overhead over plain last-token pooling from 9.5% to 6.6%.
     content = (
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
@@ -97,12 +100,14 @@ def build_embedder(
     """A plain ``SentenceTransformer`` that embeds like e5-mistral: instruction, text, EOS, last token.
 
     Args:
-        model_name_or_path: Decoder backbone folder or Hub id (Mistral, Llama, Qwen, ...).
+        model_name_or_path: Decoder backbone folder or Hub id (Mistral, Llama, Qwen, ...); its tokenizer
+            must be a fast (``tokenizers``) one.
         max_seq_length: Inputs are cut to this many tokens, EOS included (the paper uses 512).
         instruction_template: How an instruction precedes a query; must contain ``{instruction}``.
-        prompts: Named prompts saved with the model: a name mapped to an *instruction* (the template is
-            applied by the chat template). Default ``{"query": default_instruction, "document": ""}``:
-            ``encode_query`` gets the instruction, ``encode_document`` none.
+        prompts: Named prompts saved with the model, given as *instructions* (formatted here with
+            ``instruction_template``; an empty one stays empty). Default
+            ``{"query": default_instruction, "document": ""}``: ``encode_query`` gets the instruction,
+            ``encode_document`` none.
         default_instruction: The ``"query"`` instruction when ``prompts`` names none.
         padding_side: ``"left"`` or ``"right"``; last-token pooling reads the attention mask, so both work.
 
@@ -111,7 +116,8 @@ def build_embedder(
         model = build_embedder("mistralai/Mistral-7B-v0.1")
         q = model.encode_query(["how much protein should a female eat"])
         d = model.encode_document(["As a general guideline, the CDC's average requirement ..."])
-        q2 = model.encode_query(["Eating meat is bad"], prompt="Given a claim, find documents that refute it")
+        claim = format_instruction("Given a claim, find documents that refute it")
+        q2 = model.encode_query(["Eating meat is bad"], prompt=claim)
     """
     check_instruction_template(instruction_template)
     if padding_side not in (None, "left", "right"):
@@ -124,9 +130,16 @@ def build_embedder(
         max_seq_length=max_seq_length,
         model_kwargs=model_kwargs,
         processor_kwargs=processor_kwargs,
+        modality_config=TEXT_ONLY,
+        module_output_name="token_embeddings",
     )
     tokenizer = transformer.tokenizer
-    if tokenizer is None or tokenizer.eos_token_id is None:
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{model_name_or_path!r} has no fast (tokenizers) tokenizer, which st-synth needs to end every "
+            "input with EOS; convert it with transformers' convert_slow_tokenizer or save a tokenizer.json."
+        )
+    if tokenizer.eos_token_id is None:
         raise ValueError(
             f"The tokenizer of {model_name_or_path!r} has no EOS token, which last-token pooling needs; "
             "pass processor_kwargs={'eos_token': '<the end token>'}."
@@ -138,21 +151,35 @@ def build_embedder(
         raise ValueError(f"max_seq_length {max_seq_length} exceeds the backbone's {limit} positions.")
     probe = tokenizer("a")["input_ids"]
     adds_bos = tokenizer.bos_token_id is not None and bool(probe) and probe[0] == tokenizer.bos_token_id
+    end_every_input_with_eos(tokenizer, adds_bos)
     tokenizer.chat_template = embedding_chat_template(instruction_template, adds_bos)
-    # The backbone's own chat template (if any) decided the modalities; the new one renders plain text.
-    transformer = _reinfer_modalities(transformer)
     named = {"query": default_instruction, "document": "", **(prompts or {})}
+    formatted = {
+        name: format_instruction(text, instruction_template) if text else "" for name, text in named.items()
+    }
     pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
-    return SentenceTransformer(modules=[transformer, pooling, Normalize()], prompts=named, device=device)
+    return SentenceTransformer(modules=[transformer, pooling, Normalize()], prompts=formatted, device=device)
 
 
-def _reinfer_modalities(transformer: Transformer) -> Transformer:
-    modality_config, output_name = transformer.infer_modalities(transformer.model, transformer.processor)
-    if "message" not in modality_config:
-        raise ValueError("The backbone does not accept chat-templated text input; st-synth needs it.")
-    transformer.modality_config, transformer.module_output_name = modality_config, output_name
-    transformer.input_formatter.supported_modalities = list(modality_config)
-    return transformer
+def end_every_input_with_eos(tokenizer: Any, add_bos: bool) -> None:
+    """Make a fast tokenizer add ``[BOS] text EOS`` itself, through its post-processor: truncation keeps
+    room for both, they are never doubled, and it is saved in tokenizer.json. transformers 5 drops the
+    ``add_bos_token`` / ``add_eos_token`` flags when saving (a config that names them, like Mistral's
+    ``add_eos_token: false``, would rebuild the post-processor on load), so the saved one is what loads."""
+    from tokenizers import processors
+
+    for flag, value in (("add_bos_token", add_bos), ("add_eos_token", True)):
+        if isinstance(getattr(type(tokenizer), flag, None), property):  # a later in-memory rebuild agrees
+            setattr(tokenizer, flag, value)
+    bos = f"{tokenizer.bos_token}:0 " if add_bos else ""
+    specials = {tokenizer.eos_token: tokenizer.eos_token_id}
+    if add_bos:
+        specials[tokenizer.bos_token] = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos}$A:0 {tokenizer.eos_token}:0",
+        pair=f"{bos}$A:0 {tokenizer.eos_token}:0 $B:1 {tokenizer.eos_token}:1",
+        special_tokens=list(specials.items()),
+    )
 
 
 def smollm2_as_mistral(output_dir: str | Path | None = None) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
+from st_synth.embedder import format_instruction, instruction_template_of
 from st_synth.instructions import get_instruction
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class InstructedEncoder(_abs_encoder()):
         self.use_instructions = use_instructions
         self.batch_size = batch_size
         self.calls: list[dict[str, Any]] = []  # what was encoded how: for reports and tests
+        try:  # an st-synth embedder's prompts are instructions in its template; other models get them as is
+            self.template: str | None = instruction_template_of(model)
+        except ValueError:
+            self.template = None
         self._cache: dict[tuple[str | None, str], np.ndarray] = {}
 
     def instruction_for(self, task_name: str, task_type: str | None) -> str | None:
@@ -64,8 +69,13 @@ class InstructedEncoder(_abs_encoder()):
             instruction = None
         missing = list(dict.fromkeys(t for t in texts if (instruction, t) not in self._cache))
         if missing:
+            prompt = (
+                format_instruction(instruction, self.template)
+                if instruction and self.template
+                else instruction
+            )
             vectors = self.model.encode(
-                missing, prompt=instruction, batch_size=self.batch_size, convert_to_numpy=True,
+                missing, prompt=prompt, batch_size=self.batch_size, convert_to_numpy=True,
                 show_progress_bar=False,
             )  # fmt: skip
             self._cache.update({(instruction, t): v for t, v in zip(missing, vectors, strict=True)})

@@ -91,10 +91,31 @@ def test_model_sees_only_instruction_text_and_eos_despite_chat_template(tiny_mod
     assert tokenizer.decode(query) == "Instruct : classify the topic \n Query : the cat eats fish </s>"
     document = fed_ids(model, lambda: model.encode_document(["the cat eats fish"]))[0]
     assert tokenizer.decode(document) == "the cat eats fish </s>"
-    ids = fed_ids(model, lambda: model.encode_query(["the dog"], prompt="find similar sentence"))[0]
+    per_call = format_instruction("find similar sentence")
+    ids = fed_ids(model, lambda: model.encode_query(["the dog"], prompt=per_call))[0]
     assert tokenizer.decode(ids) == "Instruct : find similar sentence \n Query : the dog </s>"
-    chat = [{"role": "user", "content": "the dog"}]  # a chat message renders to its content, nothing more
-    assert tokenizer.decode(fed_ids(model, lambda: model.encode_document([chat]))[0]) == "the dog </s>"
+    # Chat-style callers of the tokenizer get the same thing from its chat template.
+    chat = [{"role": "system", "content": "find similar sentence"}, {"role": "user", "content": "the dog"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False) == ids
+
+
+def test_eos_survives_a_config_that_rebuilds_the_post_processor_without_it(tiny_models, tmp_path):
+    """Mistral's tokenizer_config says add_bos_token: true, add_eos_token: false, and transformers rebuilds
+    the post-processor from those flags whenever it loads such a tokenizer."""
+    import shutil
+
+    backbone = tmp_path / "mistral-like"
+    shutil.copytree(tiny_models["bos_only"], backbone)
+    config_path = backbone / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "add_bos_token": True, "add_eos_token": False}))
+    model = build_embedder(str(backbone), max_seq_length=MAX_LEN)
+    model.save_pretrained(str(tmp_path / "saved"))
+    loaded = SentenceTransformer(str(tmp_path / "saved"))
+    for embedder in (model, loaded):
+        tokenizer = embedder[0].tokenizer
+        for row in fed_ids(embedder, lambda e=embedder: e.encode_document(TEXTS, batch_size=4)):
+            assert row[0] == tokenizer.bos_token_id and row[-1] == tokenizer.eos_token_id != row[-2]
 
 
 def test_batched_single_and_padding_sides_agree(tiny_models):
@@ -121,9 +142,12 @@ def test_save_and_load_with_plain_sentence_transformer(tiny_models, tmp_path):
     assert all(module["type"].startswith("sentence_transformers.") for module in modules)  # no custom code
     assert "Instruct: " in (tmp_path / "saved" / "chat_template.jinja").read_text()
     prompts = json.loads((tmp_path / "saved" / "config_sentence_transformers.json").read_text())["prompts"]
-    assert prompts["sts"] == "find similar sentence" and prompts["document"] == ""
+    assert prompts["sts"] == "Instruct: find similar sentence\nQuery: " and prompts["document"] == ""
     loaded = SentenceTransformer(str(tmp_path / "saved"))  # plain: no trust_remote_code, no st_synth code
     assert loaded.max_seq_length == MAX_LEN
+    tokenizer = loaded[0].tokenizer  # the EOS comes from the saved tokenizer itself, cut or not
+    assert tokenizer("the cat")["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer(TEXTS[-1], truncation=True, max_length=8)["input_ids"][-1] == tokenizer.eos_token_id
     assert instruction_template_of(loaded) == "Instruct: {instruction}\nQuery: "
     assert (loaded.encode_query(TEXTS) == before_q).all()
     assert (loaded.encode_document(TEXTS) == before_d).all()
@@ -141,7 +165,8 @@ def test_instruction_templates(tiny_models):
         tiny_models["bos_eos"], max_seq_length=MAX_LEN, instruction_template="{instruction} : "
     )
     tokenizer = custom[0].tokenizer
-    ids = fed_ids(custom, lambda: custom.encode_query(["the cat"], prompt="classify the topic"))[0]
+    prompt = format_instruction("classify the topic", "{instruction} : ")
+    ids = fed_ids(custom, lambda: custom.encode_query(["the cat"], prompt=prompt))[0]
     assert tokenizer.decode(ids) == "<s> classify the topic : the cat </s>"
     assert (
         format_instruction("classify the topic") + "the cat" == "Instruct: classify the topic\nQuery: the cat"

@@ -52,6 +52,23 @@ def test_encoder_sides_and_cache(model):
     assert plain.instruction_for("MockSTSTask", "STS") is None
 
 
+def test_the_model_sees_each_instruction_in_its_template(model):
+    from types import SimpleNamespace
+
+    seen: list[list[int]] = []
+    handle = model[0].register_forward_pre_hook(lambda _m, args: seen.extend(args[0]["input_ids"].tolist()))
+    try:
+        encoder = InstructedEncoder(model, {"MockRetrievalTask": "find the passage"})
+        task = SimpleNamespace(name="MockRetrievalTask", type="Retrieval")
+        for side in ("query", "document"):
+            encoder.encode([{"text": ["the cat"]}], task_metadata=task, hf_split="test", hf_subset="default",
+                           prompt_type=side)  # fmt: skip
+    finally:
+        handle.remove()
+    decoded = [model[0].tokenizer.decode(ids) for ids in seen]
+    assert decoded == ["Instruct : find the passage \n Query : the cat </s>", "the cat </s>"]
+
+
 def test_unknown_task_names_fail_with_close_matches():
     with pytest.raises(ValueError, match=r"'STSBenchmrk' \(close: STSBenchmark"):
         resolve_tasks(["STSBenchmrk"])
