@@ -67,7 +67,8 @@ def test_recipe_script_trains_saves_and_writes_the_card(backbone, synthetic, tmp
     torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-4)
     card = (final / "README.md").read_text()
     for fact in ("rank 8, alpha 16", "temperature 0.05 (scale 20.0)", "`toy-generator`", "retrieval 48",
-                 "own negatives only for classification", "merged into the weights", "arXiv:2401.00368"):  # fmt: skip
+                 "own negatives only for classification", "merged into the weights", "arXiv:2401.00368",
+                 'prompt="Instruct: Given a claim, find documents that refute the claim\\nQuery: "'):  # fmt: skip
         assert fact in card, fact
 
 
