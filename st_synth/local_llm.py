@@ -23,7 +23,8 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _INSTALL_HINT = 'install the local extra: pip install "st-synth[local]"'
 BACKENDS = ("auto", "llama.cpp", "transformers")
 """``llama.cpp``: llama-cpp-python's server (~100 tokens/s on 2 cores, schema-constrained JSON).
-``transformers``: ``transformers serve`` (no compile step; about 40 s per answer on 2 cores, JSON by prompt only).
+``transformers``: ``transformers serve`` (no compile step; about 17 s per answer capped at 384 tokens on 2 cores,
+JSON by prompt only, so SmolLM2-135M keeps few answers: 2 of 26 sts requests in the opt-in test).
 ``auto``: llama.cpp where llama-cpp-python is installed, else transformers."""
 
 # `transformers serve`: about 12 tokens/s on 2 cores, so an answer that runs on to the kinds' own budgets
