@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from functools import partial
@@ -63,17 +64,35 @@ def server_timing(base_url: str) -> dict[str, float]:
 
 def measured(base_url: str, run, *args) -> dict:
     """``run(base_url, *args)`` plus what the server saw meanwhile: requests in flight on average over the
-    run's wall time, and the mean time a request spent in the server against the latency drawn for it."""
-    before = server_timing(base_url)
+    run's wall time, the mean time a request spent in the server against the latency drawn for it, and the
+    steady-state rate: requests answered per second between the first 2 and the last 3 seconds of the run
+    (a finite run also pays a ramp-up and a drain, where the heavy tail's slowest answers finish alone)."""
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            samples.append((time.perf_counter(), server_timing(base_url)["handled"]))
+
+    before, started = server_timing(base_url), time.perf_counter()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     result = run(base_url, *args)
+    ended = time.perf_counter()
+    done.set()
+    sampler.join()
     after = server_timing(base_url)
     delta = {key: after[key] - before[key] for key in after}
     handled = max(1, delta["handled"])
+    steady = [(t, n) for t, n in samples if started + 2 <= t <= ended - 3]
     return {
         **result,
         "server_mean_inflight": delta["inflight_seconds"] / result["wall_s"],
         "server_latency_ms": 1000 * delta["handler_seconds"] / handled,
         "drawn_latency_ms": 1000 * delta["drawn_seconds"] / handled,
+        "steady_requests_per_s": (
+            (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]) if len(steady) >= 5 else None
+        ),
     }
 
 
@@ -112,6 +131,7 @@ def summarise(result: dict, concurrency: int) -> dict:
         "kept_per_s": result["kept"] / result["wall_s"],
         "requests_per_s": result["requests"] / result["wall_s"],
         "share_of_bound": result["requests"] / result["wall_s"] / bound,
+        "steady_share_of_bound": (result["steady_requests_per_s"] or 0) / bound or None,
         "cpu_ms_per_kept": 1000 * result["cpu_s"] / max(1, result["kept"]),
     }
 
@@ -123,6 +143,7 @@ def main() -> None:
     parser.add_argument("--distilabel-python", default=None)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--seconds", type=float, default=8.0, help="Target duration of each measurement.")
+    parser.add_argument("--results-name", default="generation", help="benchmarks/results/NAME.json and .md")
     args = parser.parse_args()
     process, base_url = start_server()
     rows = []
@@ -151,16 +172,22 @@ def main() -> None:
         process.terminate()
     RESULTS.mkdir(exist_ok=True)
     payload = {"mean_latency_s": MEAN_LATENCY, "latency": "log-normal, sigma 1", "rows": rows}
-    (RESULTS / "generation.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{args.results_name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        "| concurrency | examples | bound req/s | st-synth req/s (share of bound) | st-synth kept/s | st-synth CPU ms/kept | in flight at the server (st-synth) | ms in the server per request (drawn) | distilabel kept/s | distilabel CPU ms/kept | kept/s ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| concurrency | examples | bound req/s | st-synth req/s (share of bound) | st-synth steady-state req/s (share) | st-synth kept/s | st-synth CPU ms/kept | in flight at the server (st-synth) | ms in the server per request (drawn) | distilabel kept/s | distilabel CPU ms/kept | kept/s ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ours, theirs = row["st_synth"], row.get("distilabel")
         lines.append(
             f"| {row['concurrency']} | {row['num_examples']} | {row['bound_requests_per_s']:.0f} | "
-            f"{ours['requests_per_s']:.1f} ({ours['share_of_bound']:.0%}) | {ours['kept_per_s']:.1f} | "
+            f"{ours['requests_per_s']:.1f} ({ours['share_of_bound']:.0%}) | "
+            + (
+                f"{ours['steady_requests_per_s']:.1f} ({ours['steady_share_of_bound']:.0%}) | "
+                if ours["steady_requests_per_s"]
+                else "- | "
+            )
+            + f"{ours['kept_per_s']:.1f} | "
             f"{ours['cpu_ms_per_kept']:.2f} | {ours['server_mean_inflight']:.1f} | "
             f"{ours['server_latency_ms']:.0f} ({ours['drawn_latency_ms']:.0f}) | "
             + (
@@ -169,7 +196,7 @@ def main() -> None:
                 else "- | - | - |"
             )
         )
-    (RESULTS / "generation.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.results_name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
