@@ -44,7 +44,7 @@ def free_port() -> int:
 def start_server() -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "st_synth.testing", "--port", str(port),
-               "--mean-latency", str(MEAN_LATENCY), "--no-fence"]  # fmt: skip
+               "--mean-latency", str(MEAN_LATENCY), "--no-fence", "--asyncio"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}/v1"
     for _ in range(600):

@@ -122,6 +122,42 @@ class FakeOpenAIServer:
         fenced = not fmt and self.fence_text_answers
         return (f"Here you go:\n```json\n{content}\n```" if fenced else content), "stop"
 
+    def respond(self, body: dict) -> tuple[int | None, dict, dict[str, str], float]:
+        """``(status, payload, headers, delay)`` for a chat-completions request body: wait ``delay``
+        seconds, then send; status None means drop the connection instead."""
+        with self._lock:
+            self.received.append(body)
+        if body.get("model") != self.model:
+            return 404, {"error": {"message": f"model {body.get('model')} does not exist"}}, {}, 0.0
+        fmt = body.get("response_format") or {}
+        if self.reject_json_schema and fmt.get("type") == "json_schema":
+            return 500, {"error": {"message": "response_format json_schema is not supported"}}, {}, 0.0
+        fault = self._next_fault(body)
+        if fault:
+            with self._lock:
+                self.fault_log.append(fault)
+        delay = self.slow_seconds if fault == "slow" else self._delay()
+        if fault in TRANSIENT:
+            headers = {"Retry-After": "0", "retry-after-ms": "20"} if fault == "429" else {}
+            return TRANSIENT[fault], {"error": {"message": f"injected {fault}"}}, headers, delay
+        if fault == "drop":
+            return None, {}, {}, delay
+        content, finish = self.answer_for(body, fault)
+        prompt_tokens = len(re.findall(r"\S+", body["messages"][-1]["content"]))
+        completion_tokens = len(content.split())
+        with self._lock:
+            self.usage["prompt_tokens"] += prompt_tokens
+            self.usage["completion_tokens"] += completion_tokens
+        return 200, {
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": self.model,
+            "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }, {}, delay  # fmt: skip
+
+    def authorized(self, header: str | None) -> bool:
+        return self.api_key is None or header == f"Bearer {self.api_key}"
+
     def _next_fault(self, body: dict) -> str | None:
         with self._lock:
             if self.faults:
@@ -176,7 +212,7 @@ class FakeOpenAIServer:
                 self.wfile.write(data)
 
             def _authorized(self) -> bool:
-                if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                if server.authorized(self.headers.get("Authorization")):
                     return True
                 self._send_json(
                     401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
@@ -205,56 +241,70 @@ class FakeOpenAIServer:
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send_json(404, {"error": {"message": "not found"}})
                     return
-                with server._lock:
-                    server.received.append(body)
-                if body.get("model") != server.model:
-                    self._send_json(404, {"error": {"message": f"model {body.get('model')} does not exist"}})
-                    return
-                fmt = body.get("response_format") or {}
-                if server.reject_json_schema and fmt.get("type") == "json_schema":
-                    self._send_json(
-                        500, {"error": {"message": "response_format json_schema is not supported"}}
-                    )
-                    return
                 started = time.perf_counter()
                 server._track(+1)
                 delay = 0.0
                 try:
-                    delay = self._answer(body)
+                    status, payload, headers, delay = server.respond(body)
+                    time.sleep(delay)
+                    if status is None:
+                        self.close_connection = True
+                        self.connection.close()
+                    else:
+                        self._send_json(status, payload, headers)
                 finally:
                     server._track(-1, time.perf_counter() - started, delay)
 
-            def _answer(self, body: dict) -> float:
-                """Answer a chat request (faults included); return the latency drawn for it."""
-                fault = server._next_fault(body)
-                if fault:
-                    with server._lock:
-                        server.fault_log.append(fault)
-                delay = server.slow_seconds if fault == "slow" else server._delay()
-                time.sleep(delay)
-                if fault in TRANSIENT:
-                    headers = {"Retry-After": "0", "retry-after-ms": "20"} if fault == "429" else {}
-                    self._send_json(TRANSIENT[fault], {"error": {"message": f"injected {fault}"}}, headers)
-                    return delay
-                if fault == "drop":
-                    self.close_connection = True
-                    self.connection.close()
-                    return delay
-                content, finish = server.answer_for(body, fault)
-                prompt_tokens = len(re.findall(r"\S+", body["messages"][-1]["content"]))
-                with server._lock:
-                    server.usage["prompt_tokens"] += prompt_tokens
-                    server.usage["completion_tokens"] += len(content.split())
-                self._send_json(200, {
-                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": server.model,
-                    "choices": [{"index": 0, "finish_reason": finish,
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(content.split()),
-                              "total_tokens": prompt_tokens + len(content.split())},
-                })  # fmt: skip
-                return delay
-
         return Handler
+
+
+def serve_asyncio(server: FakeOpenAIServer, port: int) -> None:
+    """Serve ``server``'s answers from one asyncio (aiohttp) event loop until killed. For benchmarks: a
+    thread per connection spends CPU (and GIL hand-offs) that the client under test needs on a small
+    machine. Everything but the ``"drop"`` fault behaves as in the threaded server."""
+    import asyncio
+
+    from aiohttp import web
+
+    def error(status: int, message: str) -> web.Response:
+        return web.json_response(
+            {"error": {"message": message, "type": "invalid_request_error"}}, status=status
+        )
+
+    async def get(request: web.Request) -> web.Response:
+        if not server.authorized(request.headers.get("Authorization")):
+            return error(401, "Incorrect API key provided")
+        path = request.path.rstrip("/")
+        if path.endswith("/timing"):
+            return web.json_response(server.timing_snapshot())
+        if path.endswith("/models"):
+            with server._lock:
+                server.model_listings += 1
+            return web.json_response({"object": "list", "data": [{"id": server.model, "object": "model"}]})
+        return error(404, "not found")
+
+    async def post(request: web.Request) -> web.Response:
+        if not server.authorized(request.headers.get("Authorization")):
+            return error(401, "Incorrect API key provided")
+        if not request.path.rstrip("/").endswith("/chat/completions"):
+            return error(404, "not found")
+        body = await request.json()
+        started = time.perf_counter()
+        server._track(+1)
+        delay = 0.0
+        try:
+            status, payload, headers, delay = server.respond(body)
+            await asyncio.sleep(delay)
+            if status is None:
+                raise ValueError("the asyncio server does not inject dropped connections")
+            return web.json_response(payload, status=status, headers=headers)
+        finally:
+            server._track(-1, time.perf_counter() - started, delay)
+
+    app = web.Application()
+    app.router.add_route("GET", "/{path:.*}", get)
+    app.router.add_route("POST", "/{path:.*}", post)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 def heavy_tailed_latency(mean: float, sigma: float = 1.0) -> Callable[[random.Random], float]:
@@ -272,11 +322,18 @@ def main() -> None:
     parser.add_argument("--model", default="fake-llm")
     parser.add_argument("--mean-latency", type=float, default=0.0, help="Seconds; log-normal, sigma 1.")
     parser.add_argument("--no-fence", action="store_true", help="Answer text-mode requests with bare JSON.")
+    parser.add_argument(
+        "--asyncio", action="store_true", help="One event loop instead of a thread per connection."
+    )
     args = parser.parse_args()
     latency = heavy_tailed_latency(args.mean_latency) if args.mean_latency > 0 else 0.0
     server = FakeOpenAIServer(
-        model=args.model, latency=latency, port=args.port, fence_text_answers=not args.no_fence
-    )
+        model=args.model, latency=latency, port=0 if args.asyncio else args.port,
+        fence_text_answers=not args.no_fence,
+    )  # fmt: skip
+    if args.asyncio:
+        serve_asyncio(server, args.port)
+        return
     with server:
         print(f"serving {server.base_url}", flush=True)
         threading.Event().wait()
