@@ -205,6 +205,35 @@ def test_fake_server_reports_where_time_went(fake_server, tmp_path):
     assert timing["inflight_seconds"] == pytest.approx(timing["handler_seconds"], rel=0.01)
 
 
+def test_asyncio_server_answers_like_the_threaded_one(fake_server, tmp_path):
+    """``python -m st_synth.testing --asyncio`` (the benchmark's server) gives the same dataset."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "st_synth.testing", "--asyncio", "--port", str(port)])
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{base_url}/models", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        server = fake_server()
+        threaded = SyntheticDatasetBuilder(make_config(server, tmp_path, cache=str(tmp_path / "a.sqlite")))
+        config = make_config(server, tmp_path, base_url=base_url, cache=str(tmp_path / "b.sqlite"))
+        asynchronous = SyntheticDatasetBuilder(config)
+        assert rows(asynchronous.build()) == rows(threaded.build())
+        with urllib.request.urlopen(f"{base_url}/timing") as response:
+            assert json.loads(response.read())["handled"] == asynchronous.report["requests_sent"] > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def test_cached_rerun_sends_zero_requests_and_gives_the_same_data(fake_server, tmp_path):
     server = fake_server(bad_answer_rate=0.2)
     first = SyntheticDatasetBuilder(make_config(server, tmp_path))
