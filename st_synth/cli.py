@@ -115,8 +115,11 @@ def _generate(args: argparse.Namespace) -> int:
         server = LocalLLMServer(backend=args.local_backend) if args.local else None
         given = {"request_timeout": args.request_timeout, "max_tokens": args.max_tokens,
                  "response_format": args.response_format}  # fmt: skip
-        backend_defaults = backend_generation_defaults(server.backend) if server else {}
-        limits = {k: v if v is not None else backend_defaults.get(k) for k, v in given.items()}
+        # The user's settings, else the local backend's, else GenerationConfig's defaults.
+        limits = {
+            **(backend_generation_defaults(server.backend) if server else {}),
+            **{key: value for key, value in given.items() if value is not None},
+        }
         config = GenerationConfig(
             model=args.model or (server.served_model if server else None),
             num_examples=args.num_examples,
@@ -128,18 +131,16 @@ def _generate(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             temperature=args.temperature,
             top_p=args.top_p,
-            response_format=limits["response_format"] or "auto",
             cache=args.cache,
             num_shards=args.num_shards,
             shard_index=args.shard_index,
             max_attempts=args.max_attempts,
             failure_budget=args.failure_budget,
-            request_timeout=limits["request_timeout"] or 120.0,
-            max_tokens=limits["max_tokens"],
             max_retries=args.max_retries,
             price_prompt_per_million=args.price_prompt,
             price_completion_per_million=args.price_completion,
             show_progress=not args.no_progress,
+            **limits,
         )
         builder = SyntheticDatasetBuilder(config)
     except (ValueError, RuntimeError) as error:

@@ -9,7 +9,6 @@ module classes from other packages without ``trust_remote_code``). What makes it
 * the fast tokenizer's post-processor (Rust, saved in ``tokenizer.json``) ends every input with the EOS
   token and starts it with BOS exactly when the tokenizer added one before (Mistral does, SmolLM2 does
   not). Truncation reserves room for them, so the EOS survives any cut, and it costs nothing per text;
-  ``add_eos_token`` is saved too, for tokenizer classes that rebuild their post-processor from the flag;
 * named prompts are the instruction already formatted by the instruction template
   (``Instruct: {instruction}\nQuery: `` by default): ``encode_query`` prefixes it, ``encode_document`` gets
   none, and a per-call instruction is ``prompt=format_instruction(...)``, as for the e5 models on the Hub;

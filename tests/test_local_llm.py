@@ -75,3 +75,29 @@ def test_transformers_backend_caps_answers_unless_the_user_sets_limits(monkeypat
         generation = plan_run(load_config("recipes/configs/local-smollm2.yaml")).generation
         limits = (generation.max_tokens, generation.request_timeout, generation.response_format)
         assert limits == (None, 120.0, "auto")
+
+
+def test_cli_generate_takes_the_backend_limits_unless_given(monkeypatch, tmp_path):
+    from st_synth import builder
+    from st_synth.cli import main
+
+    _hide(monkeypatch, "llama_cpp")
+    seen = []
+
+    def capture(config):
+        seen.append(config)
+        raise ValueError("captured before any server starts")
+
+    monkeypatch.setattr(builder, "SyntheticDatasetBuilder", capture)
+    command = ["generate", "--local", "--local-backend", "transformers", "--output", str(tmp_path / "out")]
+    assert main(command) == 2
+    assert (
+        main([*command, "--max-tokens", "100", "--request-timeout", "30", "--response-format", "json_object"])
+        == 2
+    )
+    assert (
+        main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--output", str(tmp_path)])
+        == 2
+    )
+    limits = [(config.max_tokens, config.request_timeout, config.response_format) for config in seen]
+    assert limits == [(384, 600.0, "text"), (100, 30.0, "json_object"), (None, 120.0, "auto")]
