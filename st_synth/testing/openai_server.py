@@ -155,6 +155,16 @@ class FakeOpenAIServer:
                       "total_tokens": prompt_tokens + completion_tokens},
         }, {}, delay  # fmt: skip
 
+    def respond_get(self, path: str) -> tuple[int, dict]:
+        """``(status, payload)`` for a GET: the model list, or ``/timing`` (not OpenAI's: for benchmarks)."""
+        if path.rstrip("/").endswith("/timing"):
+            return 200, self.timing_snapshot()
+        if path.rstrip("/").endswith("/models"):
+            with self._lock:
+                self.model_listings += 1
+            return 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+        return 404, {"error": {"message": "not found"}}
+
     def authorized(self, header: str | None) -> bool:
         return self.api_key is None or header == f"Bearer {self.api_key}"
 
@@ -220,18 +230,8 @@ class FakeOpenAIServer:
                 return False
 
             def do_GET(self) -> None:
-                if not self._authorized():
-                    return
-                if self.path.rstrip("/").endswith("/timing"):  # not OpenAI's: for benchmarks
-                    self._send_json(200, server.timing_snapshot())
-                elif self.path.rstrip("/").endswith("/models"):
-                    with server._lock:
-                        server.model_listings += 1
-                    self._send_json(
-                        200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
-                    )
-                else:
-                    self._send_json(404, {"error": {"message": "not found"}})
+                if self._authorized():
+                    self._send_json(*server.respond_get(self.path))
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
@@ -274,14 +274,8 @@ def serve_asyncio(server: FakeOpenAIServer, port: int) -> None:
     async def get(request: web.Request) -> web.Response:
         if not server.authorized(request.headers.get("Authorization")):
             return error(401, "Incorrect API key provided")
-        path = request.path.rstrip("/")
-        if path.endswith("/timing"):
-            return web.json_response(server.timing_snapshot())
-        if path.endswith("/models"):
-            with server._lock:
-                server.model_listings += 1
-            return web.json_response({"object": "list", "data": [{"id": server.model, "object": "model"}]})
-        return error(404, "not found")
+        status, payload = server.respond_get(request.path)
+        return web.json_response(payload, status=status)
 
     async def post(request: web.Request) -> web.Response:
         if not server.authorized(request.headers.get("Authorization")):
