@@ -131,7 +131,9 @@ def summarise(result: dict, concurrency: int) -> dict:
         "kept_per_s": result["kept"] / result["wall_s"],
         "requests_per_s": result["requests"] / result["wall_s"],
         "share_of_bound": result["requests"] / result["wall_s"] / bound,
-        "steady_share_of_bound": (result["steady_requests_per_s"] or 0) / bound or None,
+        "steady_share_of_bound": result["steady_requests_per_s"] / bound
+        if result["steady_requests_per_s"]
+        else None,
         "cpu_ms_per_kept": 1000 * result["cpu_s"] / max(1, result["kept"]),
     }
 

@@ -29,6 +29,8 @@ KNOWN_KEYS = (
 # "slow" answers 503 after sleeping past the client's timeout: the client has gone by then, and the
 # server's usage counter stays equal to what clients received.
 TRANSIENT = {"429": 429, "500": 500, "503": 503, "slow": 503}
+UNAUTHORIZED = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+NOT_FOUND = {"error": {"message": "not found"}}
 
 
 class _Server(ThreadingHTTPServer):
@@ -163,7 +165,7 @@ class FakeOpenAIServer:
             with self._lock:
                 self.model_listings += 1
             return 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]}
-        return 404, {"error": {"message": "not found"}}
+        return 404, NOT_FOUND
 
     def authorized(self, header: str | None) -> bool:
         return self.api_key is None or header == f"Bearer {self.api_key}"
@@ -224,9 +226,7 @@ class FakeOpenAIServer:
             def _authorized(self) -> bool:
                 if server.authorized(self.headers.get("Authorization")):
                     return True
-                self._send_json(
-                    401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
-                )
+                self._send_json(401, UNAUTHORIZED)
                 return False
 
             def do_GET(self) -> None:
@@ -239,7 +239,7 @@ class FakeOpenAIServer:
                 if not self._authorized():
                     return
                 if not self.path.rstrip("/").endswith("/chat/completions"):
-                    self._send_json(404, {"error": {"message": "not found"}})
+                    self._send_json(404, NOT_FOUND)
                     return
                 started = time.perf_counter()
                 server._track(+1)
@@ -266,22 +266,17 @@ def serve_asyncio(server: FakeOpenAIServer, port: int) -> None:
 
     from aiohttp import web
 
-    def error(status: int, message: str) -> web.Response:
-        return web.json_response(
-            {"error": {"message": message, "type": "invalid_request_error"}}, status=status
-        )
-
     async def get(request: web.Request) -> web.Response:
         if not server.authorized(request.headers.get("Authorization")):
-            return error(401, "Incorrect API key provided")
+            return web.json_response(UNAUTHORIZED, status=401)
         status, payload = server.respond_get(request.path)
         return web.json_response(payload, status=status)
 
     async def post(request: web.Request) -> web.Response:
         if not server.authorized(request.headers.get("Authorization")):
-            return error(401, "Incorrect API key provided")
+            return web.json_response(UNAUTHORIZED, status=401)
         if not request.path.rstrip("/").endswith("/chat/completions"):
-            return error(404, "not found")
+            return web.json_response(NOT_FOUND, status=404)
         body = await request.json()
         started = time.perf_counter()
         server._track(+1)
