@@ -205,6 +205,27 @@ def test_fake_server_reports_where_time_went(fake_server, tmp_path):
     assert timing["inflight_seconds"] == pytest.approx(timing["handler_seconds"], rel=0.01)
 
 
+def test_requests_go_as_declared_json(fake_server, tmp_path):
+    """The client sends ready JSON bytes; servers built on FastAPI (vLLM) read a body only when it is
+    declared as JSON, and so does the fake server: every test that generates anything relies on it."""
+    import urllib.error
+    import urllib.request
+
+    server = fake_server()
+    body = {"model": server.model, "messages": [{"role": "user", "content": "Straße, 東京"}]}
+    data = json.dumps(body, ensure_ascii=False).encode()
+    for content_type, status in (("text/plain", 415), ("application/json; charset=utf-8", 200)):
+        post = urllib.request.Request(f"{server.base_url}/chat/completions", data, {"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(post) as response:
+                assert response.status == status
+        except urllib.error.HTTPError as error:
+            assert error.code == status
+    assert server.received == [body]
+    SyntheticDatasetBuilder(make_config(server, tmp_path, kinds="bitext", languages="German,Japanese")).build()
+    assert server.chat_requests == 1 + 24
+
+
 def test_asyncio_server_answers_like_the_threaded_one(fake_server, tmp_path):
     """``python -m st_synth.testing --asyncio`` (the benchmark's server) gives the same dataset."""
     import socket

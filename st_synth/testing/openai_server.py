@@ -31,6 +31,12 @@ KNOWN_KEYS = (
 TRANSIENT = {"429": 429, "500": 500, "503": 503, "slow": 503}
 UNAUTHORIZED = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
 NOT_FOUND = {"error": {"message": "not found"}}
+# Like FastAPI-based servers (vLLM, TGI's router): a body not declared as JSON is not read as JSON.
+NOT_JSON = {"error": {"message": "Content-Type must be application/json"}}
+
+
+def is_json(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() == "application/json"
 
 
 class _Server(ThreadingHTTPServer):
@@ -235,9 +241,13 @@ class FakeOpenAIServer:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
+                data = self.rfile.read(length)
                 if not self._authorized():
                     return
+                if not is_json(self.headers.get("Content-Type")):
+                    self._send_json(415, NOT_JSON)
+                    return
+                body = json.loads(data or b"{}")
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send_json(404, NOT_FOUND)
                     return
@@ -277,6 +287,8 @@ def serve_asyncio(server: FakeOpenAIServer, port: int) -> None:
             return web.json_response(UNAUTHORIZED, status=401)
         if not request.path.rstrip("/").endswith("/chat/completions"):
             return web.json_response(NOT_FOUND, status=404)
+        if not is_json(request.headers.get("Content-Type")):
+            return web.json_response(NOT_JSON, status=415)
         body = await request.json()
         started = time.perf_counter()
         server._track(+1)
