@@ -116,6 +116,44 @@ def run_st_synth(base_url: str, concurrency: int, num_examples: int) -> dict:
     }
 
 
+def run_reference(base_url: str, concurrency: int, num_requests: int) -> dict:
+    """The ceiling a client can reach here: a bare aiohttp loop keeping ``concurrency`` requests in flight,
+    reading each answer and nothing else (no prompts, validation, cache or retries). It pays the same ramp,
+    heavy-tail drain and shared cores as the clients measured, so ``st-synth / reference`` is the share of
+    the reachable rate that st-synth gets."""
+    import asyncio
+
+    import aiohttp
+
+    message = (
+        'Answer with a JSON object with keys "user_query", "positive_document", "hard_negative_document".'
+    )
+
+    async def send_all() -> None:
+        left = num_requests
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def worker() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    body = {
+                        "model": "fake-llm",
+                        "messages": [{"role": "user", "content": message}],
+                        "seed": left,
+                    }
+                    async with session.post(f"{base_url}/chat/completions", json=body) as response:
+                        json.loads(await response.read())
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    asyncio.run(send_all())
+    return {"kept": num_requests, "requests": num_requests,
+            "wall_s": time.perf_counter() - wall0, "cpu_s": cpu_seconds() - cpu0}  # fmt: skip
+
+
 def run_distilabel(python: str, base_url: str, concurrency: int, num_examples: int) -> dict:
     worker = Path(__file__).parent / "distilabel_e5_worker.py"
     command = [python, str(worker), "--base-url", base_url, "--model", "fake-llm",
@@ -138,6 +176,11 @@ def summarise(result: dict, concurrency: int) -> dict:
     }
 
 
+def _steady(result: dict) -> str:
+    rate = result["steady_requests_per_s"]
+    return f"{rate:.1f} ({result['steady_share_of_bound']:.1%})" if rate else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,19 +188,27 @@ def main() -> None:
     parser.add_argument("--distilabel-python", default=None)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--seconds", type=float, default=8.0, help="Target duration of each measurement.")
+    parser.add_argument(
+        "--num-examples", type=int, default=None, help="Examples per measurement (overrides --seconds)."
+    )
     parser.add_argument("--results-name", default="generation", help="benchmarks/results/NAME.json and .md")
     args = parser.parse_args()
     process, base_url = start_server()
     rows = []
     try:
         for concurrency in map(int, args.concurrency.split(",")):
-            num_examples = max(10, int(args.seconds * concurrency / MEAN_LATENCY))
+            num_examples = args.num_examples or max(10, int(args.seconds * concurrency / MEAN_LATENCY))
             ours = summarise(measured(base_url, run_st_synth, concurrency, num_examples), concurrency)
+            reference = summarise(
+                measured(base_url, run_reference, concurrency, ours["requests"]), concurrency
+            )
             row = {
                 "concurrency": concurrency,
                 "num_examples": num_examples,
                 "bound_requests_per_s": concurrency / MEAN_LATENCY,
                 "st_synth": ours,
+                "reference": reference,
+                "share_of_reference": ours["requests_per_s"] / reference["requests_per_s"],
             }
             if args.distilabel_python:
                 theirs = summarise(
@@ -175,29 +226,26 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     payload = {"mean_latency_s": MEAN_LATENCY, "latency": "log-normal, sigma 1", "rows": rows}
     (RESULTS / f"{args.results_name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [
-        "| concurrency | examples | bound req/s | st-synth req/s (share of bound) | st-synth steady-state req/s (share) | st-synth kept/s | st-synth CPU ms/kept | in flight at the server (st-synth) | ms in the server per request (drawn) | distilabel kept/s | distilabel CPU ms/kept | kept/s ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["concurrency", "examples", "bound req/s", "st-synth req/s (share of bound)",
+              "st-synth steady-state req/s (share)", "reference client req/s (share)",
+              "reference steady-state req/s (share)", "st-synth / reference", "st-synth kept/s",
+              "st-synth CPU ms/kept", "in flight at the server (st-synth)",
+              "ms in the server per request (drawn)", "distilabel kept/s", "distilabel CPU ms/kept",
+              "kept/s ratio"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        ours, theirs = row["st_synth"], row.get("distilabel")
-        lines.append(
-            f"| {row['concurrency']} | {row['num_examples']} | {row['bound_requests_per_s']:.0f} | "
-            f"{ours['requests_per_s']:.1f} ({ours['share_of_bound']:.0%}) | "
-            + (
-                f"{ours['steady_requests_per_s']:.1f} ({ours['steady_share_of_bound']:.0%}) | "
-                if ours["steady_requests_per_s"]
-                else "- | "
-            )
-            + f"{ours['kept_per_s']:.1f} | "
-            f"{ours['cpu_ms_per_kept']:.2f} | {ours['server_mean_inflight']:.1f} | "
-            f"{ours['server_latency_ms']:.0f} ({ours['drawn_latency_ms']:.0f}) | "
-            + (
-                f"{theirs['kept_per_s']:.1f} | {theirs['cpu_ms_per_kept']:.2f} | {row['kept_per_s_ratio']:.2f}x |"
-                if theirs
-                else "- | - | - |"
-            )
-        )
+        ours, ref, theirs = row["st_synth"], row["reference"], row.get("distilabel")
+        cells = [
+            row["concurrency"], row["num_examples"], f"{row['bound_requests_per_s']:.0f}",
+            f"{ours['requests_per_s']:.1f} ({ours['share_of_bound']:.1%})", _steady(ours),
+            f"{ref['requests_per_s']:.1f} ({ref['share_of_bound']:.1%})", _steady(ref),
+            f"{row['share_of_reference']:.1%}", f"{ours['kept_per_s']:.1f}", f"{ours['cpu_ms_per_kept']:.2f}",
+            f"{ours['server_mean_inflight']:.1f}",
+            f"{ours['server_latency_ms']:.0f} ({ours['drawn_latency_ms']:.0f})",
+            *((f"{theirs['kept_per_s']:.1f}", f"{theirs['cpu_ms_per_kept']:.2f}", f"{row['kept_per_s_ratio']:.2f}x")
+              if theirs else ("-", "-", "-")),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     (RESULTS / f"{args.results_name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
