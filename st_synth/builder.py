@@ -36,7 +36,7 @@ from st_synth.prompting import (
     plan_examples,
 )
 from st_synth.taxonomy import BITEXT_LOW_SCORES, TASK_KINDS, resolve_kind_weights
-from st_synth.validation import Rejected, normalize, parse_example, parse_tasks
+from st_synth.validation import Rejected, parse_example_keyed, parse_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ class _Kept:
     attempt: int
     instruction: str
     texts: tuple[str, ...]
+    key: tuple[str, ...]  # the kind and the normalised texts: what duplicates are judged on
 
 
 class SyntheticDatasetBuilder:
@@ -243,6 +244,8 @@ def make_clients(config: GenerationConfig) -> list[openai.AsyncOpenAI]:
 class _Run:
     """The mutable state of one build: workers, brainstorm pools, kept examples, drops."""
 
+    eager_duplicates = True  # off only to check that replacing duplicates early changes nothing
+
     def __init__(self, builder: SyntheticDatasetBuilder, cache: AnswerCache) -> None:
         c = builder.config
         self.config = c
@@ -262,6 +265,8 @@ class _Run:
         )
         self.budget = c.failure_budget if c.failure_budget is not None else 2 * len(self.plans) + 20
         self.kept: dict[int, _Kept] = {}
+        # Dedup key -> the lowest index whose FIRST kept answer has that key (see _claim).
+        self.first_owner: dict[tuple[str, ...], int] = {}
         self.abandoned: set[int] = set()
         self.drops: Counter = Counter()
         self.drops_by_kind: Counter = Counter()
@@ -291,7 +296,8 @@ class _Run:
         async def worker() -> None:
             while self.stop_reason is None and not queue.empty():
                 plan = queue.get_nowait()
-                await self._example(plan, 0)
+                if (kept := await self._example(plan, 0)) is not None and self.eager_duplicates:
+                    await self._claim(plan.index, kept)
 
         workers = [asyncio.ensure_future(worker()) for _ in range(2 * self.config.concurrency)]
         try:
@@ -354,16 +360,47 @@ class _Run:
             if kind.brainstorm and tasks is None:
                 break
             request = self._capped(example_request(self.config.seed, plan, attempt, tasks))
-            result = await self._answer(request, lambda content: parse_example(content, kind))
+            result = await self._answer(request, lambda content: parse_example_keyed(content, kind))
             if isinstance(result, str):
                 self._drop(result, plan.kind)
                 continue
-            kept = _Kept(attempt=attempt, instruction=request.instruction or "", texts=result)
+            texts, normalized = result
+            instruction = request.instruction or ""
+            kept = _Kept(attempt=attempt, instruction=instruction, texts=texts, key=(plan.kind, *normalized))
             self.kept[plan.index] = kept
             self.progress.update(1)
             return kept
         self.abandoned.add(plan.index)
         return None
+
+    async def _claim(self, index: int, kept: _Kept) -> None:
+        """Replace, right away, answers that the final walk is certain to find duplicates.
+
+        If a lower index's FIRST kept answer has an answer's key, then by the time the walk of
+        :meth:`_resolve_duplicates` reaches the answer's index the key is taken (whatever the lower index
+        ends with, its first answer's key was kept either by it or by an index below it). Moving such an
+        answer on to its next attempt now gives what the walk would, concurrently with the rest of the run
+        instead of one request at a time after it. ``kept`` is ``index``'s first answer; only first
+        answers are recorded, replacements are checked against them and otherwise left to the walk.
+        """
+        owner = self.first_owner.setdefault(kept.key, index)
+        if owner != index:
+            self.first_owner[kept.key] = min(owner, index)
+            await self._settle(max(owner, index))
+
+    async def _settle(self, index: int) -> None:
+        """``index``'s answer is a certain duplicate: move on until one is not (or attempts run out)."""
+        kept = await self._replace(index)
+        while kept is not None and self.first_owner.get(kept.key, index) < index:
+            kept = await self._replace(index)
+
+    async def _replace(self, index: int) -> _Kept | None:
+        """Drop ``index``'s kept answer as a duplicate; return its next valid, not yet judged answer."""
+        plan = self.by_index[index]
+        kept = self.kept.pop(index)
+        self._drop("duplicate", plan.kind)
+        self.progress.update(-1)
+        return await self._example(plan, kept.attempt + 1)
 
     async def _resolve_duplicates(self) -> None:
         """Walk kept examples in index order; a repeat of an earlier one moves on to its next attempt.
@@ -371,20 +408,13 @@ class _Run:
         Sequential by design: whether example i repeats depends only on examples below i, which are
         final by the time the walk reaches i, so the outcome is the same for every schedule.
         """
-        seen: set[tuple] = set()
+        seen: set[tuple[str, ...]] = set()
         for index in sorted(self.kept):
             kept: _Kept | None = self.kept[index]
-            while kept is not None and (key := self._dedup_key(self.by_index[index], kept)) in seen:
-                self._drop("duplicate", self.by_index[index].kind)
-                self.progress.update(-1)
-                del self.kept[index]
-                kept = await self._example(self.by_index[index], kept.attempt + 1)
+            while kept is not None and kept.key in seen:
+                kept = await self._replace(index)
             if kept is not None:
-                seen.add(key)
-
-    @staticmethod
-    def _dedup_key(plan: ExamplePlan, kept: _Kept) -> tuple:
-        return (plan.kind, *(normalize(text) for text in kept.texts))
+                seen.add(kept.key)
 
     def report(self, wall_time: float) -> dict[str, Any]:
         c, s = self.config, self.chat.stats

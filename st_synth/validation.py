@@ -61,6 +61,11 @@ def extract_json(content: str | None) -> object:
 
 def parse_example(content: str | None, kind: TaskKind) -> tuple[str, ...]:
     """Return the example's texts in the kind's (anchor, positive[, negative]) key order."""
+    return parse_example_keyed(content, kind)[0]
+
+
+def parse_example_keyed(content: str | None, kind: TaskKind) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """:func:`parse_example`, plus the texts in :func:`normalize`'d form: what duplicates are judged on."""
     value = extract_json(content)
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         value = value[0]  # a lone object wrapped in a list is still the object that was asked for
@@ -89,7 +94,7 @@ def parse_example(content: str | None, kind: TaskKind) -> tuple[str, ...]:
         raise Rejected(
             "negative_equals_positive" if normalized[2] == normalized[1] else "negative_equals_query"
         )
-    return tuple(texts)
+    return tuple(texts), tuple(normalized)
 
 
 def parse_tasks(content: str | None) -> list[str]:

@@ -215,14 +215,18 @@ def test_requests_go_as_declared_json(fake_server, tmp_path):
     body = {"model": server.model, "messages": [{"role": "user", "content": "Straße, 東京"}]}
     data = json.dumps(body, ensure_ascii=False).encode()
     for content_type, status in (("text/plain", 415), ("application/json; charset=utf-8", 200)):
-        post = urllib.request.Request(f"{server.base_url}/chat/completions", data, {"Content-Type": content_type})
+        post = urllib.request.Request(
+            f"{server.base_url}/chat/completions", data, {"Content-Type": content_type}
+        )
         try:
             with urllib.request.urlopen(post) as response:
                 assert response.status == status
         except urllib.error.HTTPError as error:
             assert error.code == status
     assert server.received == [body]
-    SyntheticDatasetBuilder(make_config(server, tmp_path, kinds="bitext", languages="German,Japanese")).build()
+    SyntheticDatasetBuilder(
+        make_config(server, tmp_path, kinds="bitext", languages="German,Japanese")
+    ).build()
     assert server.chat_requests == 1 + 24
 
 
@@ -281,6 +285,37 @@ def test_result_does_not_depend_on_concurrency_or_faults(fake_server, tmp_path):
     assert rows(parallel.build()) == rows(data_serial)
     drops = serial.report["drops"]
     assert drops.get("duplicate", 0) > 0 and drops.get("invalid_json", 0) > 0, drops
+
+
+def test_duplicates_are_replaced_during_the_run_as_the_final_walk_would(fake_server, tmp_path, monkeypatch):
+    """A first answer repeating a lower index's first answer is a certain duplicate: it moves on to its
+    next attempt during the run, concurrently, instead of one request at a time after the run in the
+    final walk. Same requests, same drops, same dataset as leaving everything to the walk."""
+    from st_synth.builder import _Run
+
+    server = fake_server(bad_answer_rate=0.3, bad_answers=("duplicate",))
+    walk_requests: list[int] = []
+    walk = _Run._resolve_duplicates
+
+    async def counted_walk(self) -> None:
+        before = server.chat_requests
+        await walk(self)
+        walk_requests.append(server.chat_requests - before)
+
+    monkeypatch.setattr(_Run, "_resolve_duplicates", counted_walk)
+    results = {}
+    for eager in (False, True):
+        monkeypatch.setattr(_Run, "eager_duplicates", eager)
+        config = make_config(server, tmp_path, num_examples=60, concurrency=8, kinds="sts,retrieval",
+                             cache=str(tmp_path / f"{eager}.sqlite"))  # fmt: skip
+        builder = SyntheticDatasetBuilder(config)
+        results[eager] = (rows(builder.build()), builder.report)
+    (walked, walk_report), (eager_rows, eager_report) = results[False], results[True]
+    assert eager_rows == walked and sum(map(len, walked.values())) == 60
+    for key in ("requests_sent", "drops", "kept_by_kind"):
+        assert eager_report[key] == walk_report[key], key
+    assert walk_requests[0] >= walk_report["drops"]["duplicate"] > 5
+    assert walk_requests[1] < walk_requests[0] / 2, walk_requests
 
 
 def test_shards_are_disjoint_and_their_union_is_the_single_run(fake_server, tmp_path):
