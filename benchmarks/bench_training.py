@@ -8,8 +8,8 @@ measures the model and loss path rather than Trainer bookkeeping:
   ``MultipleNegativesRankingLoss``;
 * st-synth: ``st_synth.training.build_model`` + ``build_losses`` (the recipe's own objects).
 
-Reported: non-pad tokens per second, peak memory, and the loss of the first steps side by side (both paths
-on identical batches). On the length mix the recipe then trains on the same triplets batched its own way
+Reported: non-pad tokens per second, the share of the positions the backbone computed that were padding,
+peak memory, and the loss of the first steps side by side (both paths on identical batches). On the length mix the recipe then trains on the same triplets batched its own way
 (``LengthGroupedBatchSampler``: similar lengths together), which is where its padding saving shows.
 
     python benchmarks/bench_training.py --preset tiny --steps 6                 # CPU smoke run
@@ -35,13 +35,14 @@ from st_synth.testing.tiny import WORDS, build_tiny_mistral
 RESULTS = Path(__file__).parent / "results"
 PRESETS = {
     "tiny": {"hidden_size": 64, "num_layers": 2},
+    "small": {"hidden_size": 256, "num_layers": 4},  # CPU: enough compute per token for padding to show
     "mistral-7b": {"hidden_size": 4096, "num_layers": 32},
 }
 
 
 def build_backbone(preset: str, folder: Path) -> str:
-    if preset == "tiny":
-        return str(build_tiny_mistral(folder, "none", **PRESETS["tiny"]))
+    if preset in ("tiny", "small"):
+        return str(build_tiny_mistral(folder, "none", **PRESETS[preset]))
     from transformers import MistralConfig, MistralModel
 
     from st_synth.testing.tiny import build_tokenizer
@@ -137,6 +138,20 @@ def _same_lora_init(model) -> None:
             param.copy_((torch.randn(param.shape, generator=generator) * 0.02).to(param.dtype))
 
 
+def _count_positions(backbone) -> list[int]:
+    """Token positions the backbone computes per step (rows x row length, padding included), appended to
+    by every call; the caller starts each step with a new 0. ST calls the backbone's forward directly."""
+    counts: list[int] = []
+    forward = backbone.forward
+
+    def counted(*args, **kwargs):
+        counts[-1] += kwargs["input_ids"].numel()
+        return forward(*args, **kwargs)
+
+    backbone.forward = counted
+    return counts
+
+
 def run(name: str, builder, path: str, batches, max_len: int, dtype: torch.dtype, device: str) -> dict:
     torch.manual_seed(0)
     if device == "cuda":
@@ -146,6 +161,7 @@ def run(name: str, builder, path: str, batches, max_len: int, dtype: torch.dtype
     _same_lora_init(model)
     eos = model[0].tokenizer.eos_token if builder is baseline_model else ""  # the baseline's hand-made EOS
     model[0].auto_model.gradient_checkpointing_enable({"use_reentrant": False})
+    computed = _count_positions(model[0].auto_model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     losses, tokens, elapsed, padded = [], 0, 0.0, 0
@@ -158,6 +174,7 @@ def run(name: str, builder, path: str, batches, max_len: int, dtype: torch.dtype
             )
         if device == "cuda":
             torch.cuda.synchronize()
+        computed.append(0)
         start = time.perf_counter()
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             loss = loss_fn(features, None)
@@ -169,11 +186,13 @@ def run(name: str, builder, path: str, batches, max_len: int, dtype: torch.dtype
         if step > 0:  # the first step pays for warm-up
             elapsed += time.perf_counter() - start
             tokens += sum(int(f["attention_mask"].sum()) for f in features)
-            padded += sum(f["attention_mask"].numel() for f in features)
+            padded += computed[step]
         losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    packing = getattr(model, "packed_sequences", "off")
     del model, optimizer
     return {"path": name, "non_pad_tokens_per_s": tokens / elapsed, "peak_gib": peak, "losses": losses,
+            "packed_sequences": packing,
             "pad_fraction": round(1 - tokens / padded, 4), "steps": len(batches)}  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import types
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -67,3 +68,153 @@ def apply_fused_kernels(backbone: Any, mode: str, device: str) -> str:
         logger.warning("Liger kernels failed to apply (%s); training with the plain modules.", error)
         return f"not used: Liger failed to apply ({type(error).__name__})"
     return "liger: rms_norm, rope, swiglu"
+
+
+# -- packed sequences: no compute spent on padding ------------------------------------------------------
+PACKED_SEQUENCE_MODES = ("auto", "on", "off")
+
+
+def check_packed_sequences(mode: str) -> str:
+    if mode not in PACKED_SEQUENCE_MODES:
+        raise ValueError(
+            f"packed_sequences {mode!r} is unknown; choose one of: {', '.join(PACKED_SEQUENCE_MODES)}."
+        )
+    return mode
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices grouped into rows of at most ``capacity`` tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        free[row] -= lengths[index]
+    return rows
+
+
+def _packing(mask: Any) -> tuple[Any, Any, Any, int] | None:
+    """Where each real token of a padded ``(batch, length)`` batch goes in rows of the same length with
+    several sequences each: ``(source, target, positions, rows)``, or None when packing saves no row."""
+    import torch
+
+    batch, capacity = mask.shape
+    if bool(mask.all()):  # every input as long as the longest: nothing to pack
+        return None
+    lengths = mask.sum(dim=1).tolist()
+    rows = pack_rows(lengths, capacity)
+    if len(rows) >= batch:
+        return None
+    row_of, offset_of = [0] * batch, [0] * batch
+    positions = torch.zeros(len(rows) * capacity, dtype=torch.long)
+    for r, members in enumerate(rows):
+        used = 0
+        for index in members:
+            row_of[index], offset_of[index] = r, used
+            used += lengths[index]
+        # The rest of the row is one more short "sequence" of filler: it attends to itself only.
+        positions[r * capacity + used : (r + 1) * capacity] = torch.arange(capacity - used)
+    # Real tokens in the padded batch's row-major order, and the same tokens' places in the packed rows.
+    source = mask.reshape(-1).nonzero().squeeze(1)
+    target = torch.cat([torch.arange(lengths[i]) + row_of[i] * capacity + offset_of[i] for i in range(batch)])
+    positions[target] = torch.cat([torch.arange(length) for length in lengths])
+    return source, target, positions, len(rows)
+
+
+_PACKABLE_KEYS = {"input_ids", "attention_mask", "modality", "prompt_length"}
+
+
+def packed_forward(self: Any, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """A forward for a text-only ST ``Transformer`` that runs the backbone on packed rows.
+
+    The batch's real tokens are laid out several sequences to a row (rows as long as the batch's longest
+    input), each sequence with positions from 0 and no attention mask, so transformers masks each
+    sequence to itself (packed-sequence format). Token embeddings are put back in the padded layout, so
+    pooling and every loss see exactly what the padded forward gives them, minus the padding compute.
+    Bound to one module instance by :func:`apply_packed_sequences`; anything else takes the padded path.
+    """
+    mask = features.get("attention_mask")
+    plan = None
+    if not kwargs and mask is not None and set(features) <= _PACKABLE_KEYS:
+        plan = _packing(mask.to("cpu").bool())
+    if plan is None:
+        return type(self).forward(self, features, **kwargs)
+    source, target, positions = (tensor.to(mask.device) for tensor in plan[:3])
+    rows, (batch, capacity) = plan[3], mask.shape
+    input_ids = features["input_ids"].reshape(-1)
+    packed_ids = input_ids.new_zeros(rows * capacity).index_copy(0, target, input_ids.index_select(0, source))
+    output = self.model(
+        input_ids=packed_ids.view(rows, capacity), position_ids=positions.view(rows, capacity),
+        attention_mask=None, return_dict=True,
+    )  # fmt: skip
+    hidden = output.last_hidden_state.reshape(rows * capacity, -1)
+    tokens = hidden.new_zeros(batch * capacity, hidden.shape[-1]).index_copy(
+        0, source, hidden.index_select(0, target)
+    )
+    features[self.module_output_name] = tokens.view(batch, capacity, -1)
+    return features
+
+
+def _separate_and_packed_agree(backbone: Any) -> str | None:
+    """Run two short random sequences through ``backbone`` apart and packed in one row; None when the
+    packed hidden states match, else why not (a model that ignores packed positions would let the second
+    sequence attend to the first)."""
+    import torch
+
+    vocab = backbone.config.vocab_size
+    device = next(backbone.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(3, vocab, (n,), generator=generator).to(device) for n in (5, 7))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            apart = [
+                backbone(input_ids=s[None], return_dict=True).last_hidden_state[0] for s in (first, second)
+            ]
+            positions = torch.cat([torch.arange(5), torch.arange(7)]).to(device)[None]
+            packed = backbone(
+                input_ids=torch.cat([first, second])[None], position_ids=positions, attention_mask=None,
+                return_dict=True,
+            ).last_hidden_state[0]  # fmt: skip
+    except Exception as error:  # an architecture that refuses packed positions is a fallback, not a crash
+        return f"the backbone refused packed positions ({type(error).__name__}: {error})"
+    finally:
+        backbone.train(was_training)
+    expected = torch.cat(apart).float()
+    error = (packed.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)
+    if not torch.isfinite(error) or error > 0.05:
+        return f"packed sequences leak into each other in this backbone (relative error {float(error):.2g})"
+    return None
+
+
+def apply_packed_sequences(module: Any, mode: str) -> str:
+    """Give the ST ``Transformer`` ``module`` the packed forward per ``mode``; return what was done.
+
+    auto: when the module is text-only and the backbone keeps packed sequences apart (checked on two
+    short sequences); otherwise the padded forward, and the reason. on: the same, a missing piece is an
+    error. off: the padded forward. Only this instance changes; what is saved is the plain module.
+    """
+    if check_packed_sequences(mode) == "off":
+        return "off"
+    config = getattr(module, "modality_config", {}) or {}
+    text = config.get("text", {})
+    if (
+        set(config) != {"text"}
+        or text.get("method") != "forward"
+        or module.module_output_name != "token_embeddings"
+    ):
+        reason = "the Transformer module is not a text-only forward"
+    else:
+        reason = _separate_and_packed_agree(module.model)
+    if reason is not None:
+        if mode == "on":
+            raise ValueError(f"packed_sequences=on cannot be honoured: {reason}.")
+        logger.info("Packed sequences not used: %s.", reason)
+        return f"not used: {reason}"
+    module.forward = types.MethodType(packed_forward, module)  # a deep copy binds to the copied module
+    return "packed rows"

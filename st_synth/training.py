@@ -31,7 +31,12 @@ from st_synth.embedder import (
 )
 from st_synth.lora import PAPER_TARGET_MODULES, check_target_modules, merge_lora
 from st_synth.losses import OwnNegativesLoss
-from st_synth.speed import apply_fused_kernels, check_fused_kernels
+from st_synth.speed import (
+    apply_fused_kernels,
+    apply_packed_sequences,
+    check_fused_kernels,
+    check_packed_sequences,
+)
 from st_synth.taxonomy import TASK_KINDS
 
 logger = logging.getLogger(__name__)
@@ -62,6 +67,12 @@ class ModelArguments:
         default="auto",
         metadata={"help": "auto: Liger's RMSNorm/RoPE/SwiGLU kernels where CUDA and liger-kernel are present, "
                   "plain modules elsewhere; liger: require them; off: never."},
+    )  # fmt: skip
+    packed_sequences: str = field(
+        default="auto",
+        metadata={"help": "auto: run each batch's texts several to a row, each attending only to itself, so no "
+                  "compute goes to padding (where the backbone keeps packed sequences apart, checked at start); "
+                  "on: require it; off: padded batches."},
     )  # fmt: skip
 
 
@@ -279,6 +290,7 @@ def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None)
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     check_fused_kernels(model_args.fused_kernels)  # before the backbone loads
+    check_packed_sequences(model_args.packed_sequences)
     if model_args.torch_dtype not in dtypes:
         raise ValueError(
             f"torch_dtype {model_args.torch_dtype!r} is unknown; choose one of: {', '.join(dtypes)}."
@@ -297,6 +309,7 @@ def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None)
     model.fused_kernels = apply_fused_kernels(
         model[0].auto_model, model_args.fused_kernels, str(model.device)
     )
+    model.packed_sequences = apply_packed_sequences(model[0], model_args.packed_sequences)
     model.add_adapter(
         LoraConfig(
             r=model_args.lora_r,
@@ -373,6 +386,7 @@ def train(
         "sources": {name: ds.num_rows for name, ds in sources.items()},
         "world_size": training_args.world_size,
         "fused_kernels": getattr(model, "fused_kernels", "off"),
+        "packed_sequences": getattr(model, "packed_sequences", "off"),
         "length_grouping": data_args.length_grouping,
         "log_history": trainer.state.log_history,
     }

@@ -313,6 +313,88 @@ def test_fused_kernels_fall_back_cleanly_on_cpu_with_the_same_loss(backbone, syn
         apply_fused_kernels(None, "fast", "cpu")
 
 
+def _mixed_triplets(synthetic: str, count: int = 6):
+    sources, _ = load_sources(
+        DataArguments(dataset=synthetic, kinds=["retrieval"]), "Instruct: {instruction}\nQuery: "
+    )
+    batch = sources["retrieval"].select(range(count))
+    # Lengths that differ a lot, as real queries and documents do.
+    cut = [(text.split() * 10)[: 2 + 6 * i] for i, text in enumerate(batch["positive"])]
+    return sources, [list(batch["query"]), [" ".join(words) for words in cut], list(batch["negative"])]
+
+
+def test_packed_sequences_give_the_padded_loss_and_gradients_with_fewer_rows(backbone, synthetic):
+    """Packed rows: the backbone sees fewer, fuller rows; pooling and the loss see what padding gives."""
+    sources, columns = _mixed_triplets(synthetic)
+    torch.manual_seed(0)
+    model = build_model(ModelArguments(base_model=backbone, max_seq_length=48, lora_r=4, lora_dropout=0.0))
+    assert model.packed_sequences == "packed rows"
+    loss_fn = build_losses(model, sources, DataArguments())["retrieval"]
+    rows_seen: list[tuple[int, int]] = []
+    backbone_forward = model[0].auto_model.forward
+
+    def spy(*args, **kwargs):  # ST calls the backbone's forward directly, so hooks would miss it
+        rows_seen.append(tuple(kwargs["input_ids"].shape))
+        return backbone_forward(*args, **kwargs)
+
+    model[0].auto_model.forward = spy
+    results = {}
+    for path in ("packed", "padded"):
+        if path == "padded":
+            del model[0].forward  # the plain ST module's own forward again
+            packed_rows, rows_seen[:] = list(rows_seen), []
+        model.zero_grad()
+        features = [model.preprocess(column) for column in columns]
+        loss = loss_fn(features, None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[path] = (loss.item(), grads)
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = results["packed"], results["padded"]
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5, abs=1e-6)
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 0
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-3, atol=1e-6), name
+    # The backbone's calls (ST merges the candidate columns into one): same row length, never more rows,
+    # fewer where lengths differ.
+    padded_rows = rows_seen
+    assert len(packed_rows) == len(padded_rows) >= 2
+    assert all(p[1] == q[1] and p[0] <= q[0] for p, q in zip(packed_rows, padded_rows, strict=True))
+    assert sum(p[0] for p in packed_rows) < sum(q[0] for q in padded_rows), (packed_rows, padded_rows)
+
+
+def test_packed_sequences_fall_back_where_the_backbone_would_mix_them(backbone, monkeypatch, tmp_path):
+    """An install whose transformers does not keep packed sequences apart (simulated: no packed-sequence
+    detection) gets the padded forward in auto mode, an error naming the reason in on mode."""
+    import transformers.masking_utils as masking
+
+    from st_synth.speed import apply_packed_sequences
+
+    model = build_model(
+        ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, packed_sequences="off")
+    )
+    assert model.packed_sequences == "off" and "forward" not in vars(model[0])
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    status = apply_packed_sequences(model[0], "auto")
+    assert status.startswith("not used: packed sequences leak into each other") and "forward" not in vars(
+        model[0]
+    )
+    with pytest.raises(ValueError, match="packed_sequences=on cannot be honoured: packed sequences leak"):
+        build_model(ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, packed_sequences="on"))
+    with pytest.raises(
+        ValueError, match="packed_sequences 'always' is unknown; choose one of: auto, on, off"
+    ):
+        build_model(ModelArguments(base_model=backbone, max_seq_length=32, packed_sequences="always"))
+    monkeypatch.undo()
+    # Saved with the packed forward on, loaded as a plain SentenceTransformer: the same embeddings.
+    assert apply_packed_sequences(model[0], "auto") == "packed rows"
+    texts = ["a short one", "a much longer text " * 6, "mid length text here"]
+    before = model.encode(texts, convert_to_tensor=True)
+    model.save(str(tmp_path / "saved"))
+    loaded = SentenceTransformer(str(tmp_path / "saved"))
+    assert "forward" not in vars(loaded[0])
+    assert torch.allclose(loaded.encode(texts, convert_to_tensor=True), before, atol=1e-5)
+
+
 def test_builtin_real_source_is_disjoint_from_the_evaluation_documents():
     from st_synth.offline_tasks import gensim_test_data
 
