@@ -36,13 +36,24 @@ RESULTS = Path(__file__).parent / "results"
 PRESETS = {
     "tiny": {"hidden_size": 64, "num_layers": 2},
     "small": {"hidden_size": 256, "num_layers": 4},  # CPU: enough compute per token for padding to show
-    "mistral-7b": {"hidden_size": 4096, "num_layers": 32},
-}
+    "mistral-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8},
+    # The 7B preset's code path at toy size, to check it on a CPU before spending GPU time.
+    "mistral-mini": {"vocab_size": 32000, "hidden_size": 128, "intermediate_size": 448,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+}  # fmt: skip
 
 
-def build_backbone(preset: str, folder: Path) -> str:
+def build_backbone(preset: str, folder: Path, device: str) -> str:
+    """A random-initialised backbone folder (weights included: transformers loads nothing without them)."""
     if preset in ("tiny", "small"):
         return str(build_tiny_mistral(folder, "none", **PRESETS[preset]))
+    return build_random_mistral(folder, device, **PRESETS[preset])
+
+
+def build_random_mistral(folder: Path, device: str, **dims: int) -> str:
+    """A random Mistral of the given dimensions in bf16, initialised on ``device`` (seconds on a GPU, where
+    a 7B model on the CPU would take minutes) and saved with the st-synth test tokenizer."""
     from transformers import MistralConfig, MistralModel
 
     from st_synth.testing.tiny import build_tokenizer
@@ -50,14 +61,21 @@ def build_backbone(preset: str, folder: Path) -> str:
     tokenizer = build_tokenizer("bos_only")
     tokenizer.model_max_length = 4096
     config = MistralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096, sliding_window=None,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **dims, max_position_embeddings=4096, sliding_window=None, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    with torch.device("meta"):
-        MistralModel(config)  # validates the config cheaply
-    config.save_pretrained(str(folder))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = MistralModel(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return str(folder)
 
 
@@ -74,7 +92,10 @@ def group_by_length(batches: list[list[list[str]]], seed: int) -> list[list[list
     return [[[rows[i][c] for i in batch] for c in range(3)] for batch in sampler]
 
 
-def make_batches(kind: str, steps: int, batch_size: int, max_len: int, seed: int) -> list[list[list[str]]]:
+def make_batches(
+    kind: str, steps: int, batch_size: int, max_len: int, seed: int, specials: int = 1
+) -> list[list[list[str]]]:
+    """``specials``: tokens each input gets besides its words (EOS, plus BOS where the tokenizer adds one)."""
     rng = random.Random(seed)
 
     def text(low: int, high: int) -> str:
@@ -83,11 +104,12 @@ def make_batches(kind: str, steps: int, batch_size: int, max_len: int, seed: int
     batches = []
     for _ in range(steps):
         if kind == "fixed":
-            # max_len - 1 words + EOS = max_len tokens: nothing is cut, so both paths see the same ids
-            columns = [[text(max_len - 1, max_len - 1) for _ in range(batch_size)] for _ in range(3)]
+            # words + specials = max_len tokens: nothing is cut, so both paths see the same ids
+            words = max_len - specials
+            columns = [[text(words, words) for _ in range(batch_size)] for _ in range(3)]
         else:
             columns = [[text(8, 64) for _ in range(batch_size)]]
-            columns += [[text(64, max_len - 1) for _ in range(batch_size)] for _ in range(2)]
+            columns += [[text(64, max_len - specials) for _ in range(batch_size)] for _ in range(2)]
         batches.append(columns)
     return batches
 
@@ -190,51 +212,15 @@ def run(name: str, builder, path: str, batches, max_len: int, dtype: torch.dtype
         losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     packing = getattr(model, "packed_sequences", "off")
+    fused = getattr(model, "fused_kernels", "off")
     del model, optimizer
     return {"path": name, "non_pad_tokens_per_s": tokens / elapsed, "peak_gib": peak, "losses": losses,
-            "packed_sequences": packing,
+            "packed_sequences": packing, "fused_kernels": fused,
             "pad_fraction": round(1 - tokens / padded, 4), "steps": len(batches)}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--inputs", default="fixed,mix")
-    parser.add_argument("--results", default=str(RESULTS), help="Folder for training-<preset>.json/.md.")
-    parser.add_argument("--no-length-grouping", action="store_true", help="Mix: the baseline's batches.")
-    args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_backbone(args.preset, Path(tmp) / "backbone")
-        for kind in args.inputs.split(","):
-            batches = make_batches(kind, args.steps, args.batch_size, args.max_len, seed=0)
-            base = run("baseline", baseline_model, path, batches, args.max_len, dtype, args.device)
-            # Same batches first: the loss check (the recipe's model and loss must agree with the baseline).
-            same = run("st_synth", recipe_model, path, batches, args.max_len, dtype, args.device)
-            row = {
-                "inputs": kind, "baseline": base, "st_synth_same_batches": same,
-                "max_loss_diff_first_steps": max(abs(a - b) for a, b in zip(base["losses"][:5], same["losses"][:5], strict=True)),
-            }  # fmt: skip
-            ours = same
-            if kind == "mix" and not args.no_length_grouping:
-                # Then the recipe's own batching of the same triplets: similar lengths together.
-                ours = run("st_synth", recipe_model, path, group_by_length(batches, seed=0), args.max_len, dtype,
-                           args.device)  # fmt: skip
-            row["st_synth"] = ours
-            row["speedup"] = ours["non_pad_tokens_per_s"] / base["non_pad_tokens_per_s"]
-            rows.append(row)
-            print(
-                json.dumps({k: row[k] for k in ("inputs", "speedup", "max_loss_diff_first_steps")}),
-                flush=True,
-            )
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+def write_results(args: argparse.Namespace, rows: list[dict], device_name: str) -> str:
+    """Results so far to training-<preset>.json and .md (after every row: a GPU call cut short keeps them)."""
     payload = {
         "preset": args.preset,
         "device": device_name,
@@ -256,8 +242,60 @@ def main() -> None:
         lines.append(f"| {row['inputs']} | {b['non_pad_tokens_per_s']:.0f} | {o['non_pad_tokens_per_s']:.0f} | "
                      f"{row['speedup']:.2f}x | {b['pad_fraction']:.0%} / {o['pad_fraction']:.0%} | {peak} | "
                      f"{row['max_loss_diff_first_steps']:.2e} |")  # fmt: skip
+    if rows:
+        ours = rows[-1]["st_synth"]
+        lines += [
+            "",
+            f"st-synth: packed sequences {ours['packed_sequences']}; fused kernels {ours['fused_kernels']}",
+        ]
     (results / f"training-{args.preset}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--inputs", default="fixed,mix")
+    parser.add_argument("--results", default=str(RESULTS), help="Folder for training-<preset>.json/.md.")
+    parser.add_argument("--no-length-grouping", action="store_true", help="Mix: the baseline's batches.")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    rows: list[dict] = []
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_backbone(args.preset, Path(tmp) / "backbone", args.device)
+        from transformers import AutoTokenizer
+
+        specials = len(AutoTokenizer.from_pretrained(path)("word")["input_ids"])  # 1 word, maybe a BOS; + EOS
+        for kind in args.inputs.split(","):
+            batches = make_batches(kind, args.steps, args.batch_size, args.max_len, seed=0, specials=specials)
+            base = run("baseline", baseline_model, path, batches, args.max_len, dtype, args.device)
+            # Same batches first: the loss check (the recipe's model and loss must agree with the baseline).
+            same = run("st_synth", recipe_model, path, batches, args.max_len, dtype, args.device)
+            row = {
+                "inputs": kind, "baseline": base, "st_synth_same_batches": same,
+                "max_loss_diff_first_steps": max(abs(a - b) for a, b in zip(base["losses"][:5], same["losses"][:5], strict=True)),
+            }  # fmt: skip
+            ours = same
+            if kind == "mix" and not args.no_length_grouping:
+                # Then the recipe's own batching of the same triplets: similar lengths together.
+                ours = run("st_synth", recipe_model, path, group_by_length(batches, seed=0), args.max_len, dtype,
+                           args.device)  # fmt: skip
+            row["st_synth"] = ours
+            row["speedup"] = ours["non_pad_tokens_per_s"] / base["non_pad_tokens_per_s"]
+            rows.append(row)
+            write_results(args, rows, device_name)
+            print(
+                json.dumps({k: row[k] for k in ("inputs", "speedup", "max_loss_diff_first_steps")}),
+                flush=True,
+            )
+    print(write_results(args, rows, device_name))
 
 
 if __name__ == "__main__":
