@@ -38,7 +38,15 @@ def _why_not(backbone: Any, device: str) -> str | None:
     return None
 
 
-def check_fused_kernels(mode: str) -> str:
+def _switch(mode: str | bool, on: str) -> str | bool:
+    """YAML reads a bare ``off`` / ``on`` as a boolean (which may then reach us as ``"False"``): take those
+    as the switch they spell."""
+    spelled = str(mode).lower() if isinstance(mode, (bool, str)) else None
+    return {"false": "off", "no": "off", "true": on, "yes": on}.get(spelled, mode)
+
+
+def check_fused_kernels(mode: str | bool) -> str:
+    mode = _switch(mode, "liger")
     if mode not in FUSED_KERNEL_MODES:
         raise ValueError(
             f"fused_kernels {mode!r} is unknown; choose one of: {', '.join(FUSED_KERNEL_MODES)}."
@@ -46,9 +54,9 @@ def check_fused_kernels(mode: str) -> str:
     return mode
 
 
-def apply_fused_kernels(backbone: Any, mode: str, device: str) -> str:
+def apply_fused_kernels(backbone: Any, mode: str | bool, device: str) -> str:
     """Patch ``backbone`` (a transformers model) per ``mode``; return what was done, for logs and cards."""
-    if check_fused_kernels(mode) == "off":
+    if (mode := check_fused_kernels(mode)) == "off":
         return "off"
     reason = _why_not(backbone, device)
     if reason is not None:
@@ -74,7 +82,8 @@ def apply_fused_kernels(backbone: Any, mode: str, device: str) -> str:
 PACKED_SEQUENCE_MODES = ("auto", "on", "off")
 
 
-def check_packed_sequences(mode: str) -> str:
+def check_packed_sequences(mode: str | bool) -> str:
+    mode = _switch(mode, "on")
     if mode not in PACKED_SEQUENCE_MODES:
         raise ValueError(
             f"packed_sequences {mode!r} is unknown; choose one of: {', '.join(PACKED_SEQUENCE_MODES)}."
@@ -192,14 +201,14 @@ def _separate_and_packed_agree(backbone: Any) -> str | None:
     return None
 
 
-def apply_packed_sequences(module: Any, mode: str) -> str:
+def apply_packed_sequences(module: Any, mode: str | bool) -> str:
     """Give the ST ``Transformer`` ``module`` the packed forward per ``mode``; return what was done.
 
     auto: when the module is text-only and the backbone keeps packed sequences apart (checked on two
     short sequences); otherwise the padded forward, and the reason. on: the same, a missing piece is an
     error. off: the padded forward. Only this instance changes; what is saved is the plain module.
     """
-    if check_packed_sequences(mode) == "off":
+    if (mode := check_packed_sequences(mode)) == "off":
         return "off"
     config = getattr(module, "modality_config", {}) or {}
     text = config.get("text", {})

@@ -367,10 +367,13 @@ def test_packed_sequences_fall_back_where_the_backbone_would_mix_them(backbone, 
     detection) gets the padded forward in auto mode, an error naming the reason in on mode."""
     import transformers.masking_utils as masking
 
-    from st_synth.speed import apply_packed_sequences
+    from st_synth.speed import apply_packed_sequences, check_fused_kernels, check_packed_sequences
 
+    # A YAML config's bare `off` arrives as False, or as "False" once it went through the recipe's flags.
+    assert check_packed_sequences(False) == check_packed_sequences("False") == "off"
+    assert check_packed_sequences(True) == "on" and check_fused_kernels(False) == "off"
     model = build_model(
-        ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, packed_sequences="off")
+        ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, packed_sequences=False)
     )
     assert model.packed_sequences == "off" and "forward" not in vars(model[0])
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
