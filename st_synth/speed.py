@@ -38,20 +38,18 @@ def _why_not(backbone: Any, device: str) -> str | None:
     return None
 
 
-def _switch(mode: str | bool, on: str) -> str | bool:
-    """YAML reads a bare ``off`` / ``on`` as a boolean (which may then reach us as ``"False"``): take those
-    as the switch they spell."""
+def _check_mode(setting: str, mode: str | bool, modes: tuple[str, ...], on: str) -> str:
+    """``mode`` if it is one of ``modes``, else a ValueError naming them. A YAML config's bare ``off`` /
+    ``on`` arrives as a boolean (or as ``"False"`` after the recipe's flags): it means the switch it spells."""
     spelled = str(mode).lower() if isinstance(mode, (bool, str)) else None
-    return {"false": "off", "no": "off", "true": on, "yes": on}.get(spelled, mode)
+    mode = {"false": "off", "no": "off", "true": on, "yes": on}.get(spelled, mode)
+    if mode not in modes:
+        raise ValueError(f"{setting} {mode!r} is unknown; choose one of: {', '.join(modes)}.")
+    return mode
 
 
 def check_fused_kernels(mode: str | bool) -> str:
-    mode = _switch(mode, "liger")
-    if mode not in FUSED_KERNEL_MODES:
-        raise ValueError(
-            f"fused_kernels {mode!r} is unknown; choose one of: {', '.join(FUSED_KERNEL_MODES)}."
-        )
-    return mode
+    return _check_mode("fused_kernels", mode, FUSED_KERNEL_MODES, on="liger")
 
 
 def apply_fused_kernels(backbone: Any, mode: str | bool, device: str) -> str:
@@ -78,17 +76,12 @@ def apply_fused_kernels(backbone: Any, mode: str | bool, device: str) -> str:
     return "liger: rms_norm, rope, swiglu"
 
 
-# -- packed sequences: no compute spent on padding ------------------------------------------------------
+# -- packed sequences: little compute spent on padding ---------------------------------------------
 PACKED_SEQUENCE_MODES = ("auto", "on", "off")
 
 
 def check_packed_sequences(mode: str | bool) -> str:
-    mode = _switch(mode, "on")
-    if mode not in PACKED_SEQUENCE_MODES:
-        raise ValueError(
-            f"packed_sequences {mode!r} is unknown; choose one of: {', '.join(PACKED_SEQUENCE_MODES)}."
-        )
-    return mode
+    return _check_mode("packed_sequences", mode, PACKED_SEQUENCE_MODES, on="on")
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
