@@ -136,12 +136,13 @@ def packed_forward(self: Any, features: dict[str, Any], **kwargs: Any) -> dict[s
     The batch's real tokens are laid out several sequences to a row (rows as long as the batch's longest
     input), each sequence with positions from 0 and no attention mask, so transformers masks each
     sequence to itself (packed-sequence format). Token embeddings are put back in the padded layout, so
-    pooling and every loss see exactly what the padded forward gives them, minus the padding compute.
+    pooling and every loss see what the padded forward gives them; only the rows' unfilled ends are padding.
     Bound to one module instance by :func:`apply_packed_sequences`; anything else takes the padded path.
     """
     mask = features.get("attention_mask")
     plan = None
-    if not kwargs and mask is not None and set(features) <= _PACKABLE_KEYS:
+    wants_layers = getattr(self.model.config, "output_hidden_states", False)  # per-layer outputs: padded path
+    if not kwargs and mask is not None and set(features) <= _PACKABLE_KEYS and not wants_layers:
         plan = _packing(mask.to("cpu").bool())
     if plan is None:
         return type(self).forward(self, features, **kwargs)
