@@ -176,6 +176,19 @@ class FakeOpenAIServer:
     def authorized(self, header: str | None) -> bool:
         return self.api_key is None or header == f"Bearer {self.api_key}"
 
+    def refuse_post(
+        self, authorization: str | None, path: str, content_type: str | None
+    ) -> tuple[int, dict] | None:
+        """``(status, payload)`` when a POST is refused before its body is read: bad key, unknown path, or
+        a body not declared as JSON; None when it may go on to :meth:`respond`."""
+        if not self.authorized(authorization):
+            return 401, UNAUTHORIZED
+        if not path.rstrip("/").endswith("/chat/completions"):
+            return 404, NOT_FOUND
+        if not is_json(content_type):
+            return 415, NOT_JSON
+        return None
+
     def _next_fault(self, body: dict) -> str | None:
         with self._lock:
             if self.faults:
@@ -240,17 +253,14 @@ class FakeOpenAIServer:
                     self._send_json(*server.respond_get(self.path))
 
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                data = self.rfile.read(length)
-                if not self._authorized():
-                    return
-                if not is_json(self.headers.get("Content-Type")):
-                    self._send_json(415, NOT_JSON)
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = self.headers
+                if refusal := server.refuse_post(
+                    headers.get("Authorization"), self.path, headers.get("Content-Type")
+                ):
+                    self._send_json(*refusal)
                     return
                 body = json.loads(data or b"{}")
-                if not self.path.rstrip("/").endswith("/chat/completions"):
-                    self._send_json(404, NOT_FOUND)
-                    return
                 started = time.perf_counter()
                 server._track(+1)
                 delay = 0.0
@@ -283,12 +293,12 @@ def serve_asyncio(server: FakeOpenAIServer, port: int) -> None:
         return web.json_response(payload, status=status)
 
     async def post(request: web.Request) -> web.Response:
-        if not server.authorized(request.headers.get("Authorization")):
-            return web.json_response(UNAUTHORIZED, status=401)
-        if not request.path.rstrip("/").endswith("/chat/completions"):
-            return web.json_response(NOT_FOUND, status=404)
-        if not is_json(request.headers.get("Content-Type")):
-            return web.json_response(NOT_JSON, status=415)
+        headers = request.headers
+        if refusal := server.refuse_post(
+            headers.get("Authorization"), request.path, headers.get("Content-Type")
+        ):
+            status, payload = refusal
+            return web.json_response(payload, status=status)
         body = await request.json()
         started = time.perf_counter()
         server._track(+1)
