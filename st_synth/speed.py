@@ -48,6 +48,14 @@ def _check_mode(setting: str, mode: str | bool, modes: tuple[str, ...], on: str)
     return mode
 
 
+def _unavailable(setting: str, required: bool, reason: str) -> str:
+    """A speed feature that cannot be used here: an error when the user required it, else logged."""
+    if required:
+        raise ValueError(f"{setting} cannot be honoured: {reason}.")
+    logger.info("%s not used: %s.", setting, reason)
+    return f"not used: {reason}"
+
+
 def check_fused_kernels(mode: str | bool) -> str:
     return _check_mode("fused_kernels", mode, FUSED_KERNEL_MODES, on="liger")
 
@@ -56,12 +64,10 @@ def apply_fused_kernels(backbone: Any, mode: str | bool, device: str) -> str:
     """Patch ``backbone`` (a transformers model) per ``mode``; return what was done, for logs and cards."""
     if (mode := check_fused_kernels(mode)) == "off":
         return "off"
-    reason = _why_not(backbone, device)
-    if reason is not None:
-        if mode == "liger":
-            raise ValueError(f"fused_kernels=liger cannot be honoured: {reason}.")
-        logger.info("Fused kernels not used: %s.", reason)
-        return f"not used: {reason}"
+    if (reason := _why_not(backbone, device)) is not None:
+        return _unavailable(
+            "fused_kernels=liger" if mode == "liger" else "fused_kernels", mode == "liger", reason
+        )
     import liger_kernel.transformers as liger
 
     apply = getattr(liger, _LIGER_FUNCTIONS[backbone.config.model_type])
@@ -122,8 +128,10 @@ def _packing(mask: Any) -> tuple[Any, Any, Any, int] | None:
         positions[r * capacity + used : (r + 1) * capacity] = torch.arange(capacity - used)
     # Real tokens in the padded batch's row-major order, and the same tokens' places in the packed rows.
     source = mask.reshape(-1).nonzero().squeeze(1)
-    target = torch.cat([torch.arange(lengths[i]) + row_of[i] * capacity + offset_of[i] for i in range(batch)])
-    positions[target] = torch.cat([torch.arange(length) for length in lengths])
+    within = torch.cat([torch.arange(length) for length in lengths])  # each token's place in its text
+    starts = torch.tensor([row_of[i] * capacity + offset_of[i] for i in range(batch)])
+    target = within + starts.repeat_interleave(torch.tensor(lengths))
+    positions[target] = within
     return source, target, positions, len(rows)
 
 
@@ -215,9 +223,6 @@ def apply_packed_sequences(module: Any, mode: str | bool) -> str:
     else:
         reason = _separate_and_packed_agree(module.model)
     if reason is not None:
-        if mode == "on":
-            raise ValueError(f"packed_sequences=on cannot be honoured: {reason}.")
-        logger.info("Packed sequences not used: %s.", reason)
-        return f"not used: {reason}"
+        return _unavailable(f"packed_sequences={mode}", mode == "on", reason)
     module.forward = types.MethodType(packed_forward, module)  # a deep copy binds to the copied module
     return "packed rows"
