@@ -276,8 +276,11 @@ class _Run:
         self.needed_pools = {
             (p.kind, p.index // c.block_size) for p in self.plans if TASK_KINDS[p.kind].brainstorm
         }
-        # Workers span about 2 x concurrency examples: look that far ahead, in blocks.
-        self._lookahead = -(-2 * c.concurrency // c.block_size) * c.num_shards + 1
+        # Twice as many workers as request slots keep every slot busy, plus two blocks' worth, so that
+        # the examples of a block whose brainstorm answer is slow (the heavy tail) can wait for it
+        # without leaving slots idle. Brainstorms are started as far ahead as the workers span.
+        self.num_workers = 2 * c.concurrency + 2 * c.block_size
+        self._lookahead = -(-self.num_workers // c.block_size) * c.num_shards + 1
         self.progress = tqdm(total=len(self.plans), desc="examples", disable=not c.show_progress, unit="ex")
 
     def _drop(self, reason: str, kind: str) -> None:
@@ -299,7 +302,7 @@ class _Run:
                 if (kept := await self._example(plan, 0)) is not None and self.eager_duplicates:
                     await self._claim(plan.index, kept)
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(2 * self.config.concurrency)]
+        workers = [asyncio.ensure_future(worker()) for _ in range(self.num_workers)]
         try:
             await asyncio.gather(*workers)
             await self._resolve_duplicates()
