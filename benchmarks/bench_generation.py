@@ -66,7 +66,8 @@ def measured(base_url: str, run, *args) -> dict:
     """``run(base_url, *args)`` plus what the server saw meanwhile: requests in flight on average over the
     run's wall time, the mean time a request spent in the server against the latency drawn for it, and the
     steady-state rate: requests answered per second between the first 2 and the last 3 seconds of the run
-    (a finite run also pays a ramp-up and a drain, where the heavy tail's slowest answers finish alone)."""
+    (a finite run also pays a ramp-up and a drain, where the heavy tail's slowest answers finish alone), and
+    the drain: seconds from the last request's arrival at the server to the run's end."""
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -78,11 +79,11 @@ def measured(base_url: str, run, *args) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     result = run(base_url, *args)
-    ended = time.perf_counter()
+    ended, ended_monotonic = time.perf_counter(), time.monotonic()
     done.set()
     sampler.join()
     after = server_timing(base_url)
-    delta = {key: after[key] - before[key] for key in after}
+    delta = {key: after[key] - before[key] for key in after if key != "last_arrival"}
     handled = max(1, delta["handled"])
     steady = [(t, n) for t, n in samples if started + 2 <= t <= ended - 3]
     return {
@@ -90,6 +91,7 @@ def measured(base_url: str, run, *args) -> dict:
         "server_mean_inflight": delta["inflight_seconds"] / result["wall_s"],
         "server_latency_ms": 1000 * delta["handler_seconds"] / handled,
         "drawn_latency_ms": 1000 * delta["drawn_seconds"] / handled,
+        "drain_s": ended_monotonic - after["last_arrival"],
         "steady_requests_per_s": (
             (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]) if len(steady) >= 5 else None
         ),
@@ -228,7 +230,8 @@ def main() -> None:
     (RESULTS / f"{args.results_name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     header = ["concurrency", "examples", "bound req/s", "st-synth req/s (share of bound)",
               "st-synth steady-state req/s (share)", "reference client req/s (share)",
-              "reference steady-state req/s (share)", "st-synth / reference", "st-synth kept/s",
+              "reference steady-state req/s (share)", "st-synth / reference", "drain s (st-synth / reference)",
+              "st-synth kept/s",
               "st-synth CPU ms/kept", "in flight at the server (st-synth)",
               "ms in the server per request (drawn)", "distilabel kept/s", "distilabel CPU ms/kept",
               "kept/s ratio"]  # fmt: skip
@@ -239,7 +242,8 @@ def main() -> None:
             row["concurrency"], row["num_examples"], f"{row['bound_requests_per_s']:.0f}",
             f"{ours['requests_per_s']:.1f} ({ours['share_of_bound']:.1%})", _steady(ours),
             f"{ref['requests_per_s']:.1f} ({ref['share_of_bound']:.1%})", _steady(ref),
-            f"{row['share_of_reference']:.1%}", f"{ours['kept_per_s']:.1f}", f"{ours['cpu_ms_per_kept']:.2f}",
+            f"{row['share_of_reference']:.1%}", f"{ours['drain_s']:.1f} / {ref['drain_s']:.1f}",
+            f"{ours['kept_per_s']:.1f}", f"{ours['cpu_ms_per_kept']:.2f}",
             f"{ours['server_mean_inflight']:.1f}",
             f"{ours['server_latency_ms']:.0f} ({ours['drawn_latency_ms']:.0f})",
             *((f"{theirs['kept_per_s']:.1f}", f"{theirs['cpu_ms_per_kept']:.2f}", f"{row['kept_per_s_ratio']:.2f}x")

@@ -79,8 +79,10 @@ class FakeOpenAIServer:
         self.model_listings = 0
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         # Where a throughput shortfall comes from: requests in flight here (integrated over time) and time
-        # spent per request beyond the latency drawn for it.
-        self.timing = {"inflight_seconds": 0.0, "handled": 0, "handler_seconds": 0.0, "drawn_seconds": 0.0}
+        # spent per request beyond the latency drawn for it; when the last request arrived (system-wide
+        # monotonic clock), after which a run only waits for its slowest answers.
+        self.timing = {"inflight_seconds": 0.0, "handled": 0, "handler_seconds": 0.0, "drawn_seconds": 0.0,
+                       "last_arrival": 0.0}  # fmt: skip
         self._inflight = 0
         self._inflight_since = time.perf_counter()
         self._lock = threading.Lock()
@@ -204,6 +206,8 @@ class FakeOpenAIServer:
             now = time.perf_counter()
             self.timing["inflight_seconds"] += self._inflight * (now - self._inflight_since)
             self._inflight, self._inflight_since = self._inflight + change, now
+            if change > 0:
+                self.timing["last_arrival"] = time.monotonic()
             if change < 0:
                 self.timing["handled"] += 1
                 self.timing["handler_seconds"] += handler_seconds
