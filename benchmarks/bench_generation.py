@@ -62,8 +62,9 @@ def server_timing(base_url: str) -> dict[str, float]:
         return json.loads(response.read())
 
 
-def measured(base_url: str, run, *args) -> dict:
-    """``run(base_url, *args)`` plus what the server saw meanwhile: requests in flight on average over the
+def measured(base_url: str, seed: int, run, *args) -> dict:
+    """``run(base_url, *args)``, the server drawing latencies from ``seed`` (the clients of one row meet the
+    same draws in the order their requests arrive), plus what the server saw meanwhile: requests in flight on average over the
     run's wall time, the mean time a request spent in the server against the latency drawn for it, and the
     steady-state rate: requests answered per second between the first 2 and the last 3 seconds of the run
     (a finite run also pays a ramp-up and a drain, where the heavy tail's slowest answers finish alone), and
@@ -75,6 +76,7 @@ def measured(base_url: str, run, *args) -> dict:
         while not done.wait(0.2):
             samples.append((time.perf_counter(), server_timing(base_url)["handled"]))
 
+    urllib.request.urlopen(f"{base_url}/reseed/{seed}", timeout=5).close()
     before, started = server_timing(base_url), time.perf_counter()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -193,19 +195,24 @@ def main() -> None:
     parser.add_argument(
         "--num-examples", type=int, default=None, help="Examples per measurement (overrides --seconds)."
     )
+    parser.add_argument(
+        "--seeds", default="0", help="Latency seeds: one row per concurrency and seed, e.g. 0,1,2."
+    )
     parser.add_argument("--results-name", default="generation", help="benchmarks/results/NAME.json and .md")
     args = parser.parse_args()
     process, base_url = start_server()
     rows = []
     try:
-        for concurrency in map(int, args.concurrency.split(",")):
+        cases = [(int(c), int(seed)) for c in args.concurrency.split(",") for seed in args.seeds.split(",")]
+        for concurrency, seed in cases:
             num_examples = args.num_examples or max(10, int(args.seconds * concurrency / MEAN_LATENCY))
-            ours = summarise(measured(base_url, run_st_synth, concurrency, num_examples), concurrency)
+            ours = summarise(measured(base_url, seed, run_st_synth, concurrency, num_examples), concurrency)
             reference = summarise(
-                measured(base_url, run_reference, concurrency, ours["requests"]), concurrency
+                measured(base_url, seed, run_reference, concurrency, ours["requests"]), concurrency
             )
             row = {
                 "concurrency": concurrency,
+                "latency_seed": seed,
                 "num_examples": num_examples,
                 "bound_requests_per_s": concurrency / MEAN_LATENCY,
                 "st_synth": ours,
@@ -215,7 +222,11 @@ def main() -> None:
             if args.distilabel_python:
                 theirs = summarise(
                     measured(
-                        base_url, partial(run_distilabel, args.distilabel_python), concurrency, num_examples
+                        base_url,
+                        seed,
+                        partial(run_distilabel, args.distilabel_python),
+                        concurrency,
+                        num_examples,
                     ),
                     concurrency,
                 )
@@ -228,7 +239,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     payload = {"mean_latency_s": MEAN_LATENCY, "latency": "log-normal, sigma 1", "rows": rows}
     (RESULTS / f"{args.results_name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    header = ["concurrency", "examples", "bound req/s", "st-synth req/s (share of bound)",
+    header = ["concurrency", "latency seed", "examples", "bound req/s", "st-synth req/s (share of bound)",
               "st-synth steady-state req/s (share)", "reference client req/s (share)",
               "reference steady-state req/s (share)", "st-synth / reference", "drain s (st-synth / reference)",
               "st-synth kept/s",
@@ -239,7 +250,7 @@ def main() -> None:
     for row in rows:
         ours, ref, theirs = row["st_synth"], row["reference"], row.get("distilabel")
         cells = [
-            row["concurrency"], row["num_examples"], f"{row['bound_requests_per_s']:.0f}",
+            row["concurrency"], row["latency_seed"], row["num_examples"], f"{row['bound_requests_per_s']:.0f}",
             f"{ours['requests_per_s']:.1f} ({ours['share_of_bound']:.1%})", _steady(ours),
             f"{ref['requests_per_s']:.1f} ({ref['share_of_bound']:.1%})", _steady(ref),
             f"{row['share_of_reference']:.1%}", f"{ours['drain_s']:.1f} / {ref['drain_s']:.1f}",

@@ -192,17 +192,48 @@ def test_max_tokens_caps_every_request_and_keys_the_cache(fake_server, tmp_path)
 
 def test_fake_server_reports_where_time_went(fake_server, tmp_path):
     """The benchmark's instrument: requests in flight integrated over time equals the time requests spent
-    in the server (Little's law), which is at least the latency drawn for them."""
+    in the server (Little's law), which is at least the latency drawn for them; the last request's arrival
+    falls inside the run, on the clock the benchmark reads (the drain is measured from it)."""
     import urllib.request
 
     server = fake_server(latency=0.01)
+    started = time.monotonic()
     SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, concurrency=3)).build()
+    ended = time.monotonic()
     with urllib.request.urlopen(f"{server.base_url}/timing") as response:
         timing = json.loads(response.read())
     assert timing["handled"] == server.chat_requests > 0
     assert timing["drawn_seconds"] == pytest.approx(0.01 * timing["handled"])
     assert timing["handler_seconds"] >= timing["drawn_seconds"]
     assert timing["inflight_seconds"] == pytest.approx(timing["handler_seconds"], rel=0.01)
+    assert started < timing["last_arrival"] < ended - 0.01  # the last answer took its 10 ms after it
+
+
+def test_fake_server_reseeds_its_latency_draws(fake_server, tmp_path):
+    """The benchmark compares clients one after the other: after ``/reseed/N`` each meets the same
+    heavy-tailed latencies in the order its requests arrive, so no client is measured on luckier draws."""
+    import urllib.request
+
+    from st_synth.testing.openai_server import heavy_tailed_latency
+
+    server = fake_server(latency=heavy_tailed_latency(0.002))
+
+    def drawn_by_a_run(seed: int, cache: str) -> float:
+        with urllib.request.urlopen(f"{server.base_url}/reseed/{seed}") as response:
+            assert json.loads(response.read()) == {"seed": seed}
+        with urllib.request.urlopen(f"{server.base_url}/timing") as response:
+            before = json.loads(response.read())["drawn_seconds"]
+        config = make_config(server, tmp_path, num_examples=10, concurrency=1, cache=str(tmp_path / cache))
+        SyntheticDatasetBuilder(config).build()
+        with urllib.request.urlopen(f"{server.base_url}/timing") as response:
+            return json.loads(response.read())["drawn_seconds"] - before
+
+    first, again, other = (
+        drawn_by_a_run(7, "a.sqlite"),
+        drawn_by_a_run(7, "b.sqlite"),
+        drawn_by_a_run(8, "c.sqlite"),
+    )
+    assert first == pytest.approx(again, rel=1e-9) and first != pytest.approx(other, rel=1e-3)
 
 
 def test_requests_go_as_declared_json(fake_server, tmp_path):

@@ -166,10 +166,18 @@ class FakeOpenAIServer:
         }, {}, delay  # fmt: skip
 
     def respond_get(self, path: str) -> tuple[int, dict]:
-        """``(status, payload)`` for a GET: the model list, or ``/timing`` (not OpenAI's: for benchmarks)."""
-        if path.rstrip("/").endswith("/timing"):
+        """``(status, payload)`` for a GET: the model list, or, not OpenAI's but for benchmarks, ``/timing``
+        and ``/reseed/N`` (the latencies drawn from now on are those of seed N, so that clients compared
+        one after the other meet the same draws in the order their requests arrive)."""
+        path = path.rstrip("/")
+        if path.endswith("/timing"):
             return 200, self.timing_snapshot()
-        if path.rstrip("/").endswith("/models"):
+        head, _, seed = path.rpartition("/")
+        if head.endswith("/reseed") and seed.isdigit():
+            with self._lock:
+                self._rng = random.Random(int(seed))
+            return 200, {"seed": int(seed)}
+        if path.endswith("/models"):
             with self._lock:
                 self.model_listings += 1
             return 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]}
