@@ -63,12 +63,12 @@ def server_timing(base_url: str) -> dict[str, float]:
 
 
 def measured(base_url: str, seed: int, run, *args) -> dict:
-    """``run(base_url, *args)``, the server drawing latencies from ``seed`` (the clients of one row meet the
-    same draws in the order their requests arrive), plus what the server saw meanwhile: requests in flight on average over the
-    run's wall time, the mean time a request spent in the server against the latency drawn for it, and the
-    steady-state rate: requests answered per second between the first 2 and the last 3 seconds of the run
-    (a finite run also pays a ramp-up and a drain, where the heavy tail's slowest answers finish alone), and
-    the drain: seconds from the last request's arrival at the server to the run's end."""
+    """``run(base_url, *args)`` with the server drawing latencies from ``seed`` (the clients of one row meet
+    the same draws in the order their requests arrive), plus what the server saw meanwhile: requests in
+    flight on average over the run's wall time, the mean time a request spent in the server against the
+    latency drawn for it, the steady-state rate (requests answered per second between the first 2 and the
+    last 3 seconds of the run) and the drain: seconds from the last request's arrival at the server to the
+    run's end, where only the heavy tail's slowest answers are left."""
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 

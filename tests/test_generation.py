@@ -10,6 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -38,6 +40,12 @@ def make_config(server, tmp_path: Path, **overrides) -> GenerationConfig:
     )
     settings.update(overrides)
     return GenerationConfig(**settings)
+
+
+def server_get(base_url: str, path: str) -> dict:
+    """The JSON of a GET to the fake server (its benchmark-only paths: ``/timing``, ``/reseed/N``)."""
+    with urllib.request.urlopen(f"{base_url}/{path}") as response:
+        return json.loads(response.read())
 
 
 def rows(dataset) -> dict[str, list[dict]]:
@@ -194,14 +202,11 @@ def test_fake_server_reports_where_time_went(fake_server, tmp_path):
     """The benchmark's instrument: requests in flight integrated over time equals the time requests spent
     in the server (Little's law), which is at least the latency drawn for them; the last request's arrival
     falls inside the run, on the clock the benchmark reads (the drain is measured from it)."""
-    import urllib.request
-
     server = fake_server(latency=0.01)
     started = time.monotonic()
     SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, concurrency=3)).build()
     ended = time.monotonic()
-    with urllib.request.urlopen(f"{server.base_url}/timing") as response:
-        timing = json.loads(response.read())
+    timing = server_get(server.base_url, "timing")
     assert timing["handled"] == server.chat_requests > 0
     assert timing["drawn_seconds"] == pytest.approx(0.01 * timing["handled"])
     assert timing["handler_seconds"] >= timing["drawn_seconds"]
@@ -212,21 +217,16 @@ def test_fake_server_reports_where_time_went(fake_server, tmp_path):
 def test_fake_server_reseeds_its_latency_draws(fake_server, tmp_path):
     """The benchmark compares clients one after the other: after ``/reseed/N`` each meets the same
     heavy-tailed latencies in the order its requests arrive, so no client is measured on luckier draws."""
-    import urllib.request
-
     from st_synth.testing.openai_server import heavy_tailed_latency
 
     server = fake_server(latency=heavy_tailed_latency(0.002))
 
     def drawn_by_a_run(seed: int, cache: str) -> float:
-        with urllib.request.urlopen(f"{server.base_url}/reseed/{seed}") as response:
-            assert json.loads(response.read()) == {"seed": seed}
-        with urllib.request.urlopen(f"{server.base_url}/timing") as response:
-            before = json.loads(response.read())["drawn_seconds"]
+        assert server_get(server.base_url, f"reseed/{seed}") == {"seed": seed}
+        before = server_get(server.base_url, "timing")["drawn_seconds"]
         config = make_config(server, tmp_path, num_examples=10, concurrency=1, cache=str(tmp_path / cache))
         SyntheticDatasetBuilder(config).build()
-        with urllib.request.urlopen(f"{server.base_url}/timing") as response:
-            return json.loads(response.read())["drawn_seconds"] - before
+        return server_get(server.base_url, "timing")["drawn_seconds"] - before
 
     first, again, other = (
         drawn_by_a_run(7, "a.sqlite"),
@@ -239,9 +239,6 @@ def test_fake_server_reseeds_its_latency_draws(fake_server, tmp_path):
 def test_requests_go_as_declared_json(fake_server, tmp_path):
     """The client sends ready JSON bytes; servers built on FastAPI (vLLM) read a body only when it is
     declared as JSON, and so does the fake server: every test that generates anything relies on it."""
-    import urllib.error
-    import urllib.request
-
     server = fake_server()
     body = {"model": server.model, "messages": [{"role": "user", "content": "Straße, 東京"}]}
     data = json.dumps(body, ensure_ascii=False).encode()
@@ -264,7 +261,6 @@ def test_requests_go_as_declared_json(fake_server, tmp_path):
 def test_asyncio_server_answers_like_the_threaded_one(fake_server, tmp_path):
     """``python -m st_synth.testing --asyncio`` (the benchmark's server) gives the same dataset."""
     import socket
-    import urllib.request
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -283,8 +279,7 @@ def test_asyncio_server_answers_like_the_threaded_one(fake_server, tmp_path):
         config = make_config(server, tmp_path, base_url=base_url, cache=str(tmp_path / "b.sqlite"))
         asynchronous = SyntheticDatasetBuilder(config)
         assert rows(asynchronous.build()) == rows(threaded.build())
-        with urllib.request.urlopen(f"{base_url}/timing") as response:
-            assert json.loads(response.read())["handled"] == asynchronous.report["requests_sent"] > 0
+        assert server_get(base_url, "timing")["handled"] == asynchronous.report["requests_sent"] > 0
     finally:
         process.terminate()
         process.wait(timeout=10)
