@@ -7,8 +7,15 @@ bound ``concurrency / mean latency``, and client CPU milliseconds per kept examp
 
     python benchmarks/bench_generation.py --distilabel-python /path/to/distilabel-venv/bin/python
 
-Results go to ``benchmarks/results/generation.json`` and ``.md``. Without ``--distilabel-python`` only
-st-synth is measured.
+Results go to ``benchmarks/results/generation.json`` and ``.md`` (``--results-name``). Without
+``--distilabel-python`` distilabel is not measured. The README's figures come from:
+
+    python benchmarks/bench_generation.py --seconds 25 --distilabel-python ...
+    python benchmarks/bench_generation.py --concurrency 64 --num-examples 8000 --seeds 0,1,2,3 --results-name generation-c64-seeds
+    python benchmarks/bench_generation.py --concurrency 64 --num-examples 64000 --seeds 0,1,2 --results-name generation-c64-sustained
+
+Short runs measure the drain as much as the client: with this heavy tail the last answers take seconds
+whatever the client, a large share of a run of a few seconds; the steady-state column does not pay it.
 """
 
 from __future__ import annotations
