@@ -33,6 +33,8 @@ import urllib.request
 from functools import partial
 from pathlib import Path
 
+from st_synth.testing.openai_server import get_json
+
 RESULTS = Path(__file__).parent / "results"
 MEAN_LATENCY = 0.2
 
@@ -64,11 +66,6 @@ def start_server() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("fake server did not start within 60 s")
 
 
-def server_timing(base_url: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"{base_url}/timing", timeout=5) as response:
-        return json.loads(response.read())
-
-
 def measured(base_url: str, seed: int, run, *args) -> dict:
     """``run(base_url, *args)`` with the server drawing latencies from ``seed`` (the clients of one row meet
     the same draws in the order their requests arrive), plus what the server saw meanwhile: requests in
@@ -81,17 +78,17 @@ def measured(base_url: str, seed: int, run, *args) -> dict:
 
     def sample() -> None:
         while not done.wait(0.2):
-            samples.append((time.perf_counter(), server_timing(base_url)["handled"]))
+            samples.append((time.perf_counter(), get_json(base_url, "timing")["handled"]))
 
-    urllib.request.urlopen(f"{base_url}/reseed/{seed}", timeout=5).close()
-    before, started = server_timing(base_url), time.perf_counter()
+    get_json(base_url, f"reseed/{seed}")
+    before, started = get_json(base_url, "timing"), time.perf_counter()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     result = run(base_url, *args)
     ended, ended_monotonic = time.perf_counter(), time.monotonic()
     done.set()
     sampler.join()
-    after = server_timing(base_url)
+    after = get_json(base_url, "timing")
     delta = {key: after[key] - before[key] for key in after if key != "last_arrival"}
     handled = max(1, delta["handled"])
     steady = [(t, n) for t, n in samples if started + 2 <= t <= ended - 3]

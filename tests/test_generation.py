@@ -24,6 +24,7 @@ from st_synth.client import EndpointError
 from st_synth.languages import XLMR_LANGUAGES, paper_language_weights, resolve_language_weights
 from st_synth.prompting import example_request, plan_examples
 from st_synth.taxonomy import TASK_KINDS
+from st_synth.testing.openai_server import get_json, heavy_tailed_latency
 from st_synth.validation import Rejected, parse_example, parse_tasks
 
 
@@ -40,12 +41,6 @@ def make_config(server, tmp_path: Path, **overrides) -> GenerationConfig:
     )
     settings.update(overrides)
     return GenerationConfig(**settings)
-
-
-def server_get(base_url: str, path: str) -> dict:
-    """The JSON of a GET to the fake server (its benchmark-only paths: ``/timing``, ``/reseed/N``)."""
-    with urllib.request.urlopen(f"{base_url}/{path}") as response:
-        return json.loads(response.read())
 
 
 def rows(dataset) -> dict[str, list[dict]]:
@@ -206,7 +201,7 @@ def test_fake_server_reports_where_time_went(fake_server, tmp_path):
     started = time.monotonic()
     SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, concurrency=3)).build()
     ended = time.monotonic()
-    timing = server_get(server.base_url, "timing")
+    timing = get_json(server.base_url, "timing")
     assert timing["handled"] == server.chat_requests > 0
     assert timing["drawn_seconds"] == pytest.approx(0.01 * timing["handled"])
     assert timing["handler_seconds"] >= timing["drawn_seconds"]
@@ -217,16 +212,14 @@ def test_fake_server_reports_where_time_went(fake_server, tmp_path):
 def test_fake_server_reseeds_its_latency_draws(fake_server, tmp_path):
     """The benchmark compares clients one after the other: after ``/reseed/N`` each meets the same
     heavy-tailed latencies in the order its requests arrive, so no client is measured on luckier draws."""
-    from st_synth.testing.openai_server import heavy_tailed_latency
-
     server = fake_server(latency=heavy_tailed_latency(0.002))
 
     def drawn_by_a_run(seed: int, cache: str) -> float:
-        assert server_get(server.base_url, f"reseed/{seed}") == {"seed": seed}
-        before = server_get(server.base_url, "timing")["drawn_seconds"]
+        assert get_json(server.base_url, f"reseed/{seed}") == {"seed": seed}
+        before = get_json(server.base_url, "timing")["drawn_seconds"]
         config = make_config(server, tmp_path, num_examples=10, concurrency=1, cache=str(tmp_path / cache))
         SyntheticDatasetBuilder(config).build()
-        return server_get(server.base_url, "timing")["drawn_seconds"] - before
+        return get_json(server.base_url, "timing")["drawn_seconds"] - before
 
     first, again, other = (
         drawn_by_a_run(7, "a.sqlite"),
@@ -279,7 +272,7 @@ def test_asyncio_server_answers_like_the_threaded_one(fake_server, tmp_path):
         config = make_config(server, tmp_path, base_url=base_url, cache=str(tmp_path / "b.sqlite"))
         asynchronous = SyntheticDatasetBuilder(config)
         assert rows(asynchronous.build()) == rows(threaded.build())
-        assert server_get(base_url, "timing")["handled"] == asynchronous.report["requests_sent"] > 0
+        assert get_json(base_url, "timing")["handled"] == asynchronous.report["requests_sent"] > 0
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -18,6 +18,7 @@ import random
 import re
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -328,6 +329,13 @@ def serve_asyncio(server: FakeOpenAIServer, port: int) -> None:
     app.router.add_route("GET", "/{path:.*}", get)
     app.router.add_route("POST", "/{path:.*}", post)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def get_json(base_url: str, path: str, timeout: float = 5.0) -> dict:
+    """The JSON answer to a GET of ``base_url/path`` on a running fake server, e.g. its benchmark-only
+    ``timing`` and ``reseed/N``."""
+    with urllib.request.urlopen(f"{base_url}/{path}", timeout=timeout) as response:
+        return json.loads(response.read())
 
 
 def heavy_tailed_latency(mean: float, sigma: float = 1.0) -> Callable[[random.Random], float]:
