@@ -12,13 +12,18 @@ order; only their length spread shrinks. It plugs in as ``batch_sampler`` of
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from itertools import accumulate
+from typing import Any
 
 import torch
 from datasets import Dataset
-from sentence_transformers.base.sampler import DefaultBatchSampler
+from sentence_transformers.base.sampler import DefaultBatchSampler, MultiDatasetDefaultBatchSampler
+from torch.utils.data import BatchSampler, ConcatDataset
 
 LENGTH_GROUPED = "length_grouped"
+SOURCE_ORDERS = ("proportional", "round_robin")
 
 
 class LengthGroupedBatchSampler(DefaultBatchSampler):
@@ -84,3 +89,114 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class SourceAlignedBatchSampler(MultiDatasetDefaultBatchSampler):
+    """One source per optimizer step on every rank: the multi-dataset sampler for multi-process training.
+
+    sentence-transformers' proportional and round-robin samplers order *per-device* batches, and accelerate
+    then deals consecutive batches to consecutive ranks, so at one step rank 0 may train on retrieval while
+    rank 1 trains on short-short matching. The ranks then issue different collectives (a loss that gathers
+    negatives against one that does not; three text columns against two) and the job hangs; where it does
+    not hang, gathered in-batch negatives come from another task.
+
+    Here each source's own sampler forms *global* batches (``world_size`` x the per-device size, built with
+    ``batch_size`` already multiplied), sources are ordered over global batches (``order``: proportional or
+    round-robin, seeded as sentence-transformers does), and every global batch is cut into ``world_size``
+    equal, contiguous per-rank parts that are yielded one after the other, which is exactly how accelerate's
+    ``BatchSamplerShard`` hands them out: part ``r`` to rank ``r``. A global batch whose rows do not divide
+    evenly loses its last ``rows % world_size`` rows (fewer than ``world_size``; all ranks must gather tensors
+    of one size), and one with fewer rows than ranks is skipped, on every rank alike. Every rank computes the
+    same plan from the same data and seed; :meth:`check_agreement` refuses to start when they differ.
+
+    ``plan()`` gives the step-by-step sources (one entry per global batch), which the trainer logs.
+    """
+
+    def __init__(
+        self,
+        dataset: ConcatDataset,
+        batch_samplers: list[BatchSampler],
+        generator: torch.Generator | None = None,
+        seed: int = 0,
+        *,
+        names: list[str] | None = None,
+        world_size: int = 1,
+        order: str = "proportional",
+    ) -> None:
+        super().__init__(dataset, batch_samplers=batch_samplers, generator=generator, seed=seed)
+        if order not in SOURCE_ORDERS:
+            raise ValueError(f"Unknown source order {order!r}; choose one of: {', '.join(SOURCE_ORDERS)}.")
+        if world_size < 1:
+            raise ValueError(f"world_size must be at least 1, got {world_size}")
+        self.names = list(names or (str(i) for i in range(len(batch_samplers))))
+        self.world_size = world_size
+        self.order = order
+        # Per-rank parts vary in size (a source's last global batch), so accelerate must not wait for a
+        # "full" batch before dealing a group out: a None batch size tells it sizes are dynamic.
+        self.batch_size = None  # type: ignore[assignment]
+        self._plans: tuple[int, list[tuple[int, list[int]]]] | None = None
+        self._checked_epoch: int | None = None
+
+    def _global_batches(self) -> list[tuple[int, list[int]]]:
+        """``(source index, global batch of dataset indices)`` in training order for this epoch."""
+        if self._plans is not None and self._plans[0] == self.epoch:
+            return self._plans[1]
+        offsets = [0, *accumulate(len(d) for d in self.dataset.datasets)]
+        per_source = [
+            [[index + offsets[source] for index in batch] for batch in sampler]
+            for source, sampler in enumerate(self.batch_samplers)
+        ]
+        if self.order == "round_robin":
+            rounds = min(len(batches) for batches in per_source)
+            sequence = [source for _ in range(rounds) for source in range(len(per_source))]
+        else:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            slots = [source for source, batches in enumerate(per_source) for _ in batches]
+            sequence = [slots[i] for i in torch.randperm(len(slots), generator=generator).tolist()]
+        cursors = [0] * len(per_source)
+        plan = []
+        for source in sequence:
+            batch = per_source[source][cursors[source]]
+            cursors[source] += 1
+            if len(batch) >= self.world_size:
+                plan.append((source, batch))
+        self._plans = (self.epoch, plan)
+        return plan
+
+    def plan(self) -> list[tuple[str, int]]:
+        """``(source name, rows per rank)`` for each step of this epoch, the same on every rank."""
+        return [
+            (self.names[source], len(batch) // self.world_size) for source, batch in self._global_batches()
+        ]
+
+    def check_agreement(self) -> None:
+        """All ranks compare a digest of their plan; on any difference every rank raises (none waits)."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        plan = self.plan()
+        mine = (len(plan), hashlib.sha256(repr(plan).encode()).hexdigest()[:16])
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        if len(set(everyone)) > 1:
+            described = ", ".join(
+                f"rank {r}: {n} steps (plan {digest})" for r, (n, digest) in enumerate(everyone)
+            )
+            raise RuntimeError(
+                f"The ranks disagree on the batch plan ({described}), so they would issue different "
+                "collectives and wait on each other forever. Every rank must load the same data with the same "
+                "seed and settings (same --dataset folder contents, --kinds, --max_examples_per_source, seed)."
+            )
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self._checked_epoch != self.epoch:
+            self.check_agreement()
+            self._checked_epoch = self.epoch
+        for _, batch in self._global_batches():
+            rows = len(batch) // self.world_size
+            for rank in range(self.world_size):
+                yield batch[rank * rows : (rank + 1) * rows]
+
+    def __len__(self) -> int:
+        return len(self._global_batches()) * self.world_size

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+from transformers import set_seed
 
 from st_synth.embedder import (
     DEFAULT_INSTRUCTION_TEMPLATE,
@@ -370,9 +372,12 @@ def train(
         sources = DatasetDict({name: parts["train"] for name, parts in split.items()})
         eval_sources = DatasetDict({name: parts["test"] for name, parts in split.items()})
 
+    # The trainer seeds only after the model exists: seed first, so the LoRA weights start the same in every
+    # run of the same seed (whatever the number of processes).
+    set_seed(training_args.seed)
     model = build_model(model_args, cache_dir=Path(training_args.output_dir).parent)
     losses = build_losses(model, sources, data_args)
-    trainer = SentenceTransformerTrainer(
+    trainer = RecipeTrainer(
         model=model, args=training_args, train_dataset=sources, eval_dataset=eval_sources, loss=losses
     )
     if trace_dir := os.environ.get(TRACE_ENV):
@@ -384,6 +389,7 @@ def train(
         "train_loss": result.training_loss,
         "global_steps": result.global_step,
         "sources": {name: ds.num_rows for name, ds in sources.items()},
+        "steps_per_source": dict(trainer.source_steps),
         "world_size": training_args.world_size,
         "fused_kernels": getattr(model, "fused_kernels", "off"),
         "packed_sequences": getattr(model, "packed_sequences", "off"),
@@ -413,6 +419,69 @@ def train(
     return summary
 
 
+class RecipeTrainer(SentenceTransformerTrainer):
+    """``SentenceTransformerTrainer`` whose batches keep every rank on the same source at every step.
+
+    Each source's batch sampler forms global batches (per-device size x processes) and
+    :class:`~st_synth.sampling.SourceAlignedBatchSampler` deals each one out as equal per-rank parts, so
+    all ranks run the same loss over the same columns (the same collectives: no hang) and gathered in-batch
+    negatives come from one task. With one process it is sentence-transformers' proportional or round-robin
+    order over whole batches. The source of every training step is logged and counted.
+
+    Under DDP sentence-transformers forces ``dataloader_drop_last`` (its guard against an uneven last batch,
+    which hangs); here a source's last global batch is dealt out evenly instead, so nothing is dropped but
+    a remainder of fewer rows than processes. Dropping every short batch would lose whole small sources
+    (classification data, whose batches stay small because rows must not share labels).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.source_steps: dict[str, int] = {}
+        self.batch_plan: list[tuple[str, int]] = []
+        self.step_trace: Any = None  # set by ST_SYNTH_TRACE_DIR: called with each training step's source
+
+    def get_batch_sampler(
+        self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0
+    ):
+        return super().get_batch_sampler(
+            dataset, batch_size * self.accelerator.num_processes, False,
+            valid_label_columns=valid_label_columns, generator=generator, seed=seed,
+        )  # fmt: skip
+
+    def get_multi_dataset_batch_sampler(self, dataset, batch_samplers, generator=None, seed=0):
+        from st_synth.sampling import SourceAlignedBatchSampler
+
+        if self.accelerator.split_batches or self.accelerator.dispatch_batches:
+            raise ValueError(
+                "accelerator_config split_batches / dispatch_batches would cut batches across sources; "
+                "the recipe deals one source's global batch to all ranks itself: leave both off."
+            )
+        named = {**dict(self.eval_dataset or {}), **dict(self.train_dataset or {})}
+        names = [next(name for name, ds in named.items() if ds is sub) for sub in dataset.datasets]
+        sampler = SourceAlignedBatchSampler(
+            dataset, batch_samplers, generator=generator, seed=seed, names=names,
+            world_size=self.accelerator.num_processes,
+            order=MultiDatasetBatchSamplers(self.args.multi_dataset_batch_sampler).value,
+        )  # fmt: skip
+        if all(
+            sub is self.train_dataset.get(name) for sub, name in zip(dataset.datasets, names, strict=True)
+        ):
+            self.batch_plan = sampler.plan()
+            counts = Counter(name for name, _ in self.batch_plan)
+            logger.info("Batch plan: %d steps per epoch over %d process(es); steps per source: %s",
+                        len(self.batch_plan), self.accelerator.num_processes, dict(counts))  # fmt: skip
+        return sampler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and (source := inputs.get("dataset_name")):
+            self.source_steps[source] = self.source_steps.get(source, 0) + 1
+            logger.info("step %d: source %s", self.state.global_step + 1, source)
+            if self.step_trace:
+                rows = next(len(v) for k, v in inputs.items() if k.endswith("input_ids"))
+                self.step_trace({"step": self.state.global_step + 1, "source": source, "rows": rows})
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 def _install_trace(folder: Path, model: SentenceTransformer, losses: dict[str, Any], trainer: Any) -> None:
     import hashlib
 
@@ -436,6 +505,8 @@ def _install_trace(folder: Path, model: SentenceTransformer, losses: dict[str, A
             return _similarity(queries, candidates)
 
         loss.similarity_fct = traced
+
+    trainer.step_trace = record
 
     class Digest(TrainerCallback):
         def on_train_end(self, args, state, control, **kwargs):

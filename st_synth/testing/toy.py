@@ -9,6 +9,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from st_synth.taxonomy import TASK_KINDS
+
 TOPICS = {
     "animals": "cat cats dog dogs bird fish horse cow animal pet pets".split(),
     "food": "food eat bread flour yeast oven bake recipe cook kitchen meal dinner".split(),
@@ -21,22 +23,29 @@ INSTRUCTIONS = {
     "retrieval": "find the relevant document",
     "classification": "classify the topic",
     "sts": "Retrieve semantically similar text.",
+    "short_short": "find the title of the text",
+    "long_long": "find the document on the same topic",
+    "bitext": "Retrieve parallel sentences.",
 }
+TOY_KINDS = ("retrieval", "classification", "sts")
 
 
 def _phrase(rng: random.Random, topic: str, length: int) -> str:
     return " ".join(rng.choice(TOPICS[topic]) for _ in range(length))
 
 
-def toy_synthetic(rows_per_kind: int = 48, seed: int = 0) -> DatasetDict:
+def toy_synthetic(
+    rows_per_kind: int | dict[str, int] = 48, seed: int = 0, kinds: tuple[str, ...] = TOY_KINDS
+) -> DatasetDict:
+    """``kinds`` may name any of the six; short_short and long_long get no negative column, like
+    generated data. ``rows_per_kind`` may differ per kind (a mapping)."""
     rng = random.Random(seed)
     topics = list(TOPICS)
     splits: dict[str, dict[str, list[str]]] = {}
-    for kind in ("retrieval", "classification", "sts"):
-        columns: dict[str, list[str]] = {
-            c: [] for c in ("instruction", "query", "positive", "negative", "language")
-        }
-        for index in range(rows_per_kind):
+    for kind in kinds:
+        columns: dict[str, list[str]] = {c: [] for c in TASK_KINDS[kind].columns}
+        rows = rows_per_kind[kind] if isinstance(rows_per_kind, dict) else rows_per_kind
+        for index in range(rows):
             topic, other = rng.sample(topics, 2)
             columns["instruction"].append(INSTRUCTIONS[kind])
             columns["query"].append(
@@ -46,17 +55,24 @@ def toy_synthetic(rows_per_kind: int = 48, seed: int = 0) -> DatasetDict:
                 columns["positive"].append(topic)
                 columns["negative"].append(other)
             else:
-                columns["positive"].append(_phrase(rng, topic, 8))
-                columns["negative"].append(_phrase(rng, other, 8))
-            columns["language"].append("English")
+                columns["positive"].append(_phrase(rng, topic, 8 if kind != "long_long" else 16))
+                negative = _phrase(rng, other, 8)
+                if "negative" in columns:
+                    columns["negative"].append(negative)
+            columns["language"].append("English-German" if kind == "bitext" else "English")
         splits[kind] = columns
     return DatasetDict({kind: Dataset.from_dict(columns) for kind, columns in splits.items()})
 
 
-def write_toy_synthetic(folder: str | Path, rows_per_kind: int = 48, seed: int = 0) -> Path:
+def write_toy_synthetic(
+    folder: str | Path,
+    rows_per_kind: int | dict[str, int] = 48,
+    seed: int = 0,
+    kinds: tuple[str, ...] = TOY_KINDS,
+) -> Path:
     """Save the toy set like `st-synth generate` does, with a generation report beside it."""
     folder = Path(folder)
-    data = toy_synthetic(rows_per_kind, seed)
+    data = toy_synthetic(rows_per_kind, seed, kinds)
     data.save_to_disk(str(folder))
     report = {
         "generator_model": "toy-generator", "kept_by_kind": {k: v.num_rows for k, v in data.items()},
