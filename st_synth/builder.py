@@ -9,23 +9,29 @@ on how the examples were split into shards.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from datasets import Dataset, DatasetDict, Features, Value
 from tqdm.auto import tqdm
 
 from st_synth.cache import AnswerCache
-from st_synth.client import RESPONSE_FORMATS, ChatClient, RequestRefused, RetryPolicy
+from st_synth.client import (
+    RESPONSE_FORMATS,
+    ChatClient,
+    RequestRefused,
+    RetryPolicy,
+    is_loopback,
+    redact_url,
+)
 from st_synth.languages import resolve_language_weights
 from st_synth.prompting import (
     PROMPTS_VERSION,
@@ -103,6 +109,10 @@ class GenerationConfig:
                 raise ValueError(message)
 
     @property
+    def cache_path(self) -> Path:
+        return Path(self.cache) if self.cache else Path.home() / ".cache" / "st_synth" / "answers.sqlite"
+
+    @property
     def resolved_base_url(self) -> str:
         return self.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
 
@@ -111,7 +121,7 @@ class GenerationConfig:
         key = os.environ.get(self.api_key_env)
         if key:
             return key
-        if _is_loopback(self.resolved_base_url):
+        if is_loopback(self.resolved_base_url):
             return "no-key-needed-locally"
         raise ValueError(
             f"No API key for {redact_url(self.resolved_base_url)}: set the environment variable "
@@ -146,23 +156,24 @@ def _is_paper(languages: object) -> bool:
     return languages is None or (isinstance(languages, str) and languages.strip().lower() == "paper")
 
 
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def redact_url(url: str) -> str:
-    """Drop user info and query strings, where keys sometimes hide."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+def check_output_folder(output: str | Path) -> Path:
+    """Refuse, before any request is paid for, an output the dataset could not be saved to."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(
+            f"--output {output} is an existing file; give a folder for the dataset and {REPORT_FILE}."
+        )
+    if output.is_dir() and any(output.iterdir()) and not (output / "dataset_dict.json").is_file():
+        raise ValueError(
+            f"--output {output} is a folder with other files in it; give a new or empty folder (or one that "
+            "holds an earlier st-synth dataset, which is replaced)."
+        )
+    existing = next(parent for parent in (output, *output.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {output} lies under {existing}, which is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output}: no permission to write in {existing}.")
+    return output
 
 
 @dataclass
@@ -187,10 +198,21 @@ class SyntheticDatasetBuilder:
         builder.save("synthetic-data")     # save_to_disk + generation_report.json
     """
 
-    def __init__(self, config: GenerationConfig, client: openai.AsyncOpenAI | None = None) -> None:
+    def __init__(
+        self,
+        config: GenerationConfig,
+        client: openai.AsyncOpenAI | None = None,
+        *,
+        health_check: Callable[[], None] | None = None,
+        report_extra: dict[str, Any] | None = None,
+    ) -> None:
+        """``health_check``: called after a failed connection, raises when the endpoint's server has died
+        (a managed local server's ``check_alive``); ``report_extra``: added to the report (the server)."""
         self.config = config
         config.validate_endpoint_settings()
         self._client = client
+        self.health_check = health_check
+        self.report_extra = dict(report_extra or {})
         self.dataset: DatasetDict | None = None
         self.report: dict[str, Any] | None = None
 
@@ -202,13 +224,13 @@ class SyntheticDatasetBuilder:
     def build(self) -> DatasetDict:
         started = time.perf_counter()
         c = self.config
-        cache = AnswerCache(c.cache or Path.home() / ".cache" / "st_synth" / "answers.sqlite")
+        cache = AnswerCache(c.cache_path)
         try:
             run = _Run(self, cache)
             try:
                 asyncio.run(run.execute())
             finally:
-                self.report = run.report(time.perf_counter() - started)
+                self.report = {**run.report(time.perf_counter() - started), **self.report_extra}
         finally:
             cache.close()
         self.dataset = run.to_dataset()
@@ -262,6 +284,7 @@ class _Run:
             top_p=c.top_p,
             response_format=c.response_format,
             retry=RetryPolicy(max_retries=c.max_retries, base_delay=c.retry_base_delay),
+            health_check=builder.health_check,
         )
         self.budget = c.failure_budget if c.failure_budget is not None else 2 * len(self.plans) + 20
         self.kept: dict[int, _Kept] = {}
@@ -431,6 +454,7 @@ class _Run:
             "complete": complete,
             "stop_reason": None if complete else self.stop_reason or "some examples used up their attempts",
             "requests_sent": s.requests_sent,
+            "answers_stored": s.answers_stored,
             "cache_hits": s.cache_hits,
             "retries": s.retries,
             "format_downgrades": s.format_downgrades,

@@ -15,6 +15,10 @@ import threading
 from pathlib import Path
 
 
+class CacheError(RuntimeError):
+    """The answer cache cannot be opened, read or written (not a database, disk full, no permission)."""
+
+
 def request_key(model: str, body: dict) -> str:
     canonical = json.dumps(
         {"model": model, **body}, sort_keys=True, ensure_ascii=False, separators=(",", ":")
@@ -25,13 +29,24 @@ def request_key(model: str, body: dict) -> str:
 class AnswerCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        except (sqlite3.Error, OSError) as error:
+            raise CacheError(
+                f"Cannot use {self.path} as the answer cache ({error}). Pass another cache path (--cache, or "
+                "generate.cache in a run config), or move that file away."
+            ) from None
+
+    @classmethod
+    def check(cls, path: str | Path) -> None:
+        """Open and close the cache: refuse a file that is not one before any request is paid for."""
+        cls(path).close()
 
     def get(self, key: str) -> dict | None:
         with self._lock:
@@ -40,9 +55,16 @@ class AnswerCache:
 
     def put(self, key: str, value: dict) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)", (key, json.dumps(value))
-            )
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)", (key, json.dumps(value))
+                )
+            except sqlite3.Error as error:
+                raise CacheError(
+                    f"Cannot write the answer cache {self.path} ({error}). The {self._count()} answers "
+                    "already in it are kept: free some space (or pass a cache on another disk) and run the "
+                    "same command again to resume."
+                ) from None
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:
@@ -55,7 +77,10 @@ class AnswerCache:
 
     def __len__(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            return self._count()
+
+    def _count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

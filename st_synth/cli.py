@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -104,9 +105,15 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from st_synth.builder import GenerationConfig, SyntheticDatasetBuilder, generation_report_summary
+    from st_synth.builder import (
+        GenerationConfig,
+        SyntheticDatasetBuilder,
+        check_output_folder,
+        generation_report_summary,
+    )
+    from st_synth.cache import AnswerCache, CacheError
     from st_synth.client import EndpointError
-    from st_synth.local_llm import LocalLLMServer, backend_generation_defaults
+    from st_synth.local_llm import LocalLLMServer, backend_generation_defaults, serving
 
     try:
         if args.local and args.base_url:
@@ -115,11 +122,9 @@ def _generate(args: argparse.Namespace) -> int:
         server = LocalLLMServer(backend=args.local_backend) if args.local else None
         given = {"request_timeout": args.request_timeout, "max_tokens": args.max_tokens,
                  "response_format": args.response_format}  # fmt: skip
+        given = {key: value for key, value in given.items() if value is not None}
         # The user's settings, else the local backend's, else GenerationConfig's defaults.
-        limits = {
-            **(backend_generation_defaults(server.backend) if server else {}),
-            **{key: value for key, value in given.items() if value is not None},
-        }
+        limits = {**(backend_generation_defaults(server.backend) if server else {}), **given}
         config = GenerationConfig(
             model=args.model or (server.served_model if server else None),
             num_examples=args.num_examples,
@@ -143,16 +148,41 @@ def _generate(args: argparse.Namespace) -> int:
             **limits,
         )
         builder = SyntheticDatasetBuilder(config)
+        output = check_output_folder(args.output)
+        AnswerCache.check(config.cache_path)
     except (ValueError, RuntimeError) as error:
         print(f"st-synth generate: error: {error}", file=sys.stderr)
         return 2
+    user_given = {*given, *(["model"] if args.model else [])}
     try:
-        with server or nullcontext():
+        with (
+            serving(config, server, user_given) if server else nullcontext((config, None)) as (
+                config,
+                running,
+            )
+        ):
+            if running is not None:
+                builder = SyntheticDatasetBuilder(config, health_check=running.check_alive,
+                                                  report_extra={"local_server": running.describe()})  # fmt: skip
             builder.build()
-    except (EndpointError, RuntimeError) as error:
+    except CacheError as error:
+        print(f"st-synth generate: error: {error}", file=sys.stderr)
+        return 1
+    except EndpointError as error:
         print(f"st-synth generate: endpoint error: {error}", file=sys.stderr)
         return 1
-    output = builder.save(args.output)
+    except KeyboardInterrupt:
+        stored = (builder.report or {}).get("answers_stored", 0)
+        print(f"st-synth generate: interrupted. {stored} answers from this run are safe in the cache "
+              f"{config.cache_path}; run the same command again to resume from them.", file=sys.stderr)  # fmt: skip
+        return 130
+    try:
+        builder.save(output)
+    except OSError as error:
+        print(f"st-synth generate: error: cannot save the dataset to {output} ({error.strerror or error}). "
+              f"Every answer is in the cache {config.cache_path}: fix that and run the same command again "
+              "(it sends no request).", file=sys.stderr)  # fmt: skip
+        return 1
     report = builder.report or {}
     print(generation_report_summary(report))
     print(f"saved to {output}")
@@ -327,7 +357,19 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"st-synth {args.command}: interrupted. Every answer received so far is in the answer cache and "
+              "each finished stage is kept: run the same command again to resume.", file=sys.stderr)  # fmt: skip
+        return 130
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"st-synth {args.command}: error: no space left on the disk ({error.filename or 'while writing'}). "
+              "Answers and finished stages already written are kept: free some space and run the same command "
+              "again.", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

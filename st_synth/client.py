@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import json
 import logging
 import random
+import socket
+import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
@@ -57,6 +61,7 @@ class Answer:
 @dataclass
 class ClientStats:
     requests_sent: int = 0
+    answers_stored: int = 0
     cache_hits: int = 0
     retries: int = 0
     format_downgrades: int = 0
@@ -87,6 +92,46 @@ class RetryPolicy:
             return min(max(retry_after, 0.0), self.max_delay)
         # Full jitter: spreads the retries of many workers that failed together.
         return rng.uniform(0, min(self.max_delay, self.base_delay * 2**retry))
+
+
+def redact_url(url: str) -> str:
+    """Drop user info and query strings, where keys sometimes hide."""
+    parts = urlsplit(str(url))
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def describe_connection_error(error: BaseException) -> str:
+    """What a failed connection really was (refused, unresolvable host, dropped, TLS, timeout), read from
+    the chain of causes under the openai client's generic error. The most specific cause wins: openai's
+    aiohttp transport reports a refused connection as a connect *timeout*, with the refusal underneath."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and len(chain) < 12:
+        chain.append(seen)
+        # aiohttp keeps the operating system's error on .os_error
+        seen = getattr(seen, "os_error", None) or seen.__cause__ or seen.__context__
+    kinds = [
+        ("connection refused", lambda e: isinstance(e, ConnectionRefusedError)),
+        ("host name does not resolve", lambda e: isinstance(e, socket.gaierror) or "DNS" in type(e).__name__),
+        ("TLS error", lambda e: isinstance(e, ssl.SSLError)),
+        ("connection dropped by the server",
+         lambda e: isinstance(e, ConnectionResetError | BrokenPipeError) or "Disconnected" in type(e).__name__),
+        ("timeout", lambda e: isinstance(e, openai.APITimeoutError | TimeoutError | asyncio.TimeoutError)),
+    ]  # fmt: skip
+    return next((label for label, match in kinds if any(map(match, chain))), "connection failed")
 
 
 def _retry_after(error: openai.APIError) -> float | None:
@@ -145,6 +190,7 @@ class ChatClient:
         response_format: str = "auto",
         retry: RetryPolicy | None = None,
         extra_body: dict[str, Any] | None = None,
+        health_check: Callable[[], None] | None = None,
     ) -> None:
         if response_format != "auto" and response_format not in RESPONSE_FORMATS:
             raise ValueError(
@@ -161,6 +207,9 @@ class ChatClient:
         self.top_p = top_p
         self.retry = retry or RetryPolicy()
         self.extra_body = dict(extra_body or {})
+        # Called (in a thread) after a failed connection: raises when a managed server has died, so the
+        # run stops at once instead of retrying a dead port until the retry budget runs out.
+        self.health_check = health_check
         self.negotiate = response_format == "auto"
         self._mode_key = f"response_format:{model}"
         self.mode = (
@@ -193,9 +242,10 @@ class ChatClient:
             page = await self.client.with_options(max_retries=2, timeout=15).models.list()
         except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
             raise EndpointError(f"The endpoint refused the API key (HTTP {error.status_code}).") from None
-        except openai.APIConnectionError:
+        except openai.APIConnectionError as error:
             raise EndpointError(
-                f"Cannot reach the endpoint at {self.client.base_url}; is the server up?"
+                f"Cannot reach the endpoint at {redact_url(self.client.base_url)}: "
+                f"{describe_connection_error(error)}. Is the server up and the address right?"
             ) from None
         except openai.APIStatusError:
             return  # some servers have no model listing; the first request will tell
@@ -243,6 +293,7 @@ class ChatClient:
 
     def _store(self, key: str, request: ChatRequest, answer: Answer) -> Answer:
         self.cache.put(key, {k: v for k, v in answer.__dict__.items() if k != "cached"})
+        self.stats.answers_stored += 1
         self.stats.add_usage(request.kind, answer.prompt_tokens, answer.completion_tokens)
         self.stats.modes[answer.mode] += 1
         return answer
@@ -262,6 +313,8 @@ class ChatClient:
 
     async def _send(self, request: ChatRequest, client: openai.AsyncOpenAI) -> Answer:
         retries = 0
+        failures: Counter = Counter()
+        started = time.monotonic()
         while True:
             mode = self.mode
             body: dict[str, Any] = {
@@ -298,11 +351,16 @@ class ChatClient:
                 if not transient:
                     self.stats.errors[f"http_{error.status_code}"] += 1
                     raise RequestRefused(f"http_{error.status_code}") from None
-                retries = await self._backoff(retries, f"http_{error.status_code}", _retry_after(error))
+                label = f"http_{error.status_code}"
+                failures[label] += 1
+                retries = await self._backoff(retries, label, failures, started, _retry_after(error))
                 continue
             except (openai.APITimeoutError, openai.APIConnectionError) as error:
-                label = "timeout" if isinstance(error, openai.APITimeoutError) else "connection"
-                retries = await self._backoff(retries, label, None)
+                label = describe_connection_error(error)
+                failures[label] += 1
+                if self.health_check is not None:
+                    await asyncio.to_thread(self.health_check)
+                retries = await self._backoff(retries, label, failures, started, None)
                 continue
             return _answer_from(response, mode)
 
@@ -322,11 +380,16 @@ class ChatClient:
         logger.warning("Endpoint rejected response format %r; using %r from now on.", mode, self.mode)
         return True
 
-    async def _backoff(self, retries: int, label: str, retry_after: float | None) -> int:
+    async def _backoff(
+        self, retries: int, label: str, failures: Counter, started: float, retry_after: float | None
+    ) -> int:
+        """Wait before retry number ``retries + 1`` of one request, or give up naming its failures."""
         self.stats.errors[label] += 1
         if retries >= self.retry.max_retries:
+            kinds = ", ".join(f"{count} x {kind}" for kind, count in failures.most_common())
             raise EndpointError(
-                f"Giving up after {retries} retries (last error: {label}). Everything answered so far is "
+                f"Giving up on a request to {redact_url(self.client.base_url)} after {sum(failures.values())} "
+                f"failures over {time.monotonic() - started:.0f} s ({kinds}). Everything answered so far is "
                 "in the cache: run the same command again to resume."
             )
         self.stats.retries += 1

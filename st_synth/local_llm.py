@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +18,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from st_synth.client import EndpointError
+
+if TYPE_CHECKING:
+    from st_synth.builder import GenerationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +45,44 @@ JSON by prompt only, so SmolLM2-135M keeps few answers: 2 of 26 sts requests in 
 _BACKEND_GENERATION_DEFAULTS = {
     "transformers": {"max_tokens": 384, "request_timeout": 600.0, "response_format": "text"}
 }
+
+
+# llama.cpp's default build targets the build machine's CPU ("native"), AMX kernels included where the CPU
+# has them, and those crash on the first completion (worker threads run AMX tile instructions without the
+# kernel's per-thread permission). These flags build for any x86-64 CPU with AVX2 instead;
+# scripts/llama-cpp-cmake-args.sh prints the same for README's install command (a test keeps them equal).
+PORTABLE_CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+)
+
+
+class LocalServerError(EndpointError):
+    """A managed local server exited, or never answered its warm-up completion."""
+
+
+def rebuild_command() -> str:
+    """The pip command that rebuilds the installed llama-cpp-python for any x86-64 CPU with AVX2."""
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    spec = f"llama-cpp-python=={version}" if version else "llama-cpp-python"
+    return (
+        f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install --no-cache-dir --force-reinstall --no-deps "{spec}"'
+    )
+
+
+def how_it_ended(returncode: int | None) -> str:
+    """``killed by SIGSEGV (signal 11)``, ``exited with status 1``, or ``is still running``."""
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"was killed by {name} (signal {-returncode})"
+    return f"exited with status {returncode}"
 
 
 def backend_generation_defaults(backend: str) -> dict[str, float | int | str]:
@@ -139,6 +188,7 @@ class LocalLLMServer:
         port: int | None = None,
         startup_timeout: float = 180.0,
     ) -> None:
+        self.requested_backend = backend
         self.backend = resolve_backend(backend)
         self.model_path = Path(model_path) if model_path else packaged_smollm2_gguf()
         self.alias = alias
@@ -148,7 +198,11 @@ class LocalLLMServer:
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen | None = None
         self._hub_cache: str | None = None
-        handle, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+        self.failed = False
+        self.fallback_from: str | None = None  # the backend this one replaced, and why
+        self.fallback_reason: str | None = None
+        self.warmup_seconds: float | None = None
+        handle, name = tempfile.mkstemp(prefix=f"st-synth-{self.backend}-server-", suffix=".log")
         os.close(handle)
         self.log_path = Path(name)
 
@@ -181,6 +235,8 @@ class LocalLLMServer:
         ]  # fmt: skip
 
     def start(self) -> LocalLLMServer:
+        """Start the server and prove it alive with one warm-up completion; :class:`LocalServerError`
+        (naming how it ended, its log's last lines and the remedies) within seconds of its death."""
         command = self.command()
         logger.info("Starting %s server: %s", self.backend, " ".join(command))
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1"}
@@ -190,21 +246,90 @@ class LocalLLMServer:
         with self.log_path.open("w") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
+        while not self._get_ok("/models"):
             if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.backend} server exited with {self._process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(
-            f"{self.backend} server did not answer within {self.startup_timeout:.0f}s:\n{self.log_tail()}"
-        )
+                self._fail("while starting")
+            if time.monotonic() > deadline:
+                self._fail(f"did not answer within {self.startup_timeout:.0f} s", stop=True)
+            time.sleep(0.25)
+        self._warm_up(deadline)
+        return self
+
+    def _get_ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}{path}", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def _warm_up(self, deadline: float) -> None:
+        """One short completion: a server can list its models and still crash on the first request (a
+        llama.cpp built with AMX kernels does), so no generation request goes out before one answers."""
+        body = {"model": self.served_model, "messages": [{"role": "user", "content": "Say OK."}],
+                "max_tokens": 2, "temperature": 0.0}  # fmt: skip
+        request = urllib.request.Request(
+            f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer local"},
+        )  # fmt: skip
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=max(1.0, deadline - started)) as response:
+                answer = json.loads(response.read())
+            if not answer.get("choices"):
+                raise ValueError(f"no choices in {str(answer)[:200]}")
+        except (OSError, ValueError) as error:  # URLError, HTTPError, resets and timeouts are OSErrors
+            self._settle_exit()
+            self._fail(f"failed its warm-up completion ({error})", stop=True)
+        self.warmup_seconds = round(time.monotonic() - started, 2)
+        logger.info("%s server answered its warm-up completion in %.1f s", self.backend, self.warmup_seconds)
+
+    def _settle_exit(self, seconds: float = 3.0) -> None:
+        """A server that crashed closes its sockets a moment before its exit status can be read."""
+        if self._process is not None:
+            with suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=seconds)
+
+    def check_alive(self) -> None:
+        """Raise :class:`LocalServerError` if the server process has exited (called after a failed
+        request, so that a dead server stops the run at once instead of using up the retry budget)."""
+        if self._process is None:
+            return
+        self._settle_exit(1.0)
+        if self._process.poll() is not None:
+            self._fail("during generation")
+
+    def _fail(self, what: str, stop: bool = False) -> None:
+        ended = how_it_ended(self._process.poll() if self._process is not None else None)
+        self.failed = True
+        if stop:
+            self.stop()
+        raise LocalServerError(self.failure_message(what, ended))
+
+    def failure_message(self, what: str, ended: str) -> str:
+        if ended == "is still running" or what.startswith("did not answer"):
+            headline = f"The local {self.backend} server (port {self.port}) {what}."
+        else:
+            headline = f"The local {self.backend} server (port {self.port}) {ended} {what}."
+        remedies = (
+            [f"rebuild llama-cpp-python for any x86-64 CPU (its native build crashes on CPUs with AMX): "
+             f"{rebuild_command()}",
+             "or serve with transformers instead: --set generate.llm_backend=transformers (st-synth run), "
+             "--local-backend transformers (st-synth generate)"]
+            if self.backend == "llama.cpp"
+            else ["read the log above; or use llama.cpp: --set generate.llm_backend=llama.cpp (st-synth run), "
+                  "--local-backend llama.cpp (st-synth generate)"]
+        )  # fmt: skip
+        tail = "\n".join(f"  | {line}" for line in self.log_tail().splitlines()) or "  | (empty)"
+        return (f"{headline}\nLast lines of its log ({self.log_path}):\n{tail}\nWhat to do:\n"
+                + "\n".join(f"  - {remedy}" for remedy in remedies))  # fmt: skip
+
+    def describe(self) -> dict[str, object]:
+        """What the report records about the server that answered."""
+        info: dict[str, object] = {"backend": self.backend, "requested_backend": self.requested_backend,
+                                   "warmup_seconds": self.warmup_seconds}  # fmt: skip
+        if self.fallback_from:
+            info.update(fallback_from=self.fallback_from, fallback_reason=self.fallback_reason)
+        return info
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -227,4 +352,47 @@ class LocalLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self.log_path.unlink(missing_ok=True)
+        if not self.failed:  # a failed server's log stays where its message points
+            self.log_path.unlink(missing_ok=True)
+
+
+def start_local_server(server: LocalLLMServer) -> LocalLLMServer:
+    """Start ``server``; where its backend was chosen by ``auto`` and llama.cpp fails its warm-up, start
+    ``transformers serve`` in its place (said in the log, and in the report through ``describe``)."""
+    try:
+        return server.start()
+    except LocalServerError as error:
+        if server.requested_backend != "auto" or server.backend != "llama.cpp":
+            raise
+        try:
+            resolve_backend("transformers")
+        except RuntimeError:
+            raise error from None
+        logger.warning(
+            "%s\nFalling back to `transformers serve` (slower, no schema-constrained JSON).", error
+        )
+        fallback = LocalLLMServer(backend="transformers", alias=server.alias, threads=server.threads,
+                                  context=server.context, startup_timeout=server.startup_timeout)  # fmt: skip
+        fallback.fallback_from = server.backend
+        fallback.fallback_reason = str(error).splitlines()[0]
+        return fallback.start()
+
+
+@contextmanager
+def serving(
+    config: GenerationConfig, server: LocalLLMServer, given: Iterable[str] = ()
+) -> Iterator[tuple[GenerationConfig, LocalLLMServer]]:
+    """Start ``server`` (see :func:`start_local_server`) and yield ``config`` pointed at the server that
+    answered: its URL, its model name and its backend's limits, except where the user ``given`` them."""
+    running = start_local_server(server)
+    try:
+        given = set(given)
+        changes = {key: value for key, value in backend_generation_defaults(running.backend).items()
+                   if key not in given}  # fmt: skip
+        if "model" not in given or config.model == running.alias:  # transformers serve answers to its folder
+            changes["model"] = running.served_model
+        yield dataclasses.replace(config, base_url=running.base_url, **changes), running
+    finally:
+        running.stop()
+        if not running.failed:
+            running.log_path.unlink(missing_ok=True)

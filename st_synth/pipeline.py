@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,8 @@ class RunPlan:
     local: bool
     llm_threads: int
     llm_backend: str  # resolved: llama.cpp or transformers (meaningful where local)
+    llm_backend_choice: str  # as configured (auto may fall back to transformers at start-up)
+    generation_given: frozenset[str]  # the generate keys the config sets (they win over backend limits)
     consistency: Any  # ConsistencyFilter or None
     train_settings: dict[str, Any]
     model_args: Any
@@ -108,6 +109,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     generate = dict(config.get("generate") or {})
     gen_fields = [f.name for f in dataclasses.fields(GenerationConfig) if f.init]
     _check_keys("generate", generate, gen_fields + list(GENERATE_EXTRA_KEYS))
+    given = frozenset(generate)
     local = bool(generate.pop("local", False))
     llm_threads = int(generate.pop("llm_threads", 1))
     llm_backend = str(generate.pop("llm_backend", "auto"))
@@ -157,7 +159,8 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     resolve_tasks(tasks)  # unknown names fail now, with close matches
     return RunPlan(
         output=output, generation=generation, local=local, llm_threads=llm_threads, consistency=consistency,
-        llm_backend=resolve_backend(llm_backend) if local else llm_backend,
+        llm_backend=resolve_backend(llm_backend) if local else llm_backend, llm_backend_choice=llm_backend,
+        generation_given=given,
         train_settings=settings, model_args=model_args, data_args=data_args, training_args=training_args,
         tasks=tasks, evaluate=evaluate, push_to_hub=config.get("push_to_hub"),
         private=bool(config.get("private", False)),
@@ -225,18 +228,25 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
 
 def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     from st_synth.builder import SyntheticDatasetBuilder, generation_report_summary
-    from st_synth.local_llm import SMOLLM2_ALIAS, LocalLLMServer
+    from st_synth.cache import AnswerCache
+    from st_synth.local_llm import LocalLLMServer, serving
 
     g = plan.generation
     started = stages.start("generate", f"{g.num_examples} examples from {g.model}"
                            + (f" (local {plan.llm_backend} server)" if plan.local else f" at {g.public_settings()['base_url']}"))  # fmt: skip
-    server = LocalLLMServer(backend=plan.llm_backend, threads=plan.llm_threads) if plan.local else None
-    if server:
-        g.base_url = server.base_url
-        if g.model == SMOLLM2_ALIAS:  # transformers serve answers only to its folder's name
-            g.model = server.served_model
-    builder = SyntheticDatasetBuilder(g)
-    with server or nullcontext():
+    AnswerCache.check(g.cache_path)  # a file that is no cache is refused before a server starts
+    if plan.local:
+        server = LocalLLMServer(backend=plan.llm_backend_choice, threads=plan.llm_threads)
+        with serving(g, server, plan.generation_given) as (config, running):
+            builder = SyntheticDatasetBuilder(config, health_check=running.check_alive,
+                                              report_extra={"local_server": running.describe()})  # fmt: skip
+            builder.build()
+        if running.fallback_from:
+            stages.echo(
+                f"      served by transformers serve: llama.cpp failed its warm-up ({running.fallback_reason})"
+            )
+    else:
+        builder = SyntheticDatasetBuilder(g)
         builder.build()
     builder.save(plan.output / "synthetic")
     report = builder.report or {}

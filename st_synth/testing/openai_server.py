@@ -16,6 +16,8 @@ import json
 import math
 import random
 import re
+import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -44,6 +46,11 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog: hundreds of clients may connect at once
     daemon_threads = True
 
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up mid-answer (a run stopped on purpose) is not the server's error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -65,8 +72,15 @@ class FakeOpenAIServer:
         fence_text_answers: bool = True,
         port: int = 0,
         seed: int = 0,
+        die_after: int | None = None,
+        die_signal: str = "SIGSEGV",
     ) -> None:
+        """``die_after``: the process kills itself with ``die_signal`` when a chat request arrives after that
+        many answers (a stand-in for a local server that crashes, e.g. llama.cpp on an AMX CPU)."""
         self.model = model
+        self.die_after = die_after
+        self.die_signal = signal.Signals[die_signal]
+        self._answered = 0
         self.latency = latency
         self.bad_answer_rate = bad_answer_rate
         self.bad_answers = bad_answers
@@ -140,6 +154,14 @@ class FakeOpenAIServer:
             self.received.append(body)
         if body.get("model") != self.model:
             return 404, {"error": {"message": f"model {body.get('model')} does not exist"}}, {}, 0.0
+        with self._lock:
+            if self.die_after is not None and self._answered >= self.die_after:
+                print(f"dying with {self.die_signal.name} after {self._answered} answers", flush=True)
+                # Raised in this thread, so that it dies before it could answer (a signal sent to the
+                # process may be taken by another thread a moment later); the sleep only holds it there.
+                signal.raise_signal(self.die_signal)
+                time.sleep(60)
+            self._answered += 1
         fmt = body.get("response_format") or {}
         if self.reject_json_schema and fmt.get("type") == "json_schema":
             return 500, {"error": {"message": "response_format json_schema is not supported"}}, {}, 0.0
@@ -356,11 +378,14 @@ def main() -> None:
     parser.add_argument(
         "--asyncio", action="store_true", help="One event loop instead of a thread per connection."
     )
+    parser.add_argument("--die-after", type=int, default=None, help="Kill this process at the chat request "
+                        "after this many answers (a crashing local server).")  # fmt: skip
+    parser.add_argument("--die-signal", default="SIGSEGV", help="The signal it dies by.")
     args = parser.parse_args()
     latency = heavy_tailed_latency(args.mean_latency) if args.mean_latency > 0 else 0.0
     server = FakeOpenAIServer(
         model=args.model, latency=latency, port=0 if args.asyncio else args.port,
-        fence_text_answers=not args.no_fence,
+        fence_text_answers=not args.no_fence, die_after=args.die_after, die_signal=args.die_signal,
     )  # fmt: skip
     if args.asyncio:
         serve_asyncio(server, args.port)

@@ -1,0 +1,120 @@
+"""What the portable llama.cpp build costs: tokens/s of the packaged SmolLM2 served by two builds of
+llama-cpp-python, taken in turns on one machine.
+
+README's install builds llama-cpp-python with ``scripts/llama-cpp-cmake-args.sh`` (x86-64: no "native"
+target, AVX2/FMA/F16C/BMI2; llama.cpp's native build crashes on CPUs with AMX). This compares it with the
+native build on a machine where the native build works. Each variant is a folder that holds a
+``llama_cpp`` package, put first on the server's PYTHONPATH (empty: the installed one). E.g.::
+
+    pip wheel --no-deps --no-cache-dir -w /tmp/native llama-cpp-python==0.3.36
+    pip install --no-deps --target /tmp/native/site /tmp/native/*.whl
+    python benchmarks/bench_llama_build.py --variant native=/tmp/native/site --variant portable=
+
+Each round starts each variant's server (two threads), sends the same seeded requests one at a time
+(200 completion tokens each, no stop) and times them; the rounds alternate the variants so that the
+machine's drift falls on both. Results: ``benchmarks/results/llama-build.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import urllib.request
+from pathlib import Path
+
+from st_synth.local_llm import LocalLLMServer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how vaccines train the immune system.",
+    "Describe the water cycle to a child.",
+    "List the causes of the French Revolution.",
+]
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma", "f16c", "bmi")))
+
+
+def measure(pythonpath: str, max_tokens: int, threads: int) -> dict[str, float]:
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = pythonpath
+    try:
+        with LocalLLMServer(backend="llama.cpp", threads=threads) as server:
+            tokens, seconds = 0, 0.0
+            for seed, prompt in enumerate(PROMPTS):
+                body = {"model": server.served_model, "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stop": []}  # fmt: skip
+                request = urllib.request.Request(
+                    f"{server.base_url}/chat/completions", data=json.dumps(body).encode(),
+                    headers={"Content-Type": "application/json"},
+                )  # fmt: skip
+                started = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=600) as response:
+                    answer = json.loads(response.read())
+                seconds += time.perf_counter() - started
+                tokens += answer["usage"]["completion_tokens"]
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+    return {
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variant", action="append", required=True, metavar="NAME=PYTHONPATH")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results-name", default="llama-build")
+    args = parser.parse_args()
+    variants = dict(item.split("=", 1) for item in args.variant)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+        for name in order:
+            runs[name].append(measure(variants[name], args.max_tokens, args.threads))
+            print(name, runs[name][-1], flush=True)
+    summary = {
+        name: {"median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+               "tokens_per_s": [r["tokens_per_s"] for r in results]}
+        for name, results in runs.items()
+    }  # fmt: skip
+    payload = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "flags": cpu_flags()},
+               "settings": vars(args), "summary": summary, "runs": runs}  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.results_name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    names = list(variants)
+    lines = ["| build | tokens/s per round | median |", "|---|---|---|"]
+    lines += [f"| {n} | {', '.join(map(str, summary[n]['tokens_per_s']))} | {summary[n]['median_tokens_per_s']} |"
+              for n in names]  # fmt: skip
+    if len(names) == 2:
+        a, b = (summary[n]["median_tokens_per_s"] for n in names)
+        lines.append(f"\n{names[1]} / {names[0]}: {b / a:.3f}")
+    (RESULTS / f"{args.results_name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
