@@ -32,7 +32,8 @@ from st_synth.training import (
     DataArguments,
     ModelArguments,
     OutputArguments,
-    SentenceTransformerTrainingArguments,
+    RecipeTrainingArguments,
+    current_flags,
     settings_to_flags,
     train,
 )
@@ -46,13 +47,13 @@ def yaml_to_flags(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, OutputArguments, SentenceTransformerTrainingArguments)
-    )
+    parser = HfArgumentParser((ModelArguments, DataArguments, OutputArguments, RecipeTrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = yaml_to_flags(argv[0]) + argv[1:]  # the YAML first, command-line flags on top
-    model_args, data_args, output_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, output_args, training_args = parser.parse_args_into_dataclasses(
+        args=current_flags(argv)
+    )
     summary = train(model_args, data_args, training_args, output_args)
     if training_args.process_index == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=2, default=str))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
 
@@ -42,6 +43,16 @@ class AnswerCache:
                 f"Cannot use {self.path} as the answer cache ({error}). Pass another cache path (--cache, or "
                 "generate.cache in a run config), or move that file away."
             ) from None
+
+    @staticmethod
+    def count(path: str | Path) -> int:
+        """The answers in the cache at ``path`` (0 where there is none yet), read-only, so that another
+        process may watch a run's progress."""
+        try:
+            with closing(sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)) as db:
+                return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        except sqlite3.Error:
+            return 0
 
     @classmethod
     def check(cls, path: str | Path) -> None:

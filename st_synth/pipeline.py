@@ -99,7 +99,8 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     from st_synth.training import (
         DataArguments,
         ModelArguments,
-        SentenceTransformerTrainingArguments,
+        RecipeTrainingArguments,
+        current_setting_name,
         settings_to_flags,
     )
 
@@ -134,7 +135,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
         if filter_section.pop("enabled", True):
             consistency = ConsistencyFilter(**filter_section)
 
-    train = dict(config.get("train") or {})
+    train = {current_setting_name(key): value for key, value in (config.get("train") or {}).items()}
     if "dataset" in train or "output_dir" in train:
         raise ValueError(
             "train.dataset and train.output_dir are set by the run (under `output`); remove them."
@@ -145,7 +146,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
         "dataset": str(output / "data"),
         "output_dir": str(output / "model"),
     }
-    parser = HfArgumentParser((ModelArguments, DataArguments, SentenceTransformerTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeTrainingArguments))
     known = {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc)}
     _check_keys("train", train, sorted(known - {"dataset", "output_dir"}))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(
@@ -170,7 +171,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
 def _training_defaults() -> dict[str, Any]:
     """The recipe's defaults (as in ``default_training_arguments``) for a run that saves once, at the end."""
     return {"batch_sampler": "no_duplicates", "multi_dataset_batch_sampler": "proportional",
-            "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            "activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False},
             "save_strategy": "no", "report_to": "none", "logging_steps": 5, "dataloader_num_workers": 0}  # fmt: skip
 
 
@@ -199,6 +200,7 @@ class _Stages:
         self.plan, self.echo = plan, echo
         self.names = [name for name in plan.stages if name]
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, int] = {}
 
     def start(self, name: str, detail: str) -> float:
         self.echo(f"[{self.names.index(name) + 1}/{len(self.names)}] {name}: {detail}")
@@ -206,7 +208,19 @@ class _Stages:
 
     def done(self, name: str, started: float, detail: str) -> None:
         self.timings[name] = round(time.perf_counter() - started, 1)
-        self.echo(f"      {detail} ({self.timings[name]:.0f} s)")
+        self.peak_rss_mb[name] = peak_rss_mb()
+        self.echo(
+            f"      {detail} ({self.timings[name]:.0f} s, peak memory so far {self.peak_rss_mb[name]} MB)"
+        )
+
+
+def peak_rss_mb() -> int:
+    """The largest resident size this process has had so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
 
 
 def run(plan: RunPlan, echo=print) -> dict[str, Any]:
@@ -221,6 +235,7 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
     summary["evaluation"] = _evaluate(plan, stages, summary["training"]["fingerprint"])
     summary["card"] = _package(plan, stages, summary)
     summary["timings_s"] = stages.timings
+    summary["peak_rss_mb"] = stages.peak_rss_mb
     (plan.output / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     echo(score_table(summary["evaluation"]))
     return summary

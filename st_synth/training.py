@@ -6,13 +6,14 @@ testable and the same under one CPU, ``accelerate launch``, ``torchrun`` or Deep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from sentence_transformers import SentenceTransformer
@@ -122,11 +123,52 @@ class OutputArguments:
     hub_private: bool = field(default=False)
 
 
+@dataclass
+class RecipeTrainingArguments(SentenceTransformerTrainingArguments):
+    """sentence-transformers' training arguments as the recipe parses them: ``activation_checkpointing_kwargs``
+    given as JSON on the command line or in YAML becomes a dict, as ``gradient_checkpointing_kwargs`` does
+    (sentence-transformers' list of such fields predates the rename)."""
+
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [
+        *SentenceTransformerTrainingArguments._VALID_DICT_FIELDS,
+        "activation_checkpointing_kwargs",
+    ]
+
+
+# transformers renamed gradient_checkpointing* to activation_checkpointing* (the old names still work there,
+# with a FutureWarning at every run). Settings are passed on under the names the installed release has, so
+# users' files may use either spelling and older releases (the GPU image's) still get the old one.
+_CHECKPOINTING_RENAMES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def current_setting_name(name: str) -> str:
+    """``name`` as the installed transformers spells it (old and new checkpointing names either way)."""
+    fields = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
+    if "activation_checkpointing" in fields:
+        return _CHECKPOINTING_RENAMES.get(name, name)
+    return {new: old for old, new in _CHECKPOINTING_RENAMES.items()}.get(name, name)
+
+
+def current_flags(argv: list[str]) -> list[str]:
+    """Command-line flags with the checkpointing names as the installed transformers spells them."""
+    renamed = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--"):
+            arg = f"--{current_setting_name(flag[2:])}{eq}{value}"
+        renamed.append(arg)
+    return renamed
+
+
 def settings_to_flags(settings: dict[str, Any]) -> list[str]:
     """A mapping of recipe settings (a YAML file's) as command-line flags, so that HfArgumentParser
     converts each value to its field's type exactly as it does for flags typed by hand."""
     flags: list[str] = []
     for key, value in settings.items():
+        key = current_setting_name(key)
         if isinstance(value, list):
             if value:  # an empty list is the field's default: argparse cannot take a flag with no values
                 flags += [f"--{key}", *map(str, value)]
@@ -323,19 +365,19 @@ def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None)
     return model
 
 
-def default_training_arguments(**overrides: Any) -> SentenceTransformerTrainingArguments:
+def default_training_arguments(**overrides: Any) -> RecipeTrainingArguments:
     """sentence-transformers' training arguments with the recipe's defaults (the YAML configs set the
     same): no duplicate texts in a batch (false negatives), one source per batch, checkpointing on."""
     settings: dict[str, Any] = {
         "output_dir": "outputs/e5-model",
         "batch_sampler": BatchSamplers.NO_DUPLICATES,
         "multi_dataset_batch_sampler": MultiDatasetBatchSamplers.PROPORTIONAL,
-        "gradient_checkpointing": True,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
         "report_to": "none",
         **overrides,
     }
-    return SentenceTransformerTrainingArguments(**settings)
+    return RecipeTrainingArguments(**{current_setting_name(k): v for k, v in settings.items()})
 
 
 def train(

@@ -23,20 +23,13 @@ from datasets import DatasetDict
 
 from st_synth import local_llm
 from st_synth.builder import REPORT_FILE
+from st_synth.cache import AnswerCache
 from st_synth.cli import main
 from st_synth.client import describe_connection_error
 from st_synth.local_llm import PORTABLE_CMAKE_ARGS, LocalLLMServer, LocalServerError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_MODEL = "fake-llm"
-
-
-def cached_answers(cache: Path) -> int:
-    try:
-        with sqlite3.connect(cache) as db:
-            return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
 
 
 @pytest.fixture
@@ -97,7 +90,7 @@ def test_a_server_that_crashes_on_its_first_completion_is_named_within_seconds(s
     code = main(generate(tmp_path, "--local", "--local-backend", "llama.cpp"))
     err = capsys.readouterr().err
     assert code == 1 and "SIGSEGV" in err and "Traceback" not in err
-    assert cached_answers(tmp_path / "cache.sqlite") == 0
+    assert AnswerCache.count(tmp_path / "cache.sqlite") == 0
 
 
 def test_auto_falls_back_to_transformers_serve_and_says_so(stand_in, tmp_path, capsys, caplog):
@@ -122,7 +115,7 @@ def test_a_server_dying_mid_run_stops_it_at_once_and_the_rerun_resumes(stand_in,
     err = capsys.readouterr().err
     assert code == 1 and time.monotonic() - started < 20
     assert "killed by SIGSEGV" in err and "during generation" in err and "Traceback" not in err
-    assert cached_answers(tmp_path / "cache.sqlite") == answers, err
+    assert AnswerCache.count(tmp_path / "cache.sqlite") == answers, err
     assert not (tmp_path / "out").exists()
 
     stand_in(llama=None)  # a working server: the five answers come from the cache
@@ -247,13 +240,13 @@ def test_ctrl_c_says_what_is_safe_and_the_same_command_resumes(fake_server, tmp_
     with (tmp_path / "stderr.txt").open("w") as stderr:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + 60
-        while cached_answers(cache) < 3 and time.monotonic() < deadline:
+        while AnswerCache.count(cache) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
     err = (tmp_path / "stderr.txt").read_text()
     assert "interrupted" in err and "safe in the cache" in err and "Traceback" not in err, err
-    safe = cached_answers(cache)
+    safe = AnswerCache.count(cache)
     assert f"{safe} answers from this run are safe" in err
     assert main(generate(tmp_path, "--base-url", server.base_url, "--model", server.model, "--concurrency", "1",
                          "--num-examples", "60")) == 0  # fmt: skip

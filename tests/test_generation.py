@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.builder import REPORT_FILE
+from st_synth.cache import AnswerCache
 from st_synth.client import EndpointError
 from st_synth.languages import XLMR_LANGUAGES, paper_language_weights, resolve_language_weights
 from st_synth.prompting import example_request, plan_examples
@@ -468,14 +468,6 @@ def cli(server, out: Path, cache: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def cached_answers(cache: Path) -> int:
-    try:
-        with sqlite3.connect(cache) as db:
-            return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 def test_sigkill_and_resume_gives_the_uninterrupted_dataset(fake_server, tmp_path):
     server = fake_server(latency=0.03, bad_answer_rate=0.15)
     env = {**os.environ, "OPENAI_API_KEY": ""}
@@ -489,7 +481,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_dataset(fake_server, tmp_pat
     command = cli(server, tmp_path / "out", cache, "--concurrency", "4")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while cached_answers(cache) < 15 and time.time() < deadline:
+    while AnswerCache.count(cache) < 15 and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -446,3 +446,33 @@ def test_wikipedia_sections_are_real_clean_and_spread_over_articles():
         assert len(passage.split()) >= 40
         assert not any(mark in passage for mark in ("[[", "{{", "<ref", "'''", "<!--"))
     assert pairs["positive"][0].startswith("Anarchism is a political philosophy")
+
+
+@pytest.mark.parametrize("config", ["smollm2-cpu.yaml", "e5-mistral-7b.yaml"])
+@pytest.mark.parametrize("spelling", ["current", "older"])
+def test_checkpointing_settings_take_the_current_names_without_a_deprecation_warning(config, spelling):
+    """transformers renamed gradient_checkpointing* to activation_checkpointing*: the shipped configs and
+    users' files in either spelling reach the trainer under the installed release's names, silently."""
+    import warnings
+
+    from transformers import HfArgumentParser
+
+    from st_synth.training import RecipeTrainingArguments, current_flags, settings_to_flags
+
+    settings = yaml.safe_load((ROOT / "recipes" / "configs" / config).read_text())
+    if spelling == "older":
+        settings = {key.replace("activation_", "gradient_"): value for key, value in settings.items()}
+    settings.update(use_cpu=True, bf16=False)
+    parser = HfArgumentParser((ModelArguments, DataArguments, OutputArguments, RecipeTrainingArguments))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flags = current_flags(
+            [*settings_to_flags(settings), "--gradient_checkpointing_kwargs", '{"use_reentrant": true}']
+        )
+        *_, args = parser.parse_args_into_dataclasses(args=flags)
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+    assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {
+        "use_reentrant": True
+    }
+    if hasattr(args, "activation_checkpointing"):
+        assert args.activation_checkpointing is True
