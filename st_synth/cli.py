@@ -154,13 +154,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"st-synth generate: error: {error}", file=sys.stderr)
         return 2
     user_given = {*given, *(["model"] if args.model else [])}
+    context = serving(config, server, user_given) if server else nullcontext((config, None))
     try:
-        with (
-            serving(config, server, user_given) if server else nullcontext((config, None)) as (
-                config,
-                running,
-            )
-        ):
+        with context as (config, running):
             if running is not None:
                 builder = SyntheticDatasetBuilder(config, health_check=running.check_alive,
                                                   report_extra={"local_server": running.describe()})  # fmt: skip

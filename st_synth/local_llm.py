@@ -306,7 +306,7 @@ class LocalLLMServer:
         raise LocalServerError(self.failure_message(what, ended))
 
     def failure_message(self, what: str, ended: str) -> str:
-        if ended == "is still running" or what.startswith("did not answer"):
+        if ended == "is still running":
             headline = f"The local {self.backend} server (port {self.port}) {what}."
         else:
             headline = f"The local {self.backend} server (port {self.port}) {ended} {what}."
@@ -350,10 +350,14 @@ class LocalLLMServer:
     def __enter__(self) -> LocalLLMServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """Stop the server and remove its log, unless it failed (its message points to the log)."""
         self.stop()
-        if not self.failed:  # a failed server's log stays where its message points
+        if not self.failed:
             self.log_path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def start_local_server(server: LocalLLMServer) -> LocalLLMServer:
@@ -371,8 +375,9 @@ def start_local_server(server: LocalLLMServer) -> LocalLLMServer:
         logger.warning(
             "%s\nFalling back to `transformers serve` (slower, no schema-constrained JSON).", error
         )
-        fallback = LocalLLMServer(backend="transformers", alias=server.alias, threads=server.threads,
-                                  context=server.context, startup_timeout=server.startup_timeout)  # fmt: skip
+        fallback = LocalLLMServer(server.model_path, backend="transformers", alias=server.alias,
+                                  threads=server.threads, context=server.context,
+                                  startup_timeout=server.startup_timeout)  # fmt: skip
         fallback.fallback_from = server.backend
         fallback.fallback_reason = str(error).splitlines()[0]
         return fallback.start()
@@ -393,6 +398,4 @@ def serving(
             changes["model"] = running.served_model
         yield dataclasses.replace(config, base_url=running.base_url, **changes), running
     finally:
-        running.stop()
-        if not running.failed:
-            running.log_path.unlink(missing_ok=True)
+        running.close()

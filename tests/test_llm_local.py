@@ -33,6 +33,17 @@ def _generate(server, tmp_path, examples: str, **settings):
     return dataset, builder.report
 
 
+def test_llama_cpp_server_proves_itself_alive_before_any_request():
+    """The warm-up completion of the real server: the check that catches a build that crashes on its
+    first answer (llama.cpp's native build on AMX CPUs)."""
+    from st_synth.local_llm import LocalLLMServer
+
+    with LocalLLMServer(backend="llama.cpp") as server:
+        assert server.warmup_seconds is not None and server.warmup_seconds < 60
+        server.check_alive()  # raises if the process had exited
+        assert server.describe()["backend"] == "llama.cpp"
+
+
 def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
     from st_synth.local_llm import LocalLLMServer
     from st_synth.taxonomy import TASK_KINDS
