@@ -96,7 +96,7 @@ def main() -> None:
             runs[name].append(measure(variants[name], args.max_tokens, args.threads))
             print(name, runs[name][-1], flush=True)
     summary = {
-        name: {"median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+        name: {"median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in results), 2),
                "tokens_per_s": [r["tokens_per_s"] for r in results]}
         for name, results in runs.items()
     }  # fmt: skip
