@@ -7,6 +7,7 @@ testable and the same under one CPU, ``accelerate launch``, ``torchrun`` or Deep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -144,12 +145,17 @@ _CHECKPOINTING_RENAMES = {
 }
 
 
-def current_setting_name(name: str) -> str:
-    """``name`` as the installed transformers spells it (old and new checkpointing names either way)."""
+@functools.cache
+def _setting_renames() -> dict[str, str]:
     fields = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
     if "activation_checkpointing" in fields:
-        return _CHECKPOINTING_RENAMES.get(name, name)
-    return {new: old for old, new in _CHECKPOINTING_RENAMES.items()}.get(name, name)
+        return _CHECKPOINTING_RENAMES
+    return {new: old for old, new in _CHECKPOINTING_RENAMES.items()}
+
+
+def current_setting_name(name: str) -> str:
+    """``name`` as the installed transformers spells it (old and new checkpointing names either way)."""
+    return _setting_renames().get(name, name)
 
 
 def current_flags(argv: list[str]) -> list[str]:
