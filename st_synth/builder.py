@@ -33,6 +33,7 @@ from st_synth.client import (
     redact_url,
 )
 from st_synth.languages import resolve_language_weights
+from st_synth.names import REPORT_FILE
 from st_synth.prompting import (
     PROMPTS_VERSION,
     ChatRequest,
@@ -46,7 +47,6 @@ from st_synth.validation import Rejected, parse_example_keyed, parse_tasks
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "generation_report.json"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 CONNECTIONS_PER_CLIENT = 8
 
@@ -101,8 +101,10 @@ class GenerationConfig:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.response_format == "auto" or self.response_format in RESPONSE_FORMATS,
              f"response_format {self.response_format!r} is unknown; choose auto, {', '.join(RESPONSE_FORMATS)}"),
-            ("bitext" not in self.kind_weights or len(self.language_weights) >= 2,
-             "bitext examples pair two different languages; give at least two languages or drop 'bitext'"),
+            (not (bilingual := [k for k in self.kind_weights if TASK_KINDS[k].bilingual])
+             or len(self.language_weights) >= 2,
+             f"{' and '.join(bilingual)} examples pair two different languages; give at least two languages "
+             f"or drop {', '.join(map(repr, bilingual))}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

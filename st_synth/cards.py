@@ -11,6 +11,7 @@ import jinja2
 from datasets import DatasetDict
 
 from st_synth.languages import ISO_CODES
+from st_synth.names import ADAPTER_DIR, CARD_DATA_FILE, FINAL_DIR
 from st_synth.taxonomy import TASK_KINDS
 
 
@@ -73,9 +74,6 @@ def render_dataset_card(dataset: DatasetDict, report: dict[str, Any], repo_id: s
     )
 
 
-CARD_DATA_FILE = "st_synth_card.json"
-
-
 def write_model_card(
     folder: str | Path,
     *,
@@ -97,7 +95,7 @@ def write_model_card(
     dimension = config.get("hidden_size", "?")
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     facts = {
-        "title": (repo_id or (folder.parent.name if folder.name in ("final", "adapter") else folder.name)).split("/")[-1],
+        "title": (repo_id or (folder.parent.name if folder.name in (FINAL_DIR, ADAPTER_DIR) else folder.name)).split("/")[-1],
         "repo_id": repo_id or str(folder),
         "base_model": model_args.base_model,
         "base_model_id": model_args.base_model if "/" in model_args.base_model else None,

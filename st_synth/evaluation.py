@@ -10,7 +10,6 @@ thousands of encodes), and the cache turns that into 50.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import time
@@ -22,6 +21,7 @@ from sentence_transformers import SentenceTransformer
 
 from st_synth.embedder import format_instruction, instruction_template_of
 from st_synth.instructions import get_instruction
+from st_synth.names import unknown_name
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,8 @@ def resolve_benchmark(name: str) -> list[Any]:
         return resolve_tasks(list(OFFLINE_TASKS))
     known = [benchmark.name for benchmark in mteb.get_benchmarks()] + [OFFLINE_BENCHMARK]
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
-        raise ValueError(f"Unknown benchmark {name!r} (close: {', '.join(close) or 'none'}); "
-                         f"{OFFLINE_BENCHMARK!r} needs no network.")  # fmt: skip
+        raise unknown_name("benchmark", name, known, list_choices=False, cutoff=0.4,
+                           extra=f"{OFFLINE_BENCHMARK!r} needs no network.")  # fmt: skip
     return list(mteb.get_benchmark(name).tasks)
 
 
@@ -131,11 +130,9 @@ def resolve_tasks(names: list[str]) -> list[Any]:
 
     known: dict[str, Any] = {task.metadata.name: task for task in mteb.get_tasks()}
     known.update({name: task_class() for name, task_class in OFFLINE_TASKS.items()})
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        hints = {name: difflib.get_close_matches(name, known, n=3) for name in unknown}
-        detail = "; ".join(f"{name!r} (close: {', '.join(close) or 'none'})" for name, close in hints.items())
-        raise ValueError(f"Unknown mteb task(s): {detail}.")
+    for name in names:
+        if name not in known:
+            raise unknown_name("mteb task", name, known, list_choices=False)
     return [known[name] for name in names]
 
 

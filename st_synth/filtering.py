@@ -21,10 +21,10 @@ import numpy as np
 from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer
 
-from st_synth.taxonomy import TASK_KINDS
+from st_synth.names import FILTER_REPORT_FILE, REPORT_FILE
+from st_synth.taxonomy import get_kind, kinds_where
 
 GUIDE_ALIAS = "all-MiniLM-L6-v2"
-REPORT_FILE = "filter_report.json"
 
 
 @dataclass
@@ -32,15 +32,14 @@ class ConsistencyFilter:
     guide_model: str = GUIDE_ALIAS
     top_k: int = 3
     margin: float = 0.0
-    kinds: list[str] = field(default_factory=lambda: [k for k in TASK_KINDS if k != "bitext"])
+    kinds: list[str] = field(default_factory=lambda: kinds_where("filterable"))
     batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-        unknown = [kind for kind in self.kinds if kind not in TASK_KINDS]
-        if unknown:
-            raise ValueError(f"Unknown kinds {unknown} for the filter; choose from: {', '.join(TASK_KINDS)}.")
+        for kind in self.kinds:
+            get_kind(kind)
 
     def load_guide(self) -> SentenceTransformer:
         return SentenceTransformer(resolve_guide(self.guide_model))
@@ -114,7 +113,7 @@ def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyF
     source, target = Path(source), Path(target)
     filtered, report = settings.apply(load_from_disk(str(source)))
     filtered.save_to_disk(str(target))
-    if (source / "generation_report.json").is_file():
-        (target / "generation_report.json").write_text((source / "generation_report.json").read_text())
-    (target / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    if (source / REPORT_FILE).is_file():
+        (target / REPORT_FILE).write_text((source / REPORT_FILE).read_text())
+    (target / FILTER_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -12,6 +12,7 @@ from datasets import DatasetDict
 from huggingface_hub import HfApi
 
 from st_synth.cards import render_dataset_card
+from st_synth.names import REPORT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,7 @@ def push_dataset(
         for split, data in dataset.items():
             data.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
         (folder / "README.md").write_text(render_dataset_card(dataset, report, repo_id), encoding="utf-8")
-        (folder / "generation_report.json").write_text(
-            json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-        )
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         return _upload(folder, repo_id, "dataset", "Upload synthetic embedding data generated with st-synth",
                        token=token, private=private)  # fmt: skip
 

@@ -3,7 +3,7 @@ scripts), plus the shipped offline tasks. Queryable by task name; unknown names 
 
 from __future__ import annotations
 
-import difflib
+from st_synth.names import unknown_name
 
 STS_INSTRUCTION = "Retrieve semantically similar text."
 BITEXT_INSTRUCTION = "Retrieve parallel sentences."
@@ -12,11 +12,6 @@ _CQADUPSTACK = (
     "Given a question, retrieve detailed question descriptions from Stackexchange that are duplicates to the "
     "given question"
 )
-
-_CQADUPSTACK_FORUMS = (
-    "Android", "English", "Gaming", "Gis", "Mathematica", "Physics", "Programmers", "Stats", "Tex", "Unix",
-    "Webmasters", "Wordpress",
-)  # fmt: skip
 
 _CQADUPSTACK_FORUMS = (
     "Android", "English", "Gaming", "Gis", "Mathematica", "Physics", "Programmers", "Stats", "Tex", "Unix",
@@ -108,12 +103,10 @@ def get_instruction(task_name: str, task_type: str | None = None) -> str:
         return INSTRUCTIONS[task_name]
     if task_type in TYPE_DEFAULTS:
         return TYPE_DEFAULTS[task_type]
-    close = difflib.get_close_matches(task_name, INSTRUCTIONS, n=3)
-    hint = f" Close matches: {', '.join(close)}." if close else ""
-    raise KeyError(
-        f"No instruction is registered for task {task_name!r}.{hint} Register one with "
-        f"register_instruction(), or pass its task type ({', '.join(TYPE_DEFAULTS)})."
-    )
+    error = unknown_name("task (no instruction is registered for it)", task_name, INSTRUCTIONS,
+                         list_choices=False, extra="Register one with register_instruction(), or pass its "
+                         f"task type ({', '.join(TYPE_DEFAULTS)}).")  # fmt: skip
+    raise KeyError(str(error))
 
 
 def register_instruction(task_name: str, instruction: str) -> None:

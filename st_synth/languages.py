@@ -9,9 +9,10 @@ thirteen high-resource languages 0.029 each, the remaining mass spread evenly.
 
 from __future__ import annotations
 
-import difflib
 import random
 from collections.abc import Iterable, Mapping
+
+from st_synth.names import unknown_name
 
 XLMR_LANGUAGES: tuple[str, ...] = (
     "Afrikaans", "Albanian", "Amharic", "Arabic", "Armenian", "Assamese", "Azerbaijani", "Basque",
@@ -64,11 +65,11 @@ def canonical_language(name: str) -> str:
     """Return the canonical spelling of ``name`` or raise with the valid choices and close matches."""
     found = _BY_LOWER.get(name.strip().lower())
     if found is None:
-        close = difflib.get_close_matches(name.strip().title(), XLMR_LANGUAGES, n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"Unknown language {name!r}.{hint} Choose from the {len(XLMR_LANGUAGES)} XLM-R languages: "
-            f"{', '.join(XLMR_LANGUAGES)}; or 'paper' for the paper's weighted mix."
+        raise unknown_name(
+            f"language (one of the {len(XLMR_LANGUAGES)} XLM-R languages)",
+            name,
+            XLMR_LANGUAGES,
+            extra="Or 'paper' for the paper's weighted mix.",
         )
     return found
 

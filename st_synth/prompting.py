@@ -89,7 +89,7 @@ def plan_examples(
         kind = rng.choices(kinds, weights=[kind_weights[k] for k in kinds], k=1)[0]
         language = sample_language(rng, language_weights)
         target = None
-        if kind == "bitext":
+        if TASK_KINDS[kind].bilingual:
             others = {lang: w for lang, w in language_weights.items() if lang != language}
             target = sample_language(rng, others)
         plans.append(ExamplePlan(index=index, kind=kind, language=language, target_language=target))
@@ -112,7 +112,7 @@ def example_request(seed: int, plan: ExamplePlan, attempt: int, tasks: list[str]
     kind = TASK_KINDS[plan.kind]
     rng = seeded_rng(seed, "attempt", plan.index, attempt)
     values = {name: rng.choice(choices) for name, choices in kind.placeholders.items()}
-    if kind.name == "bitext":
+    if kind.bilingual:
         values.update(src_lang=plan.language, tgt_lang=plan.target_language or "")
     else:
         values["language"] = plan.language

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from st_synth.names import unknown_name
 
 CLARITY = ("clear", "understandable with some effort", "ambiguous")
 
@@ -15,6 +16,11 @@ class TaskKind:
 
     ``keys`` are the JSON keys the generator must answer with, in (anchor, positive, negative) order;
     ``placeholders`` are the value lists sampled per request to diversify the prompts.
+
+    Behaviour that differs by kind is an attribute here, never a test of the kind's name elsewhere:
+    ``bilingual`` (each example pairs two languages), ``in_batch_negatives`` (other rows of a batch are
+    true negatives; false where labels repeat across rows, as in classification), ``filterable`` (the
+    monolingual consistency filter can judge it).
     """
 
     name: str
@@ -25,6 +31,9 @@ class TaskKind:
     max_tokens: int
     placeholders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     fixed_instruction: str | None = None
+    bilingual: bool = False
+    in_batch_negatives: bool = True
+    filterable: bool = True
 
     @property
     def has_negative(self) -> bool:
@@ -74,6 +83,7 @@ TASK_KINDS: dict[str, TaskKind] = {
             keys=("input_text", "label", "misleading_label"),
             brainstorm=True,
             symmetric=False,
+            in_batch_negatives=False,  # labels repeat across a batch: other rows' labels are no negatives
             max_tokens=768,
             placeholders={
                 "num_words": ("less than 10", "at least 10", "at least 50", "at least 100", "at least 200"),
@@ -125,6 +135,8 @@ TASK_KINDS: dict[str, TaskKind] = {
                 "unit": ("sentence", "phrase", "passage"),
             },
             fixed_instruction="Retrieve parallel sentences.",
+            bilingual=True,
+            filterable=False,  # the guide model reads one language
         ),
     )
 }
@@ -137,15 +149,21 @@ BRAINSTORM_SCHEMA: dict = {
 }
 
 
+def kinds_where(attribute: str, value: bool = True) -> list[str]:
+    """The kinds whose ``attribute`` is ``value``, in taxonomy order (e.g. ``kinds_where("bilingual")``)."""
+    return [name for name, kind in TASK_KINDS.items() if getattr(kind, attribute) == value]
+
+
+def kinds_help() -> str:
+    """The kinds for help texts and messages: names with the paper's table of each."""
+    return ", ".join(f"{name} ({kind.paper_table})" for name, kind in TASK_KINDS.items())
+
+
 def get_kind(name: str) -> TaskKind:
     try:
         return TASK_KINDS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, TASK_KINDS, n=2)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"Unknown task kind {name!r}.{hint} Choose one of: {', '.join(TASK_KINDS)}."
-        ) from None
+        raise unknown_name("task kind", name, TASK_KINDS) from None
 
 
 def resolve_kind_weights(kinds: str | list[str] | Mapping[str, float] | None) -> dict[str, float]:

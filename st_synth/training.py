@@ -35,18 +35,18 @@ from st_synth.embedder import (
 )
 from st_synth.lora import PAPER_TARGET_MODULES, check_target_modules, merge_lora
 from st_synth.losses import OwnNegativesLoss
+from st_synth.names import ADAPTER_DIR, FINAL_DIR, REPORT_FILE, SUMMARY_FILE, unknown_name
 from st_synth.speed import (
     apply_fused_kernels,
     apply_packed_sequences,
     check_fused_kernels,
     check_packed_sequences,
 )
-from st_synth.taxonomy import TASK_KINDS
+from st_synth.taxonomy import TASK_KINDS, get_kind
 
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("query", "positive", "negative")
-SUMMARY_FILE = "training_summary.json"
 # Set to a folder to have every rank record what its loss sees and a digest of its final LoRA weights:
 # the way to check a multi-process setup (negatives gathered across ranks, ranks in agreement).
 TRACE_ENV = "ST_SYNTH_TRACE_DIR"
@@ -207,9 +207,7 @@ def _load_any(path_or_id: str) -> Dataset | DatasetDict:
 
         name = path_or_id.removeprefix("builtin:")
         if name not in BUILTIN_TRAINING_SOURCES:
-            raise ValueError(
-                f"Unknown builtin source {name!r}; choose from: {', '.join(BUILTIN_TRAINING_SOURCES)}."
-            )
+            raise unknown_name("builtin source", name, BUILTIN_TRAINING_SOURCES)
         return BUILTIN_TRAINING_SOURCES[name]()
     if Path(path_or_id).is_dir():
         return load_from_disk(path_or_id)
@@ -230,13 +228,12 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
             raise ValueError(
                 f"{data.dataset} holds one split; `st-synth generate` writes one split per kind."
             )
-        report_path = Path(data.dataset) / "generation_report.json"
+        report_path = Path(data.dataset) / REPORT_FILE
         if report_path.is_file():
             report = json.loads(report_path.read_text())
         wanted = data.kinds or list(synthetic)
-        unknown = [kind for kind in wanted if kind not in TASK_KINDS]
-        if unknown:
-            raise ValueError(f"Unknown kinds {unknown}; choose from: {', '.join(TASK_KINDS)}.")
+        for kind in wanted:
+            get_kind(kind)
         absent = [kind for kind in wanted if kind not in synthetic]
         if absent:
             raise ValueError(f"Kinds {absent} are not in {data.dataset}; it has: {', '.join(synthetic)}.")
@@ -447,7 +444,7 @@ def train(
     if trainer.is_world_process_zero():
         from st_synth.cards import write_model_card
 
-        adapter_dir, final_dir = output / "adapter", output / "final"
+        adapter_dir, final_dir = output / ADAPTER_DIR, output / FINAL_DIR
         model.save_pretrained(str(adapter_dir))
         if output_args.merge:
             merge_lora(model)

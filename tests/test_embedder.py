@@ -204,7 +204,7 @@ def test_instruction_registry():
     assert get_instruction("MSMARCO").startswith("Given a web search query")
     assert get_instruction("STSBenchmark") == "Retrieve semantically similar text."
     assert get_instruction("MyNewSTS", task_type="STS") == "Retrieve semantically similar text."
-    with pytest.raises(KeyError, match=r"Close matches: .*SciFact"):
+    with pytest.raises(KeyError, match=r"Did you mean .*SciFact"):
         get_instruction("Scifact")
 
 

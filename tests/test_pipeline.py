@@ -79,7 +79,7 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
             r"Unknown key\(s\) \['lora_rank'\] in section 'train'; valid keys: .*lora_r",
         ),
         ({"filter": {"top_k": 0}}, r"top_k must be at least 1"),
-        ({"evaluate": {"tasks": ["LeeDocSTSS"]}}, r"'LeeDocSTSS' \(close: LeeDocSTS"),
+        ({"evaluate": {"tasks": ["LeeDocSTSS"]}}, r"'LeeDocSTSS'\. Did you mean 'LeeDocSTS'"),
         ({"generate": {"kinds": "retrieval,poems"}}, r"poems.*retrieval"),
         ({"train": {"dataset": "x"}}, r"train.dataset and train.output_dir are set by the run"),
     ],

@@ -413,7 +413,7 @@ def test_builtin_real_source_is_disjoint_from_the_evaluation_documents():
     evaluation_docs = (gensim_test_data() / "lee.cor").read_text(errors="replace").split("\n")
     assert not any(doc[:80] in text for doc in evaluation_docs if doc for text in pairs["positive"])
     with pytest.raises(
-        ValueError, match="Unknown builtin source 'lee'; choose from: lee-background, wiki-sections"
+        ValueError, match=r"Unknown builtin source 'lee'\. Choose one of: lee-background, wiki-sections"
     ):
         load_sources(DataArguments(extra_datasets=["x=builtin:lee|t"]), "Instruct: {instruction}\nQuery: ")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from st_synth.names import REPORT_FILE
 from st_synth.taxonomy import TASK_KINDS
 
 TOPICS = {
@@ -79,5 +80,5 @@ def write_toy_synthetic(
         "kept_by_language": {"English": sum(v.num_rows for v in data.values())}, "languages": "English",
         "total_prompt_tokens": 1000, "total_completion_tokens": 2000, "total_cost_usd": 0.01,
     }  # fmt: skip
-    (folder / "generation_report.json").write_text(json.dumps(report))
+    (folder / REPORT_FILE).write_text(json.dumps(report))
     return folder
