@@ -139,7 +139,8 @@ def baseline_model(path: str, max_len: int, dtype: torch.dtype, device: str):
 def recipe_model(path: str, max_len: int, dtype: torch.dtype, device: str):
     from datasets import Dataset, DatasetDict
 
-    from st_synth.training import DataArguments, ModelArguments, build_losses, build_model
+    from st_synth.losses import LossArguments
+    from st_synth.training import ModelArguments, build_losses, build_model
 
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     model = build_model(
@@ -149,7 +150,7 @@ def recipe_model(path: str, max_len: int, dtype: torch.dtype, device: str):
     sources = DatasetDict(
         {"retrieval": Dataset.from_dict({"query": ["q"], "positive": ["p"], "negative": ["n"]})}
     )
-    return model, build_losses(model, sources, DataArguments(gather_across_devices=False))["retrieval"]
+    return model, build_losses(model, sources, LossArguments(gather_across_devices=False))["retrieval"]
 
 
 def _same_lora_init(model) -> None:

@@ -16,48 +16,28 @@ Usage (all logic lives in ``st_synth.training``; this script only parses argumen
     # Push the merged model with its card when done
     python recipes/train_mistral.py recipes/configs/e5-mistral-7b.yaml --push_to_hub --hub_model_id you/e5-model
 
-Arguments: a YAML file (first argument) and/or flags; see ``--help`` for every field of ModelArguments,
-DataArguments, OutputArguments and sentence-transformers' SentenceTransformerTrainingArguments. The
-shipped configs set batch_sampler: no_duplicates (duplicate texts in a batch are false negatives).
+Arguments: a YAML file (first argument) and/or flags, the same as ``st-synth train`` takes (one parser,
+``st_synth.training.make_train_parser``); see ``--help`` for every field of ModelArguments, DataArguments,
+LossArguments, OutputArguments and RecipeTrainingArguments (sentence-transformers' training arguments with
+the recipe's defaults: length-grouped batches without duplicate texts, one source per batch, activations
+recomputed).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
-from transformers import HfArgumentParser
-
-from st_synth.training import (
-    DataArguments,
-    ModelArguments,
-    OutputArguments,
-    RecipeTrainingArguments,
-    current_flags,
-    settings_to_flags,
-    train,
-)
+from st_synth.arguments import with_yaml
+from st_synth.training import make_train_parser, run_recipe
 
 
 def yaml_to_flags(path: str) -> list[str]:
-    import yaml
-
-    with open(path) as handle:
-        return settings_to_flags(yaml.safe_load(handle) or {})
+    """A YAML config's settings as the recipe's flags."""
+    return with_yaml(make_train_parser(), [path])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, OutputArguments, RecipeTrainingArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        argv = yaml_to_flags(argv[0]) + argv[1:]  # the YAML first, command-line flags on top
-    model_args, data_args, output_args, training_args = parser.parse_args_into_dataclasses(
-        args=current_flags(argv)
-    )
-    summary = train(model_args, data_args, training_args, output_args)
-    if training_args.process_index == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=2, default=str))
-    return summary
+    return run_recipe(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import openai
 from datasets import Dataset, DatasetDict, Features, Value
 from tqdm.auto import tqdm
 
+from st_synth.arguments import decode_json
 from st_synth.cache import AnswerCache
 from st_synth.client import (
     RESPONSE_FORMATS,
@@ -33,6 +34,7 @@ from st_synth.client import (
     redact_url,
 )
 from st_synth.languages import resolve_language_weights
+from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults
 from st_synth.names import REPORT_FILE
 from st_synth.prompting import (
     PROMPTS_VERSION,
@@ -42,47 +44,142 @@ from st_synth.prompting import (
     example_request,
     plan_examples,
 )
-from st_synth.taxonomy import BITEXT_LOW_SCORES, TASK_KINDS, resolve_kind_weights
+from st_synth.taxonomy import BITEXT_LOW_SCORES, TASK_KINDS, kinds_help, resolve_kind_weights
 from st_synth.validation import Rejected, parse_example_keyed, parse_tasks
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_REQUEST_TIMEOUT = 120.0
+# Limits whose default depends on the endpoint (None: decided in GenerationConfig.__post_init__).
+STANDARD_LIMITS: dict[str, Any] = {"max_tokens": None, "request_timeout": DEFAULT_REQUEST_TIMEOUT,
+                                   "response_format": "auto"}  # fmt: skip
 CONNECTIONS_PER_CLIENT = 8
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
 
 
 @dataclass
 class GenerationConfig:
-    """Everything that shapes a synthetic dataset. Validated on creation, before any request."""
+    """Everything that shapes a synthetic dataset, the local server included: the fields of ``st-synth
+    generate`` (flags of the same names) and of the ``generate`` section of an ``st-synth run`` YAML file.
+    Validated on creation, before any request or server start."""
 
-    model: str | None = None
-    num_examples: int = 100
-    kinds: str | list[str] | dict[str, float] | None = None
-    languages: str | list[str] | dict[str, float] | None = "paper"
-    seed: int = 42
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    response_format: str = "auto"
-    cache: str | None = None
-    num_shards: int = 1
-    shard_index: int = 0
-    block_size: int = 64
-    max_attempts: int = 5
-    failure_budget: int | None = None
-    request_timeout: float = 120.0
-    max_tokens: int | None = None  # cap on completion tokens per request; None: each kind's own budget
-    max_retries: int = 8
-    retry_base_delay: float = 0.5
-    price_prompt_per_million: float | None = None
-    price_completion_per_million: float | None = None
-    show_progress: bool = True
+    model: str | None = field(
+        default=None,
+        metadata=_help(
+            "Generator model name as the endpoint serves it (default with --local: the packaged SmolLM2)."
+        ),
+    )
+    num_examples: int = field(default=100, metadata=_help("Examples to KEEP (after validation)."))
+    kinds: str | list[str] | dict[str, float] | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated kinds, optionally weighted (retrieval=3,sts=1); a list or mapping in YAML. Default: all "
+            f"six, uniform. Kinds: {kinds_help()}.",
+            flag_type=str | None,
+            metavar="KINDS",
+        ),
+    )
+    languages: str | list[str] | dict[str, float] | None = field(
+        default="paper",
+        metadata=_help(
+            "'paper' (the paper's weighted mix of 93 languages) or comma-separated names; a list or mapping in YAML.",
+            flag_type=str,
+            metavar="LANGUAGES",
+        ),
+    )
+    seed: int = field(default=42, metadata=_help("Fixes every request: same seed, same dataset."))
+    base_url: str | None = field(
+        default=None,
+        metadata=_help(f"OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})."),
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata=_help("Environment variable holding the API key (never pass keys on the command line)."),
+    )
+    local: bool = field(
+        default=False,
+        metadata=_help(
+            "Start a local server on 127.0.0.1 serving the packaged SmolLM2-135M-Instruct for this run (needs the "
+            "'local' extra); model and endpoint then default to it."
+        ),
+    )
+    llm_backend: str = field(
+        default="auto",
+        metadata=_help(
+            "Server behind --local: llama.cpp (fast, schema-constrained JSON) or transformers (`transformers serve`: "
+            "no compile step, about 10x slower); auto takes llama.cpp where llama-cpp-python is installed and falls "
+            "back to transformers when it fails its warm-up.",
+            choices=list(BACKENDS),
+        ),
+    )
+    llm_threads: int = field(default=1, metadata=_help("CPU threads of the local server."))
+    concurrency: int = field(default=16, metadata=_help("Requests in flight at once."))
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the generator."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling of the generator."))
+    response_format: str | None = field(
+        default=None,
+        metadata=_help(
+            "How to ask for JSON: auto (the strictest the endpoint accepts; the default, except text behind the "
+            f"transformers local backend, which ignores response_format) or one of {', '.join(RESPONSE_FORMATS)}."
+        ),
+    )
+    cache: str | None = field(
+        default=None,
+        metadata=_help(
+            "SQLite answer cache (default: ~/.cache/st_synth/answers.sqlite): a re-run pays nothing twice."
+        ),
+    )
+    num_shards: int = field(default=1, metadata=_help("Split the examples over this many machines."))
+    shard_index: int = field(default=0, metadata=_help("This machine's shard, 0 .. num_shards-1."))
+    block_size: int = field(default=64, metadata=_help("Examples that share one brainstormed task pool."))
+    max_attempts: int = field(default=5, metadata=_help("Attempts per example before giving it up."))
+    failure_budget: int | None = field(
+        default=None,
+        metadata=_help("Dropped answers allowed before the run stops (default: 2 x examples + 20)."),
+    )
+    request_timeout: float | None = field(
+        default=None,
+        metadata=_help(
+            f"Seconds per request (default {DEFAULT_REQUEST_TIMEOUT:g}; 600 behind the transformers local backend)."
+        ),
+    )
+    max_tokens: int | None = field(
+        default=None,
+        metadata=_help(
+            "Cap on completion tokens per request (default: each kind's own budget, 384-2048; 384 behind the "
+            "transformers local backend)."
+        ),
+    )
+    max_retries: int = field(default=8, metadata=_help("Retries of one request on 429/5xx/timeouts."))
+    retry_base_delay: float = field(
+        default=0.5,
+        metadata=_help(
+            "Seconds before the first retry; doubled at each (with jitter; a Retry-After header wins)."
+        ),
+    )
+    price_prompt_per_million: float | None = field(
+        default=None, metadata=_help("Price per million prompt tokens, for the report's cost.")
+    )
+    price_completion_per_million: float | None = field(
+        default=None, metadata=_help("Price per million completion tokens, for the report's cost.")
+    )
+    show_progress: bool = field(default=True, metadata=_help("A progress bar (--no_show_progress hides it)."))
     kind_weights: dict[str, float] = field(init=False, repr=False)
     language_weights: dict[str, float] = field(init=False, repr=False)
+    # The limits left unset (None): decided here (the local backend's where it needs its own, else the
+    # standard ones), and again by the server that actually answers (auto may fall back to transformers).
+    unset_limits: frozenset[str] = field(init=False, repr=False, default=frozenset())
 
     def __post_init__(self) -> None:
+        # A YAML list or mapping reaches here as JSON through its flag (st_synth.arguments).
+        self.kinds, self.languages = (
+            decode_json(self.kinds, "kinds"),
+            decode_json(self.languages, "languages"),
+        )
         self.kind_weights = resolve_kind_weights(self.kinds)
         self.language_weights = resolve_language_weights(self.languages)
         checks = [
@@ -96,10 +193,16 @@ class GenerationConfig:
             (self.max_attempts >= 1, f"max_attempts must be at least 1, got {self.max_attempts}"),
             (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 16),
              f"max_tokens must be an integer of at least 16 (or unset), got {self.max_tokens!r}"),
-            (self.request_timeout > 0, f"request_timeout must be positive, got {self.request_timeout}"),
+            (self.request_timeout is None or self.request_timeout > 0,
+             f"request_timeout must be positive, got {self.request_timeout}"),
+            (self.llm_backend in BACKENDS,
+             f"llm_backend {self.llm_backend!r} is unknown; choose one of: {', '.join(BACKENDS)}"),
+            (self.llm_threads >= 1, f"llm_threads must be at least 1, got {self.llm_threads}"),
+            (not (self.local and self.base_url),
+             "local starts its own endpoint on 127.0.0.1; drop base_url or local"),
             (0 <= self.temperature <= 2, f"temperature must be in [0, 2], got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.response_format == "auto" or self.response_format in RESPONSE_FORMATS,
+            (self.response_format in (None, "auto") or self.response_format in RESPONSE_FORMATS,
              f"response_format {self.response_format!r} is unknown; choose auto, {', '.join(RESPONSE_FORMATS)}"),
             (not (bilingual := [k for k in self.kind_weights if TASK_KINDS[k].bilingual])
              or len(self.language_weights) >= 2,
@@ -109,6 +212,12 @@ class GenerationConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.unset_limits = frozenset(name for name in STANDARD_LIMITS if getattr(self, name) is None)
+        backend = backend_generation_defaults(self.llm_backend) if self.local else {}
+        for name in self.unset_limits:
+            setattr(self, name, backend.get(name, STANDARD_LIMITS[name]))
+        if self.local and self.model is None:
+            self.model = SMOLLM2_ALIAS
 
     @property
     def cache_path(self) -> Path:
@@ -131,6 +240,8 @@ class GenerationConfig:
         )
 
     def validate_endpoint_settings(self) -> None:
+        if self.local:  # the local server is the endpoint: its model and URL are known once it runs
+            return
         if not self.model:
             raise ValueError("No generator model given; pass --model NAME (the name the endpoint serves).")
         self.api_key()

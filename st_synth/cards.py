@@ -13,6 +13,7 @@ from datasets import DatasetDict
 from st_synth.languages import ISO_CODES
 from st_synth.names import ADAPTER_DIR, CARD_DATA_FILE, FINAL_DIR
 from st_synth.taxonomy import TASK_KINDS
+from st_synth.training import current_setting_name
 
 
 def _template(name: str) -> jinja2.Template:
@@ -82,11 +83,21 @@ def write_model_card(
     training_args: Any,
     generation_report: dict[str, Any],
     summary: dict[str, Any],
+    loss_args: Any = None,
+    card_metadata: dict[str, Any] | None = None,
     repo_id: str | None = None,
     evaluation: dict[str, float] | None = None,
 ) -> Path:
-    """Render README.md into a saved model folder, and keep the card's facts beside it for updates."""
+    """Render README.md into a saved model folder, and keep the card's facts beside it for updates.
+
+    ``card_metadata`` is the Hub metadata sentence-transformers' own card data gives the trained model
+    (language, license, base model, datasets, tags, widget); see :func:`st_card_metadata`."""
+    from st_synth.losses import LossArguments
+
     folder = Path(folder)
+    loss_args = loss_args or LossArguments()
+    prompts_file = folder / "config_sentence_transformers.json"
+    prompts = json.loads(prompts_file.read_text()).get("prompts", {}) if prompts_file.is_file() else {}
     modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     adapter = folder / "adapter_config.json"
@@ -107,9 +118,9 @@ def write_model_card(
         "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
                  "targets": list(model_args.lora_target_modules)},
         "training": {
-            "temperature": data_args.temperature,
-            "scale": round(1 / data_args.temperature, 4),
-            "own_negatives": [n for n in data_args.no_in_batch_negatives if n in summary["sources"]],
+            "temperature": loss_args.temperature,
+            "scale": round(1 / loss_args.temperature, 4),
+            "own_negatives": [n for n in loss_args.no_in_batch_negatives if n in summary["sources"]],
             "batch_size": training_args.per_device_train_batch_size,
             "world_size": summary.get("world_size", 1),
             "learning_rate": training_args.learning_rate,
@@ -120,7 +131,7 @@ def write_model_card(
             "epochs": training_args.num_train_epochs,
             "train_loss": summary["train_loss"],
             "precision": precision,
-            "gradient_checkpointing": training_args.gradient_checkpointing,
+            "gradient_checkpointing": bool(getattr(training_args, current_setting_name("activation_checkpointing"))),
             "sources": summary["sources"],
         },
         "synthetic": ({**generation_report, "languages": _languages_summary(generation_report)}
@@ -128,6 +139,8 @@ def write_model_card(
         "languages": language_codes((generation_report or {}).get("kept_by_language", {})),
         "evaluation": evaluation or {},
         "modules": [m.get("type") for m in modules],
+        "query_prompt": prompts.get("query", ""),
+        "card_metadata": card_metadata or {},
     }  # fmt: skip
     (folder / CARD_DATA_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
     return render_model_card(folder)
@@ -156,6 +169,80 @@ def render_model_card(
     if evaluation is not None or comparison is not None or consistency_filter is not None:
         facts_path.write_text(json.dumps(facts, indent=2) + "\n")
     readme = folder / "README.md"
-    defaults = {"comparison": {}, "consistency_filter": None}
-    readme.write_text(_template("model_card.md").render(**{**defaults, **facts}), encoding="utf-8")
+    defaults = {"comparison": {}, "consistency_filter": None, "query_prompt": True, "card_metadata": {}}
+    facts = {**defaults, **facts}
+    body = _template("model_card.md").render(**facts)
+    metadata = hub_metadata(facts)
+    readme.write_text(f"---\n{metadata.to_yaml()}\n---\n\n{body}", encoding="utf-8")
     return readme
+
+
+TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "st-synth", "e5-mistral"]
+
+
+def st_card_metadata(model: Any, *, languages: list[str], license: str | None = None,
+                     datasets: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The Hub metadata of sentence-transformers' own card data for a trained ``model`` (its base model,
+    widget, tags, ...), with st-synth's language, license and dataset ids set on it first."""
+    import yaml
+
+    card = model.model_card_data
+    if languages:
+        card.set_language(languages)
+    if license:
+        card.set_license(license)
+    card.add_tags(TAGS)
+    if datasets:
+        card.datasets = [{"name": name, "id": name} for name in datasets]
+    try:
+        metadata = yaml.safe_load(card.to_yaml()) or {}
+    except Exception as error:  # the card data is a nicety: never fail a finished training run on it
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "sentence-transformers' card data failed (%s); using st-synth's", error
+        )
+        metadata = {}
+    metadata.pop("model-index", None)  # rebuilt from the mteb scores
+    return metadata
+
+
+def _task_result(task_name: str, score: float) -> Any:
+    """One mteb score as a Hub evaluation result (the way mteb's own model cards record them)."""
+    from huggingface_hub import EvalResult
+
+    try:
+        from st_synth.evaluation import resolve_tasks
+
+        meta = resolve_tasks([task_name])[0].metadata
+        dataset = dict(meta.dataset or {})
+        task_type, metric = meta.type, meta.main_score
+        split = (meta.eval_splits or ["test"])[0]
+        dataset_type, revision = dataset.get("path") or f"st-synth/{task_name}", dataset.get("revision")
+    except ValueError:  # a task this mteb does not know (any more): keep the score, under its name
+        task_type, metric, split, dataset_type, revision = "embedding", "main_score", "test", task_name, None
+    return EvalResult(
+        task_type=task_type, dataset_type=dataset_type, dataset_name=f"MTEB {task_name}", dataset_split=split,
+        dataset_revision=revision, metric_type=metric, metric_name=metric, metric_value=round(float(score), 6),
+        task_name=task_type, source_name="mteb", source_url="https://github.com/embeddings-benchmark/mteb",
+    )  # fmt: skip
+
+
+def hub_metadata(facts: dict[str, Any]) -> Any:
+    """The card's YAML metadata: sentence-transformers' card data (as saved with the facts), completed
+    with st-synth's base model, languages and tags, and the mteb scores as ``model-index`` results."""
+    from huggingface_hub import ModelCardData
+
+    metadata = dict(facts.get("card_metadata") or {})
+    metadata.setdefault("library_name", "sentence-transformers")
+    metadata.setdefault("pipeline_tag", "sentence-similarity")
+    metadata["tags"] = list(dict.fromkeys([*(metadata.get("tags") or []), *TAGS]))
+    if facts.get("base_model_id"):
+        metadata.setdefault("base_model", facts["base_model_id"])
+    if facts.get("languages"):
+        metadata.setdefault("language", facts["languages"])
+    results = [_task_result(task, score) for task, score in (facts.get("evaluation") or {}).items()]
+    if results:
+        metadata["eval_results"] = results
+        metadata["model_name"] = facts["title"]
+    return ModelCardData(**metadata)

@@ -1,4 +1,8 @@
-"""The ``st-synth`` command line."""
+"""The ``st-synth`` command line.
+
+Every subcommand's flags are the fields of the stage dataclasses (``st_synth.arguments``), under the same
+names as the keys of an ``st-synth run`` YAML file; ``st-synth train`` is ``recipes/train_mistral.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,169 +10,84 @@ import argparse
 import errno
 import logging
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
-from st_synth.client import RESPONSE_FORMATS
-from st_synth.local_llm import BACKENDS
+from st_synth.arguments import SettingsParser
 
 
-def _add_generate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+@dataclass
+class GenerateOutput:
+    """Where ``st-synth generate`` puts the dataset (in ``st-synth run``, the run's folder decides)."""
+
+    output: str = field(metadata={"help": "Folder for the DatasetDict and its generation_report.json."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also push the dataset to this Hub repo.",
+                                                            "metavar": "REPO"})  # fmt: skip
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+
+@dataclass
+class FilterFolders:
+    input: str = field(metadata={"help": "A `st-synth generate` folder."})
+    output: str = field(metadata={"help": "Where the filtered DatasetDict (and filter_report.json) go."})
+
+
+@dataclass
+class EvaluateTarget:
+    model: str = field(metadata={"help": "A SentenceTransformer folder or Hub id."})
+    output: str = field(
+        default="results.json", metadata={"help": "mteb results plus a summary (main score, mean)."}
+    )
+    update_card: bool = field(default=False, metadata={
+        "help": "Write the scores (and compared models') into the model folder's card (a folder trained by the "
+        "recipe)."})  # fmt: skip
+
+
+def _fail(command: str, error: BaseException, code: int = 2, kind: str = "error") -> int:
+    print(f"st-synth {command}: {kind}: {error}", file=sys.stderr)
+    return code
+
+
+# -- generate ---------------------------------------------------------------------------------------------
+def _add_generate(subparsers: Any) -> None:
+    from st_synth.builder import GenerationConfig
+
+    subparsers.add_parser(
         "generate",
         help="Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.",
         description="Brainstorm tasks and write one JSON example per task with an LLM; save a DatasetDict "
         "with one split per kind plus generation_report.json. Answers are cached: re-running the same "
         "command resumes where it stopped and re-pays nothing.",
-    )
-    p.add_argument("--output", required=True, help="Folder for the DatasetDict and generation_report.json.")
-    p.add_argument("--num-examples", type=int, default=100, help="Examples to KEEP (after validation).")
-    p.add_argument(
-        "--kinds",
-        default=None,
-        help="Comma-separated kinds, optionally weighted (retrieval=3,sts=1). Default: all six, "
-        "uniform. Kinds: retrieval, classification, short_short, long_long, sts, bitext.",
-    )
-    p.add_argument(
-        "--languages",
-        default="paper",
-        help="'paper' (the paper's weighted mix of 93 languages) or comma-separated names.",
-    )
-    p.add_argument("--base-url", default=None, help="Endpoint (default: $OPENAI_BASE_URL or OpenAI).")
-    p.add_argument("--model", default=None, help="Generator model name as the endpoint serves it.")
-    p.add_argument(
-        "--local",
-        action="store_true",
-        help="Start a local server (llama.cpp, else `transformers serve`) on 127.0.0.1 serving the packaged "
-        "SmolLM2-135M-Instruct for this run (needs the 'local' extra); --base-url and --model then default "
-        "to it.",
-    )
-    p.add_argument(
-        "--local-backend",
-        default="auto",
-        choices=BACKENDS,
-        help="Server behind --local: llama.cpp (fast, schema-constrained JSON) or `transformers serve` (no "
-        "compile step, about 10x slower); auto takes llama.cpp where llama-cpp-python is installed.",
-    )
-    p.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
-        help="Environment variable holding the API key (never pass keys on the command line).",
-    )
-    p.add_argument("--concurrency", type=int, default=16, help="Requests in flight at once.")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument(
-        "--cache", default=None, help="SQLite answer cache (default: ~/.cache/st_synth/answers.sqlite)."
-    )
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--shard-index", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument(
-        "--response-format",
-        default=None,
-        choices=("auto", *RESPONSE_FORMATS),
-        help="How to ask for JSON (default auto: the strictest the endpoint accepts; text for "
-        "--local-backend transformers, which ignores response_format).",
-    )
-    p.add_argument("--max-attempts", type=int, default=5, help="Attempts per example before giving it up.")
-    p.add_argument(
-        "--failure-budget",
-        type=int,
-        default=None,
-        help="Dropped answers allowed before the run stops (default: 2 x examples + 20).",
-    )
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        default=None,
-        help="Seconds per request (default 120; 600 for --local-backend transformers).",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        help="Cap on completion tokens per request (default: each kind's own budget, 384-2048; 384 for "
-        "--local-backend transformers).",
-    )
-    p.add_argument("--max-retries", type=int, default=8, help="Retries of one request on 429/5xx/timeouts.")
-    p.add_argument("--price-prompt", type=float, default=None, help="Price per million prompt tokens.")
-    p.add_argument(
-        "--price-completion", type=float, default=None, help="Price per million completion tokens."
-    )
-    p.add_argument(
-        "--push-to-hub", default=None, metavar="REPO", help="Also push the dataset to this Hub repo."
-    )
-    p.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
-    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
-    p.set_defaults(func=_generate)
+        dataclass_types=(GenerationConfig, GenerateOutput),
+    ).set_defaults(func=_generate)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
-
-    from st_synth.builder import (
-        GenerationConfig,
-        SyntheticDatasetBuilder,
-        check_output_folder,
-        generation_report_summary,
-    )
+def _generate(config: Any, target: GenerateOutput) -> int:
+    from st_synth.builder import SyntheticDatasetBuilder, check_output_folder, generation_report_summary
     from st_synth.cache import AnswerCache, CacheError
     from st_synth.client import EndpointError
-    from st_synth.local_llm import LocalLLMServer, backend_generation_defaults, serving
+    from st_synth.local_llm import serving
 
     try:
-        if args.local and args.base_url:
-            raise ValueError("--local starts its own endpoint; drop --base-url or --local")
         # Everything is validated before the local server starts or any request is sent.
-        server = LocalLLMServer(backend=args.local_backend) if args.local else None
-        given = {"request_timeout": args.request_timeout, "max_tokens": args.max_tokens,
-                 "response_format": args.response_format}  # fmt: skip
-        given = {key: value for key, value in given.items() if value is not None}
-        # The user's settings, else the local backend's, else GenerationConfig's defaults.
-        limits = {**(backend_generation_defaults(server.backend) if server else {}), **given}
-        config = GenerationConfig(
-            model=args.model or (server.served_model if server else None),
-            num_examples=args.num_examples,
-            kinds=args.kinds,
-            languages=args.languages,
-            seed=args.seed,
-            base_url=server.base_url if server else args.base_url,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            cache=args.cache,
-            num_shards=args.num_shards,
-            shard_index=args.shard_index,
-            max_attempts=args.max_attempts,
-            failure_budget=args.failure_budget,
-            max_retries=args.max_retries,
-            price_prompt_per_million=args.price_prompt,
-            price_completion_per_million=args.price_completion,
-            show_progress=not args.no_progress,
-            **limits,
-        )
-        builder = SyntheticDatasetBuilder(config)
-        output = check_output_folder(args.output)
+        SyntheticDatasetBuilder(config)
+        output = check_output_folder(target.output)
         AnswerCache.check(config.cache_path)
     except (ValueError, RuntimeError) as error:
-        print(f"st-synth generate: error: {error}", file=sys.stderr)
-        return 2
-    user_given = {*given, *(["model"] if args.model else [])}
-    context = serving(config, server, user_given) if server else nullcontext((config, None))
+        return _fail("generate", error)
+    builder = None
     try:
-        with context as (config, running):
-            if running is not None:
-                builder = SyntheticDatasetBuilder(config, health_check=running.check_alive,
-                                                  report_extra={"local_server": running.describe()})  # fmt: skip
+        with serving(config) as (config, running):
+            extra = {"local_server": running.describe()} if running else None
+            builder = SyntheticDatasetBuilder(config, health_check=running.check_alive if running else None,
+                                              report_extra=extra)  # fmt: skip
             builder.build()
-    except CacheError as error:
-        print(f"st-synth generate: error: {error}", file=sys.stderr)
-        return 1
+    except (CacheError, ValueError) as error:
+        return _fail("generate", error, 1)
     except EndpointError as error:
-        print(f"st-synth generate: endpoint error: {error}", file=sys.stderr)
-        return 1
+        return _fail("generate", error, 1, "endpoint error")
     except KeyboardInterrupt:
-        stored = (builder.report or {}).get("answers_stored", 0)
+        stored = ((builder and builder.report) or {}).get("answers_stored", 0)
         print(f"st-synth generate: interrupted. {stored} answers from this run are safe in the cache "
               f"{config.cache_path}; run the same command again to resume from them.", file=sys.stderr)  # fmt: skip
         return 130
@@ -182,111 +101,116 @@ def _generate(args: argparse.Namespace) -> int:
     report = builder.report or {}
     print(generation_report_summary(report))
     print(f"saved to {output}")
-    if args.push_to_hub:
+    if target.push_to_hub:
         from st_synth.hub import push_dataset
 
-        url = push_dataset(builder.dataset, report, args.push_to_hub, private=args.private or None)
+        url = push_dataset(builder.dataset, report, target.push_to_hub, private=target.private or None)
         print(f"pushed to {url}")
     return 0 if report.get("complete") else 3
 
 
-def _add_push(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "push",
-        help="Upload a trained model folder (weights, configs, prompts, card) to the Hugging Face Hub.",
-        description="The token comes from huggingface_hub's own lookup (HF_TOKEN or `hf auth login`).",
-    )
-    p.add_argument("folder", help="A saved SentenceTransformer folder, e.g. outputs/e5-model/final.")
-    p.add_argument("--repo", required=True, help="Hub repository id, e.g. you/e5-smollm2.")
-    p.add_argument("--private", action="store_true")
-    p.set_defaults(func=_push)
+# -- filter -----------------------------------------------------------------------------------------------
+def _add_filter(subparsers: Any) -> None:
+    from st_synth.filtering import ConsistencyFilter
+
+    subparsers.add_parser(
+        "filter",
+        help="Keep the generated examples a guide encoder agrees with (the `filter` stage of `st-synth run`).",
+        dataclass_types=(ConsistencyFilter, FilterFolders),
+    ).set_defaults(func=_filter)
 
 
-def _push(args: argparse.Namespace) -> int:
-    from st_synth.hub import push_model
+def _filter(settings: Any, folders: FilterFolders) -> int:
+    from st_synth.filtering import filter_folder
 
     try:
-        url = push_model(args.folder, args.repo, private=args.private or None)
-    except FileNotFoundError as error:
-        print(f"st-synth push: error: {error}", file=sys.stderr)
-        return 2
-    print(f"pushed {args.folder} to {url}")
+        report = filter_folder(folders.input, folders.output, settings)
+    except (ValueError, FileNotFoundError) as error:
+        return _fail("filter", error)
+    print(f"kept {report['kept']} of {report['rows']} -> {folders.output}")
     return 0
 
 
-def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+# -- train ------------------------------------------------------------------------------------------------
+def _add_train(subparsers: Any) -> None:
+    from st_synth.training import make_train_parser
+
+    make_train_parser(subparsers)  # run by _train_command (main): it takes a YAML file first
+
+
+def _train_command(argv: list[str]) -> int:
+    from st_synth.arguments import SettingsError
+    from st_synth.training import run_recipe
+
+    try:
+        run_recipe(argv)
+    except (ValueError, SettingsError) as error:
+        return _fail("train", error)
+    return 0
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------
+def _add_evaluate(subparsers: Any) -> None:
+    from st_synth.evaluation import EvaluationArguments
+
+    subparsers.add_parser(
         "evaluate",
         help="Evaluate a model on mteb tasks, each with its instruction.",
         description="Retrieval and reranking instruct queries only; other task types instruct every text.",
-    )
-    p.add_argument("--model", required=True, help="A SentenceTransformer folder or Hub id.")
-    p.add_argument("--tasks", default="", help="Comma-separated mteb task names.")
-    p.add_argument(
-        "--benchmark",
-        default=None,
-        help="An mteb benchmark name (e.g. 'MTEB(eng, v2)'), or 'st-synth-offline' for the shipped tasks.",
-    )
-    p.add_argument("--output", default="results.json", help="mteb results plus a summary (main score, mean).")
-    p.add_argument(
-        "--instruction",
-        action="append",
-        default=[],
-        metavar="TASK=TEXT",
-        help="Override a task's instruction (repeatable).",
-    )
-    p.add_argument("--no-instructions", action="store_true", help="Encode without any instruction.")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument(
-        "--update-card",
-        action="store_true",
-        help="Write the scores into the model folder's card (a folder trained by the recipe).",
-    )
-    p.set_defaults(func=_evaluate)
+        dataclass_types=(EvaluationArguments, EvaluateTarget),
+    ).set_defaults(func=_evaluate)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(settings: Any, target: EvaluateTarget) -> int:
+    import json
+    from pathlib import Path
+
     from st_synth import evaluation
+    from st_synth.names import CARD_DATA_FILE
 
+    facts_file = Path(target.model) / CARD_DATA_FILE
+    facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
     try:
-        overrides = dict(item.split("=", 1) for item in args.instruction)
-    except ValueError:
-        print("st-synth evaluate: error: --instruction takes TASK=TEXT", file=sys.stderr)
-        return 2
-    try:
-        names = [name.strip() for name in args.tasks.split(",") if name.strip()]
-        if not names and not args.benchmark:
-            raise ValueError("give --tasks NAME[,NAME...] or --benchmark NAME")
-        tasks = evaluation.resolve_benchmark(args.benchmark) if args.benchmark else []
-        chosen = {task.metadata.name for task in tasks}
-        tasks += [task for task in evaluation.resolve_tasks(names) if task.metadata.name not in chosen]
-        payload = evaluation.evaluate(args.model, tasks, overrides=overrides, output=args.output,
-                                      use_instructions=not args.no_instructions, batch_size=args.batch_size)  # fmt: skip
+        tasks = settings.resolve()
+        compared = settings.compared_models(facts.get("base_model"), facts.get("instruction_template"))
+        payload = evaluation.evaluate(target.model, tasks, overrides=settings.overrides, output=target.output,
+                                      use_instructions=settings.instructions, batch_size=settings.batch_size,
+                                      max_seq_length=settings.max_seq_length)  # fmt: skip
+        comparison = {
+            name: evaluation.evaluate(load(), tasks, overrides=settings.overrides, use_instructions=instructions,
+                                      batch_size=settings.batch_size,
+                                      max_seq_length=settings.max_seq_length)["summary"]["main_score"]
+            for name, (_, load, instructions) in compared.items()
+        }  # fmt: skip
     except ValueError as error:
-        print(f"st-synth evaluate: error: {error}", file=sys.stderr)
-        return 2
-    for task, score in payload["summary"]["main_score"].items():
-        print(f"{task}: {score:.4f}")
+        return _fail("evaluate", error)
+    scores = payload["summary"]["main_score"]
+    if comparison:
+        print(evaluation.score_table({"trained": scores, **comparison}))
+    else:
+        for task, score in scores.items():
+            print(f"{task}: {score:.4f}")
     print(
-        f"mean: {payload['summary']['mean']:.4f} ({payload['summary']['wall_time_s']:.1f} s) -> {args.output}"
+        f"mean: {payload['summary']['mean']:.4f} ({payload['summary']['wall_time_s']:.1f} s) -> {target.output}"
     )
-    if args.update_card:
+    if target.update_card:
         from st_synth.cards import render_model_card
 
         try:
-            readme = render_model_card(args.model, evaluation=payload["summary"]["main_score"])
+            readme = render_model_card(target.model, evaluation=scores, comparison=comparison or None)
         except FileNotFoundError as error:
-            print(f"st-synth evaluate: error: {error}", file=sys.stderr)
-            return 2
+            return _fail("evaluate", error)
         print(f"updated {readme}")
     return 0
 
 
-def _add_run(subparsers: argparse._SubParsersAction) -> None:
+# -- run --------------------------------------------------------------------------------------------------
+def _add_run(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "run",
         help="The whole path from one YAML file: generate, filter, train, evaluate, model card (and push).",
-        description="Each stage reuses what is still valid from an earlier run under the same output folder.",
+        description="Each stage reuses what is still valid from an earlier run under the same output folder. "
+        "The YAML sections take the flags of `st-synth generate`, `filter`, `train` and `evaluate` as keys.",
     )
     p.add_argument("--config", required=True, help="Run config, e.g. recipes/configs/local-smollm2.yaml.")
     p.add_argument(
@@ -297,7 +221,9 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
         help="Override one setting (VALUE is read as YAML), e.g. --set generate.num_examples=50 (repeatable).",
     )
     p.add_argument("--output", default=None, help="Output folder (overrides the config's `output`).")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="Push the trained model to this repo.")
+    p.add_argument("--push-to-hub", "--push_to_hub", default=None, metavar="REPO",
+                   help="Push the trained model to this repo (overrides the config's `push_to_hub`).")  # fmt: skip
+    p.add_argument("--private", action="store_true", default=None, help="Create the Hub repo as private.")
     p.set_defaults(func=_run)
 
 
@@ -319,50 +245,104 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         config = pipeline.load_config(args.config, _parse_sets(args.set))
-        if args.output:
-            config["output"] = args.output
-        if args.push_to_hub:
-            config["push_to_hub"] = args.push_to_hub
+        for key in ("output", "push_to_hub", "private"):
+            if getattr(args, key) is not None:
+                config[key] = getattr(args, key)
         plan = pipeline.plan_run(config)
     except (ValueError, TypeError, RuntimeError) as error:
-        print(f"st-synth run: error: {error}", file=sys.stderr)
-        return 2
+        return _fail("run", error)
     try:
         pipeline.run(plan)
     except (ValueError, RuntimeError) as error:
-        print(f"st-synth run: error: {error}", file=sys.stderr)
-        return 1
+        return _fail("run", error, 1)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="st-synth", description=__doc__)
+# -- push -------------------------------------------------------------------------------------------------
+def _add_push(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "push",
+        help="Upload a trained model folder (weights, configs, prompts, card) to the Hugging Face Hub.",
+        description="The token comes from huggingface_hub's own lookup (HF_TOKEN or `hf auth login`).",
+    )
+    p.add_argument("folder", help="A saved SentenceTransformer folder, e.g. outputs/e5-model/final.")
+    p.add_argument("--repo", required=True, help="Hub repository id, e.g. you/e5-smollm2.")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=_push)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from st_synth.hub import push_model
+
+    try:
+        url = push_model(args.folder, args.repo, private=args.private or None)
+    except FileNotFoundError as error:
+        return _fail("push", error)
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+# name -> (one-line help, adds the full subparser, handler). A command's parser (and its imports: torch for
+# train, mteb for evaluate) is built only when that command runs, so `st-synth generate` starts fast.
+COMMANDS: dict[str, tuple[str, Any]] = {
+    "generate": (
+        "Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.",
+        _add_generate,
+    ),
+    "filter": ("Keep the generated examples a guide encoder agrees with.", _add_filter),
+    "train": ("Train with the recipe: LoRA, InfoNCE (as recipes/train_mistral.py).", _add_train),
+    "evaluate": ("Evaluate a model on mteb tasks, each with its instruction.", _add_evaluate),
+    "run": (
+        "The whole path from one YAML file: generate, filter, train, evaluate, card (and push).",
+        _add_run,
+    ),
+    "push": ("Upload a trained model folder to the Hugging Face Hub.", _add_push),
+}
+
+
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    """The ``st-synth`` parser, with the full parser of ``command`` (the others by name and help only)."""
+    parser = argparse.ArgumentParser(prog="st-synth", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_generate(subparsers)
-    _add_push(subparsers)
-    _add_evaluate(subparsers)
-    _add_run(subparsers)
-    return parser
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=SettingsParser)
+    for name, (summary, add) in COMMANDS.items():
+        if name == command:
+            add(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary, add_help=False)
+    return parser, subparsers.choices
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    command = argv[command_at] if command_at is not None else None
+    verbose = any(arg in ("-v", "--verbose") for arg in argv[: command_at or 0])
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if command == "train":  # `st-synth train CONFIG.yaml [flags]`: the recipe's own parsing
+            return _train_command(argv[command_at + 1 :])
+        parser, commands = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        sub = commands[args.command]
+        if sub.dataclass_types:
+            try:
+                settings = sub.namespace_to_dataclasses(args)
+            except (ValueError, TypeError) as error:
+                return _fail(args.command, error)
+            return args.func(*settings)
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"st-synth {args.command}: interrupted. Every answer received so far is in the answer cache and "
+        print(f"st-synth {command}: interrupted. Every answer received so far is in the answer cache and "
               "each finished stage is kept: run the same command again to resume.", file=sys.stderr)  # fmt: skip
         return 130
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        print(f"st-synth {args.command}: error: no space left on the disk ({error.filename or 'while writing'}). "
+        print(f"st-synth {command}: error: no space left on the disk ({error.filename or 'while writing'}). "
               "Answers and finished stages already written are kept: free some space and run the same command "
               "again.", file=sys.stderr)  # fmt: skip
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from st_synth.names import unknown_name
 
 logger = logging.getLogger(__name__)
 
+# The tasks that ship with st-synth and need no network (real data from PyPI packages).
+DEFAULT_TASKS = ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
 QUERY_ONLY_TYPES = {"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"}
 
 
@@ -144,8 +147,10 @@ def evaluate(
     use_instructions: bool = True,
     output: str | Path | None = None,
     batch_size: int = 32,
+    max_seq_length: int | None = None,
 ) -> dict[str, Any]:
-    """Run mteb on ``tasks``; return (and write to ``output``) mteb's results plus a compact summary."""
+    """Run mteb on ``tasks``; return (and write to ``output``) mteb's results plus a compact summary.
+    ``max_seq_length`` truncates inputs (at most the model's own limit)."""
     import mteb
 
     load_task_data(tasks)
@@ -154,6 +159,8 @@ def evaluate(
             model = SentenceTransformer(model)
         except Exception as error:  # any loading failure reads the same to the user
             raise ValueError(f"Cannot load a SentenceTransformer from {model!r}: {error}") from error
+    if max_seq_length:
+        model.max_seq_length = min(model.max_seq_length or max_seq_length, max_seq_length)
     encoder = InstructedEncoder(model, overrides, use_instructions=use_instructions, batch_size=batch_size)
     started = time.perf_counter()
     result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=True,
@@ -168,3 +175,121 @@ def evaluate(
     if output is not None:
         Path(output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return payload
+
+
+@dataclass
+class EvaluationArguments:
+    """The evaluation stage: the fields of ``st-synth evaluate`` and of the ``evaluate`` section of an
+    ``st-synth run`` YAML file."""
+
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"mteb task names (commas also separate), e.g. the offline ones: {', '.join(DEFAULT_TASKS)}."
+        },
+    )
+    benchmark: str | None = field(
+        default=None,
+        metadata={
+            "help": f"An mteb benchmark name (e.g. 'MTEB(eng, v2)'), or {OFFLINE_BENCHMARK!r} for the shipped tasks."
+        },
+    )
+    instructions: bool = field(
+        default=True,
+        metadata={"help": "Encode with each task's instruction (--no_instructions: plain text)."},
+    )
+    task_instructions: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Override a task's instruction, as TASK=TEXT (repeatable).",
+            "action": "extend",
+            "metavar": "TASK=TEXT",
+        },
+    )
+    batch_size: int = field(default=32, metadata={"help": "Texts encoded at once."})
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Truncate inputs to this many tokens (default: each model's own limit); the same for every "
+            "compared model."
+        },
+    )
+    baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "Also score the untrained backbone (named by a model the recipe trained), for a before/after "
+            "table."
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also score this reference encoder (read without instructions), e.g. all-MiniLM-L6-v2."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.tasks = [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        for item in self.task_instructions:
+            if "=" not in item or not item.partition("=")[0].strip():
+                raise ValueError(f"task_instructions takes TASK=TEXT, got {item!r}")
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.task_instructions)
+
+    def resolve(self) -> list[Any]:
+        """The mteb tasks to run (the benchmark's, then the named ones); unknown names fail with matches."""
+        if not self.tasks and not self.benchmark:
+            raise ValueError(
+                "give --tasks NAME[,NAME...] or --benchmark NAME (in a run config: evaluate.tasks, evaluate.benchmark)"
+            )
+        tasks = resolve_benchmark(self.benchmark) if self.benchmark else []
+        chosen = {task.metadata.name for task in tasks}
+        return tasks + [task for task in resolve_tasks(self.tasks) if task.metadata.name not in chosen]
+
+    def compared_models(self, base_model: str | None, instruction_template: str | None,
+                        cache_dir: str | Path | None = None) -> dict[str, tuple[str, Any, bool]]:  # fmt: skip
+        """The models scored beside the trained one: name -> (fingerprint, loader, use instructions).
+
+        ``untrained``: the backbone the recipe started from, in the same template (``baseline``);
+        the ``reference`` encoder, which is no instruction model and reads texts as they are."""
+        models: dict[str, tuple[str, Any, bool]] = {}
+        if self.baseline:
+            if not base_model:
+                raise ValueError(
+                    "baseline needs the backbone the model was trained from: evaluate a model folder trained by "
+                    "st-synth's recipe (its card facts name the base model)."
+                )
+
+            def untrained() -> SentenceTransformer:
+                from st_synth.embedder import build_embedder
+                from st_synth.training import resolve_base_model
+
+                return build_embedder(resolve_base_model(base_model, cache_dir), max_seq_length=self.max_seq_length
+                                      or 512, instruction_template=instruction_template)  # fmt: skip
+
+            models["untrained"] = (f"{base_model}|{instruction_template}", untrained, self.instructions)
+        if self.reference:
+            from st_synth.filtering import resolve_guide
+
+            reference = self.reference
+            models[reference] = (reference, lambda: SentenceTransformer(resolve_guide(reference)), False)
+        return models
+
+
+def score_table(evaluation: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one row per task, one column per evaluated model (+ trained minus untrained)."""
+    models = list(evaluation)
+    tasks = list(dict.fromkeys(task for scores in evaluation.values() for task in scores))
+    with_delta = "trained" in evaluation and "untrained" in evaluation
+    header = "| task | " + " | ".join(models) + (" | trained - untrained |" if with_delta else " |")
+    lines = [header, "|---" * (len(models) + 1 + with_delta) + "|"]
+    for task in tasks:
+        cells = [f"{evaluation[m][task]:.4f}" if task in evaluation[m] else "" for m in models]
+        if with_delta:
+            cells.append(f"{evaluation['trained'][task] - evaluation['untrained'][task]:+.4f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

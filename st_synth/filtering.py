@@ -29,11 +29,32 @@ GUIDE_ALIAS = "all-MiniLM-L6-v2"
 
 @dataclass
 class ConsistencyFilter:
-    guide_model: str = GUIDE_ALIAS
-    top_k: int = 3
-    margin: float = 0.0
-    kinds: list[str] = field(default_factory=lambda: kinds_where("filterable"))
-    batch_size: int = 64
+    """Keep a generated example only when a guide encoder agrees with it (the ``filter`` stage: the fields
+    of ``st-synth filter`` and of the ``filter`` section of an ``st-synth run`` YAML file)."""
+
+    guide_model: str = field(
+        default=GUIDE_ALIAS,
+        metadata={
+            "help": f"The guide encoder: a SentenceTransformer folder or Hub id, or {GUIDE_ALIAS} (packaged)."
+        },
+    )
+    top_k: int = field(
+        default=3,
+        metadata={
+            "help": "Keep an example when its positive ranks within the top k of its kind's positives."
+        },
+    )
+    margin: float = field(
+        default=0.0,
+        metadata={"help": "And when the positive beats the hard negative by at least this cosine margin."},
+    )
+    kinds: list[str] = field(
+        default_factory=lambda: kinds_where("filterable"),
+        metadata={
+            "help": "Kinds to filter (default: those a monolingual guide can judge; others pass unfiltered)."
+        },
+    )
+    batch_size: int = field(default=64, metadata={"help": "Texts the guide encodes at once."})
 
     def __post_init__(self) -> None:
         if self.top_k < 1:

@@ -65,12 +65,8 @@ def canonical_language(name: str) -> str:
     """Return the canonical spelling of ``name`` or raise with the valid choices and close matches."""
     found = _BY_LOWER.get(name.strip().lower())
     if found is None:
-        raise unknown_name(
-            f"language (one of the {len(XLMR_LANGUAGES)} XLM-R languages)",
-            name,
-            XLMR_LANGUAGES,
-            extra="Or 'paper' for the paper's weighted mix.",
-        )
+        raise unknown_name("language", name, XLMR_LANGUAGES, extra="Or 'paper' for the paper's weighted mix.",
+                           choose=f"Choose from the {len(XLMR_LANGUAGES)} XLM-R languages")  # fmt: skip
     return found
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -314,10 +314,10 @@ class LocalLLMServer:
             [f"rebuild llama-cpp-python for any x86-64 CPU (its native build crashes on CPUs with AMX): "
              f"{rebuild_command()}",
              "or serve with transformers instead: --set generate.llm_backend=transformers (st-synth run), "
-             "--local-backend transformers (st-synth generate)"]
+             "--llm_backend transformers (st-synth generate)"]
             if self.backend == "llama.cpp"
             else ["read the log above; or use llama.cpp: --set generate.llm_backend=llama.cpp (st-synth run), "
-                  "--local-backend llama.cpp (st-synth generate)"]
+                  "--llm_backend llama.cpp (st-synth generate)"]
         )  # fmt: skip
         tail = "\n".join(f"  | {line}" for line in self.log_tail().splitlines()) or "  | (empty)"
         return (f"{headline}\nLast lines of its log ({self.log_path}):\n{tail}\nWhat to do:\n"
@@ -384,18 +384,22 @@ def start_local_server(server: LocalLLMServer) -> LocalLLMServer:
 
 
 @contextmanager
-def serving(
-    config: GenerationConfig, server: LocalLLMServer, given: Iterable[str] = ()
-) -> Iterator[tuple[GenerationConfig, LocalLLMServer]]:
-    """Start ``server`` (see :func:`start_local_server`) and yield ``config`` pointed at the server that
-    answered: its URL, its model name and its backend's limits, except where the user ``given`` them."""
+def serving(config: GenerationConfig) -> Iterator[tuple[GenerationConfig, LocalLLMServer | None]]:
+    """The endpoint of a generation run: ``config`` as it is (no server) unless ``config.local``; then the
+    local server is started (see :func:`start_local_server`) and ``config`` is yielded pointed at the one that
+    answered: its URL, its model name, and its backend's limits for every limit the user left unset."""
+    if not config.local:
+        yield config, None
+        return
+    server = LocalLLMServer(backend=config.llm_backend, threads=config.llm_threads)
     running = start_local_server(server)
     try:
-        given = set(given)
-        changes = {key: value for key, value in backend_generation_defaults(running.backend).items()
-                   if key not in given}  # fmt: skip
-        if "model" not in given or config.model == running.alias:  # transformers serve answers to its folder
+        from st_synth.builder import STANDARD_LIMITS
+
+        limits = {**STANDARD_LIMITS, **backend_generation_defaults(running.backend)}
+        changes = {key: limits[key] for key in config.unset_limits}
+        if config.model in (None, running.alias):  # transformers serve answers to its folder's name
             changes["model"] = running.served_model
-        yield dataclasses.replace(config, base_url=running.base_url, **changes), running
+        yield dataclasses.replace(config, base_url=running.base_url, local=False, **changes), running
     finally:
         running.close()

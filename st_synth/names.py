@@ -36,7 +36,7 @@ def close_matches(name: str, choices: Iterable[str], n: int = 3, cutoff: float =
 
 
 def unknown_name(what: str, name: str, choices: Iterable[str], *, list_choices: bool = True,
-                 extra: str = "", cutoff: float = 0.6) -> ValueError:  # fmt: skip
+                 extra: str = "", cutoff: float = 0.6, choose: str = "Choose one of") -> ValueError:  # fmt: skip
     """The error for a name that is not one of ``choices``: close matches first, then the valid choices.
 
     ``list_choices=False`` for long lists (mteb's task names), where only the close matches help.
@@ -47,7 +47,7 @@ def unknown_name(what: str, name: str, choices: Iterable[str], *, list_choices: 
     if close:
         message += f" Did you mean {' or '.join(repr(c) for c in close)}?"
     if list_choices:
-        message += f" Choose one of: {', '.join(choices)}."
+        message += f" {choose}: {', '.join(choices)}."
     if extra:
         message += f" {extra}"
     return ValueError(message)

@@ -26,54 +26,77 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+from st_synth.arguments import SettingsError, SettingsParser
+from st_synth.builder import GenerationConfig
+from st_synth.evaluation import EvaluationArguments, score_table
+from st_synth.filtering import ConsistencyFilter
+from st_synth.losses import LossArguments
+from st_synth.names import (
+    FINAL_DIR,
+    RUN_DATA_DIR,
+    RUN_EVAL_DIR,
+    RUN_FILE,
+    RUN_MODEL_DIR,
+    RUN_SUMMARY_FILE,
+    RUN_SYNTHETIC_DIR,
+)
+from st_synth.training import DataArguments, ModelArguments, OutputArguments
+
+__all__ = ["RunArguments", "RunPlan", "load_config", "plan_run", "run", "score_table"]
 
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("output", "generate", "filter", "train", "evaluate", "push_to_hub", "private")
-RUN_FILE = "st_synth_run.json"
-DEFAULT_TASKS = ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
-EVALUATE_KEYS = {"tasks": DEFAULT_TASKS, "baseline": True, "reference": "all-MiniLM-L6-v2",
-                 "instructions": True, "batch_size": 16, "max_seq_length": 128}  # fmt: skip
-GENERATE_EXTRA_KEYS = {"local": False, "llm_threads": 1, "llm_backend": "auto"}
+# Set by the run itself (under `output`), so not keys of its `train` section.
+RUN_SET_TRAIN_KEYS = ("dataset", "output_dir")
 
 
-def _check_keys(section: str, given: dict[str, Any], valid: list[str]) -> None:
-    unknown = sorted(set(given) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"Unknown key(s) {unknown} in section {section!r}; valid keys: {', '.join(sorted(valid))}."
-        )
+@dataclasses.dataclass
+class RunArguments:
+    """The top level of an ``st-synth run`` YAML file (also ``st-synth run --output/--push_to_hub/--private``)."""
+
+    output: str = dataclasses.field(default="outputs/run", metadata={"help": "The run's folder."})
+    push_to_hub: str | None = dataclasses.field(
+        default=None, metadata={"help": "Push the trained model, with its card, to this Hub repo."}
+    )
+    private: bool = dataclasses.field(default=False, metadata={"help": "Create the Hub repo as private."})
 
 
 @dataclasses.dataclass
 class RunPlan:
-    """A validated run: everything is parsed and checked, nothing has started."""
+    """A validated run: every section parsed into its stage dataclass and checked, nothing started."""
 
-    output: Path
-    generation: Any  # GenerationConfig
-    local: bool
-    llm_threads: int
-    llm_backend: str  # resolved: llama.cpp or transformers (meaningful where local)
-    llm_backend_choice: str  # as configured (auto may fall back to transformers at start-up)
-    generation_given: frozenset[str]  # the generate keys the config sets (they win over backend limits)
-    consistency: Any  # ConsistencyFilter or None
-    train_settings: dict[str, Any]
-    model_args: Any
-    data_args: Any
-    training_args: Any
-    tasks: list[str]
-    evaluate: dict[str, Any]
-    push_to_hub: str | None
-    private: bool
+    run: RunArguments
+    generation: GenerationConfig
+    consistency: ConsistencyFilter | None
+    model_args: ModelArguments
+    data_args: DataArguments
+    loss_args: LossArguments
+    output_args: OutputArguments
+    training_args: SentenceTransformerTrainingArguments  # RecipeTrainingArguments
+    evaluation: EvaluationArguments
+    train_settings: dict[str, Any]  # the train section as given (with the run's folders): its fingerprint
+    tasks: list[str]  # the evaluation's mteb task names, resolved
+
+    @property
+    def output(self) -> Path:
+        return Path(self.run.output)
+
+    @property
+    def local(self) -> bool:
+        return self.generation.local
 
     @property
     def final_model(self) -> Path:
         """Where the recipe saves the merged model."""
-        return Path(self.training_args.output_dir) / "final"
+        return Path(self.training_args.output_dir) / FINAL_DIR
 
     @property
     def stages(self) -> list[str]:
-        return ["generate", "filter" if self.consistency else None, "train", "evaluate", "package"]
+        return [name for name in ("generate", "filter" if self.consistency else None, "train", "evaluate",
+                                  "package") if name]  # fmt: skip
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -89,90 +112,52 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
 
 
 def plan_run(config: dict[str, Any]) -> RunPlan:
-    """Check every section of a run config; raise ValueError naming the problem and the valid choices."""
-    from transformers import HfArgumentParser
+    """Check every section of a run config through the parser of its stage (the same flags the
+    subcommands take); raise ValueError naming the problem and the valid choices."""
+    from st_synth.training import make_train_parser
 
-    from st_synth.builder import GenerationConfig
-    from st_synth.evaluation import resolve_tasks
-    from st_synth.filtering import ConsistencyFilter
-    from st_synth.local_llm import SMOLLM2_ALIAS, backend_generation_defaults, resolve_backend
-    from st_synth.training import (
-        DataArguments,
-        ModelArguments,
-        RecipeTrainingArguments,
-        current_setting_name,
-        settings_to_flags,
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise SettingsError(
+            f"Unknown key(s) {unknown} in section 'top level'; valid keys: {', '.join(SECTIONS)}."
+        )
+    (run,) = SettingsParser([RunArguments]).parse_settings(
+        {key: config[key] for key in ("output", "push_to_hub", "private") if key in config}, "top level"
     )
+    (generation,) = SettingsParser([GenerationConfig]).parse_settings(
+        config.get("generate") or {}, "generate"
+    )
+    generation.validate_endpoint_settings()
 
-    _check_keys("top level", config, list(SECTIONS))
-    output = Path(config.get("output") or "outputs/run")
-
-    generate = dict(config.get("generate") or {})
-    gen_fields = [f.name for f in dataclasses.fields(GenerationConfig) if f.init]
-    _check_keys("generate", generate, gen_fields + list(GENERATE_EXTRA_KEYS))
-    given = frozenset(generate)
-    local = bool(generate.pop("local", False))
-    llm_threads = int(generate.pop("llm_threads", 1))
-    llm_backend = str(generate.pop("llm_backend", "auto"))
-    if local and generate.get("base_url"):
-        raise ValueError("generate.local starts its own endpoint; drop generate.base_url or generate.local.")
-    if local:
-        for key, value in backend_generation_defaults(llm_backend).items():
-            generate.setdefault(key, value)
-        generate.setdefault("model", SMOLLM2_ALIAS)
-        generate["base_url"] = "http://127.0.0.1:1/v1"  # the real port is known once the server starts
-    generation = GenerationConfig(**generate)
-    if not local:
-        generation.validate_endpoint_settings()
-
-    filter_section = config.get("filter")
     consistency = None
+    filter_section = config.get("filter")
     if filter_section not in (None, False):
         filter_section = dict(filter_section or {})
-        _check_keys(
-            "filter", filter_section, ["enabled"] + [f.name for f in dataclasses.fields(ConsistencyFilter)]
-        )
         if filter_section.pop("enabled", True):
-            consistency = ConsistencyFilter(**filter_section)
+            (consistency,) = SettingsParser([ConsistencyFilter]).parse_settings(filter_section, "filter")
 
-    train = {current_setting_name(key): value for key, value in (config.get("train") or {}).items()}
-    if "dataset" in train or "output_dir" in train:
+    train = dict(config.get("train") or {})
+    if any(key in train for key in RUN_SET_TRAIN_KEYS):
         raise ValueError(
             "train.dataset and train.output_dir are set by the run (under `output`); remove them."
         )
-    settings = {
-        **_training_defaults(),
-        **train,
-        "dataset": str(output / "data"),
-        "output_dir": str(output / "model"),
-    }
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeTrainingArguments))
-    known = {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc)}
-    _check_keys("train", train, sorted(known - {"dataset", "output_dir"}))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=settings_to_flags(settings)
+    output = Path(run.output)
+    settings = {"save_strategy": "no", **train, "dataset": str(output / RUN_DATA_DIR),
+                "output_dir": str(output / RUN_MODEL_DIR)}  # fmt: skip
+    model_args, data_args, loss_args, output_args, training_args = make_train_parser().parse_settings(
+        settings, "train"
     )
-
-    evaluate = dict(config.get("evaluate") or {})
-    _check_keys("evaluate", evaluate, list(EVALUATE_KEYS))
-    evaluate = {**EVALUATE_KEYS, **evaluate}
-    tasks = list(evaluate["tasks"])
-    resolve_tasks(tasks)  # unknown names fail now, with close matches
+    (evaluation,) = SettingsParser([EvaluationArguments]).parse_settings(
+        config.get("evaluate") or {}, "evaluate"
+    )
+    tasks = [
+        task.metadata.name for task in evaluation.resolve()
+    ]  # unknown names fail now, with close matches
     return RunPlan(
-        output=output, generation=generation, local=local, llm_threads=llm_threads, consistency=consistency,
-        llm_backend=resolve_backend(llm_backend) if local else llm_backend, llm_backend_choice=llm_backend,
-        generation_given=given,
-        train_settings=settings, model_args=model_args, data_args=data_args, training_args=training_args,
-        tasks=tasks, evaluate=evaluate, push_to_hub=config.get("push_to_hub"),
-        private=bool(config.get("private", False)),
+        run=run, generation=generation, consistency=consistency, model_args=model_args, data_args=data_args,
+        loss_args=loss_args, output_args=output_args, training_args=training_args, evaluation=evaluation,
+        train_settings=settings, tasks=tasks,
     )  # fmt: skip
-
-
-def _training_defaults() -> dict[str, Any]:
-    """The recipe's defaults (as in ``default_training_arguments``) for a run that saves once, at the end."""
-    return {"batch_sampler": "no_duplicates", "multi_dataset_batch_sampler": "proportional",
-            "activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False},
-            "save_strategy": "no", "report_to": "none", "logging_steps": 5, "dataloader_num_workers": 0}  # fmt: skip
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -198,7 +183,7 @@ def dataset_fingerprint(folder: str | Path) -> str:
 class _Stages:
     def __init__(self, plan: RunPlan, echo) -> None:
         self.plan, self.echo = plan, echo
-        self.names = [name for name in plan.stages if name]
+        self.names = plan.stages
         self.timings: dict[str, float] = {}
         self.peak_rss_mb: dict[str, int] = {}
 
@@ -236,7 +221,7 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
     summary["card"] = _package(plan, stages, summary)
     summary["timings_s"] = stages.timings
     summary["peak_rss_mb"] = stages.peak_rss_mb
-    (plan.output / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (plan.output / RUN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     echo(score_table(summary["evaluation"]))
     return summary
 
@@ -244,26 +229,24 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
 def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     from st_synth.builder import SyntheticDatasetBuilder, generation_report_summary
     from st_synth.cache import AnswerCache
-    from st_synth.local_llm import LocalLLMServer, serving
+    from st_synth.local_llm import resolve_backend, serving
 
     g = plan.generation
-    started = stages.start("generate", f"{g.num_examples} examples from {g.model}"
-                           + (f" (local {plan.llm_backend} server)" if plan.local else f" at {g.public_settings()['base_url']}"))  # fmt: skip
+    where = (f" (local {resolve_backend(g.llm_backend)} server)" if g.local
+             else f" at {g.public_settings()['base_url']}")  # fmt: skip
+    started = stages.start("generate", f"{g.num_examples} examples from {g.model}{where}")
     AnswerCache.check(g.cache_path)  # a file that is no cache is refused before a server starts
-    if plan.local:
-        server = LocalLLMServer(backend=plan.llm_backend_choice, threads=plan.llm_threads)
-        with serving(g, server, plan.generation_given) as (config, running):
-            builder = SyntheticDatasetBuilder(config, health_check=running.check_alive,
-                                              report_extra={"local_server": running.describe()})  # fmt: skip
-            builder.build()
-        if running.fallback_from:
-            stages.echo(
-                f"      served by transformers serve: llama.cpp failed its warm-up ({running.fallback_reason})"
-            )
-    else:
-        builder = SyntheticDatasetBuilder(g)
+    with serving(g) as (config, running):
+        builder = SyntheticDatasetBuilder(
+            config, health_check=running.check_alive if running else None,
+            report_extra={"local_server": running.describe()} if running else None,
+        )  # fmt: skip
         builder.build()
-    builder.save(plan.output / "synthetic")
+    if running is not None and running.fallback_from:
+        stages.echo(
+            f"      served by transformers serve: llama.cpp failed its warm-up ({running.fallback_reason})"
+        )
+    builder.save(plan.output / RUN_SYNTHETIC_DIR)
     report = builder.report or {}
     stages.done("generate", started, generation_report_summary(report).replace("\n", "\n      "))
     if not report.get("complete"):
@@ -286,7 +269,7 @@ def _filter(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
 
     from st_synth.filtering import filter_folder
 
-    source, target = plan.output / "synthetic", plan.output / "data"
+    source, target = plan.output / RUN_SYNTHETIC_DIR, plan.output / RUN_DATA_DIR
     if target.exists():
         shutil.rmtree(target)
     if plan.consistency is None:
@@ -303,7 +286,9 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     from st_synth.training import train
 
     final = plan.final_model
-    fingerprint = _fingerprint(plan.train_settings | {"dataset": dataset_fingerprint(plan.output / "data")})
+    fingerprint = _fingerprint(
+        plan.train_settings | {"dataset": dataset_fingerprint(plan.output / RUN_DATA_DIR)}
+    )
     marker = final / RUN_FILE
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         started = stages.start("train", "data and settings unchanged: reusing the trained model")
@@ -313,7 +298,7 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     base = plan.model_args.base_model
     started = stages.start("train", f"LoRA r{plan.model_args.lora_r} on {base}, "
                            f"{plan.training_args.num_train_epochs:g} epoch(s)")  # fmt: skip
-    result = train(plan.model_args, plan.data_args, plan.training_args)
+    result = train(plan.model_args, plan.data_args, plan.training_args, plan.output_args, plan.loss_args)
     record = {"fingerprint": fingerprint, "train_loss": result["train_loss"], "global_steps": result["global_steps"],
               "sources": result["sources"], "model": str(final)}  # fmt: skip
     marker.write_text(json.dumps(record, indent=2) + "\n")
@@ -324,25 +309,22 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
 
 
 def _evaluate_cached(
-    name: str, fingerprint: str, plan: RunPlan, load_model, echo, instructions: bool | None = None
+    name: str, fingerprint: str, plan: RunPlan, load_model, echo, instructions: bool
 ) -> dict[str, float]:
     from st_synth.evaluation import evaluate, resolve_tasks
 
-    folder = plan.output / "eval"
+    e = plan.evaluation
+    folder = plan.output / RUN_EVAL_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.json"
-    instructions = plan.evaluate["instructions"] if instructions is None else instructions
-    key = _fingerprint(fingerprint, plan.tasks, instructions, plan.evaluate["max_seq_length"])
+    key = _fingerprint(fingerprint, plan.tasks, instructions, e.max_seq_length, e.task_instructions)
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == key:
             echo(f"      {name}: unchanged, scores from {path}")
             return saved["summary"]["main_score"]
-    model = load_model()
-    model.max_seq_length = min(model.max_seq_length or plan.evaluate["max_seq_length"],
-                               plan.evaluate["max_seq_length"])  # fmt: skip
-    payload = evaluate(model, resolve_tasks(plan.tasks), use_instructions=instructions,
-                       batch_size=plan.evaluate["batch_size"])  # fmt: skip
+    payload = evaluate(load_model(), resolve_tasks(plan.tasks), overrides=e.overrides, use_instructions=instructions,
+                       batch_size=e.batch_size, max_seq_length=e.max_seq_length)  # fmt: skip
     payload["fingerprint"] = key
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     scores = payload["summary"]["main_score"]
@@ -354,31 +336,22 @@ def _evaluate_cached(
 def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[str, dict[str, float]]:
     from sentence_transformers import SentenceTransformer
 
-    from st_synth.embedder import build_embedder
-    from st_synth.filtering import resolve_guide
-    from st_synth.training import resolve_base_model
-
+    e = plan.evaluation
     started = stages.start("evaluate", ", ".join(plan.tasks))
+    compared = e.compared_models(plan.model_args.base_model, plan.model_args.instruction_template,
+                                 cache_dir=Path(plan.training_args.output_dir).parent)  # fmt: skip
     results: dict[str, dict[str, float]] = {}
-    base = plan.model_args.base_model
-    if plan.evaluate["baseline"]:
+    if "untrained" in compared:
+        fingerprint, load, instructions = compared.pop("untrained")
         results["untrained"] = _evaluate_cached(
-            "untrained", _fingerprint(base, plan.model_args.instruction_template), plan,
-            lambda: build_embedder(resolve_base_model(base, Path(plan.training_args.output_dir).parent),
-                                   max_seq_length=plan.evaluate["max_seq_length"],
-                                   instruction_template=plan.model_args.instruction_template),
-            stages.echo,
-        )  # fmt: skip
+            "untrained", fingerprint, plan, load, stages.echo, instructions
+        )
     final = plan.final_model
     results["trained"] = _evaluate_cached("trained", trained_fingerprint, plan,
-                                          lambda: SentenceTransformer(str(final)), stages.echo)  # fmt: skip
-    if plan.evaluate["reference"]:
-        reference = plan.evaluate["reference"]
-        # A plain sentence encoder, not instruction-tuned: it reads the texts as they are.
-        results[reference] = _evaluate_cached("reference", reference, plan,
-                                              lambda: SentenceTransformer(resolve_guide(reference)), stages.echo,
-                                              instructions=False)  # fmt: skip
-    stages.done("evaluate", started, f"results under {plan.output / 'eval'}")
+                                          lambda: SentenceTransformer(str(final)), stages.echo, e.instructions)  # fmt: skip
+    for name, (fingerprint, load, instructions) in compared.items():
+        results[name] = _evaluate_cached("reference", fingerprint, plan, load, stages.echo, instructions)
+    stages.done("evaluate", started, f"results under {plan.output / RUN_EVAL_DIR}")
     return results
 
 
@@ -392,24 +365,9 @@ def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
     readme = render_model_card(final, evaluation=evaluation["trained"], comparison=comparison,
                                consistency_filter=summary["filter"])  # fmt: skip
     detail = f"{readme}"
-    if plan.push_to_hub:
+    if plan.run.push_to_hub:
         from st_synth.hub import push_model
 
-        detail += f"; pushed to {push_model(final, plan.push_to_hub, private=plan.private or None)}"
+        detail += f"; pushed to {push_model(final, plan.run.push_to_hub, private=plan.run.private or None)}"
     stages.done("package", started, detail)
     return str(readme)
-
-
-def score_table(evaluation: dict[str, dict[str, float]]) -> str:
-    """A Markdown table: one row per task, one column per evaluated model (+ trained minus untrained)."""
-    models = list(evaluation)
-    tasks = list(dict.fromkeys(task for scores in evaluation.values() for task in scores))
-    with_delta = "trained" in evaluation and "untrained" in evaluation
-    header = "| task | " + " | ".join(models) + (" | trained - untrained |" if with_delta else " |")
-    lines = [header, "|---" * (len(models) + 1 + with_delta) + "|"]
-    for task in tasks:
-        cells = [f"{evaluation[m][task]:.4f}" if task in evaluation[m] else "" for m in models]
-        if with_delta:
-            cells.append(f"{evaluation['trained'][task] - evaluation['untrained'][task]:+.4f}")
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

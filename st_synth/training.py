@@ -14,15 +14,11 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
-from sentence_transformers.sentence_transformer.losses import (
-    CachedMultipleNegativesRankingLoss,
-    MultipleNegativesRankingLoss,
-)
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 from transformers import set_seed
@@ -34,8 +30,9 @@ from st_synth.embedder import (
     format_instruction,
 )
 from st_synth.lora import PAPER_TARGET_MODULES, check_target_modules, merge_lora
-from st_synth.losses import OwnNegativesLoss
+from st_synth.losses import LOSSES, LossArguments, build_loss
 from st_synth.names import ADAPTER_DIR, FINAL_DIR, REPORT_FILE, SUMMARY_FILE, unknown_name
+from st_synth.sampling import LENGTH_GROUPED, SOURCE_ORDERS
 from st_synth.speed import (
     apply_fused_kernels,
     apply_packed_sequences,
@@ -92,26 +89,12 @@ class DataArguments:
                   "pairs from its Wikipedia sample)."},
     )  # fmt: skip
     max_examples_per_source: int | None = field(default=None)
-    no_in_batch_negatives: list[str] = field(
-        default_factory=lambda: ["classification"],
-        metadata={"help": "Sources whose in-batch negatives are false negatives (labels repeat)."},
-    )
-    temperature: float = field(
-        default=0.02, metadata={"help": "InfoNCE temperature (scale = 1/temperature)."}
-    )
-    cached_loss: bool = field(default=False, metadata={"help": "GradCache: large batches at small memory."})
-    mini_batch_size: int = field(default=32, metadata={"help": "Mini-batch of the cached loss."})
-    gather_across_devices: bool = field(default=True, metadata={"help": "In-batch negatives from all ranks."})
     eval_examples: int = field(default=0, metadata={"help": "Held out per source for evaluation loss."})
-    length_grouping: bool = field(
-        default=True,
-        metadata={"help": "Batch rows of similar length (less padding), still without duplicate texts; "
-                  "replaces the no_duplicates sampler. Off: sentence-transformers' own sampler."},
-    )  # fmt: skip
     use_instructions: bool = field(
         default=True,
-        metadata={"help": "Prefix queries with their task instruction (the paper). Off: plain text."},
-    )
+        metadata={"help": "Prefix queries with their task instruction (the paper). Off: plain text, and the "
+                  "saved model's query prompt is empty too, so encode_query() reads texts as trained."},
+    )  # fmt: skip
     hard_negatives: bool = field(
         default=True,
         metadata={"help": "Train on the generated hard negatives. Off: in-batch negatives only."},
@@ -121,19 +104,19 @@ class DataArguments:
 @dataclass
 class OutputArguments:
     merge: bool = field(default=True, metadata={"help": "Also save the LoRA merged into the weights."})
-    hub_private: bool = field(default=False)
-
-
-@dataclass
-class RecipeTrainingArguments(SentenceTransformerTrainingArguments):
-    """sentence-transformers' training arguments as the recipe parses them: ``activation_checkpointing_kwargs``
-    given as JSON on the command line or in YAML becomes a dict, as ``gradient_checkpointing_kwargs`` does
-    (sentence-transformers' list of such fields predates the rename)."""
-
-    _VALID_DICT_FIELDS: ClassVar[list[str]] = [
-        *SentenceTransformerTrainingArguments._VALID_DICT_FIELDS,
-        "activation_checkpointing_kwargs",
-    ]
+    hub_private: bool = field(
+        default=False, metadata={"help": "Create the Hub repo (push_to_hub) as private."}
+    )
+    license: str | None = field(
+        default=None,
+        metadata={"help": "The model card's license (a Hub license id such as apache-2.0; the base model's terms "
+                  "apply to the trained weights)."},
+    )  # fmt: skip
+    dataset_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of the training data, for the card's `datasets` (e.g. the repo `st-synth "
+                  "generate --push_to_hub` uploaded to). Default: --dataset when it is a Hub id."},
+    )  # fmt: skip
 
 
 # transformers renamed gradient_checkpointing* to activation_checkpointing* (the old names still work there,
@@ -158,31 +141,87 @@ def current_setting_name(name: str) -> str:
     return _setting_renames().get(name, name)
 
 
-def current_flags(argv: list[str]) -> list[str]:
-    """Command-line flags with the checkpointing names as the installed transformers spells them."""
-    renamed = []
-    for arg in argv:
-        flag, eq, value = arg.partition("=")
-        if flag.startswith("--"):
-            arg = f"--{current_setting_name(flag[2:])}{eq}{value}"
-        renamed.append(arg)
-    return renamed
+def _recipe_post_init(self: Any) -> None:
+    if self.batch_sampler == LENGTH_GROUPED:
+        from st_synth.sampling import LengthGroupedBatchSampler
+
+        self.batch_sampler = LengthGroupedBatchSampler
+    SentenceTransformerTrainingArguments.__post_init__(self)
 
 
-def settings_to_flags(settings: dict[str, Any]) -> list[str]:
-    """A mapping of recipe settings (a YAML file's) as command-line flags, so that HfArgumentParser
-    converts each value to its field's type exactly as it does for flags typed by hand."""
-    flags: list[str] = []
-    for key, value in settings.items():
-        key = current_setting_name(key)
-        if isinstance(value, list):
-            if value:  # an empty list is the field's default: argparse cannot take a flag with no values
-                flags += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            flags += [f"--{key}", json.dumps(value)]
-        else:
-            flags += [f"--{key}", str(value)]
-    return flags
+def _recipe_training_arguments() -> type:
+    """``SentenceTransformerTrainingArguments`` with the recipe's defaults (as trl's ``SFTConfig`` has its
+    own): one source per batch, length-grouped batches without duplicate texts, activations recomputed,
+    no reporting service. The checkpointing fields take the names the installed transformers uses."""
+    fields = [
+        ("output_dir", str, field(default="outputs/e5-model", metadata={"help": "Where the run saves."})),
+        ("batch_sampler", str, field(
+            default=LENGTH_GROUPED,
+            metadata={"help": f"{LENGTH_GROUPED}: rows of similar length together (less padding), no duplicate "
+                      "texts in a batch; no_duplicates: sentence-transformers' sampler without duplicates; "
+                      "batch_sampler: plain (duplicate texts are false negatives).",
+                      "choices": [LENGTH_GROUPED, BatchSamplers.NO_DUPLICATES.value,
+                                  BatchSamplers.BATCH_SAMPLER.value]},
+        )),
+        ("multi_dataset_batch_sampler", str, field(
+            default="proportional",
+            metadata={"help": "The order of the sources' batches (each batch holds one source).",
+                      "choices": list(SOURCE_ORDERS)},
+        )),
+        (current_setting_name("activation_checkpointing"), bool, field(
+            default=True, metadata={"help": "Recompute activations in the backward pass (less memory)."},
+        )),
+        (current_setting_name("activation_checkpointing_kwargs"), dict | str | None, field(
+            default_factory=lambda: {"use_reentrant": False},
+            metadata={"help": "Checkpointing options (JSON)."},
+        )),
+        ("report_to", str, field(default="none", metadata={"help": "Reporting integrations (none, wandb, ...)."})),
+        ("logging_steps", float, field(default=5, metadata={"help": "Log every N steps."})),
+    ]  # fmt: skip
+    namespace = {
+        "__module__": __name__,
+        "__doc__": "sentence-transformers' training arguments with the recipe's defaults. "
+        "``activation_checkpointing_kwargs`` given as JSON becomes a dict, as ``gradient_checkpointing_kwargs`` "
+        "does (sentence-transformers' list of such fields predates the rename).",
+        "_VALID_DICT_FIELDS": [*SentenceTransformerTrainingArguments._VALID_DICT_FIELDS,
+                               "activation_checkpointing_kwargs"],
+        "__post_init__": _recipe_post_init,
+    }  # fmt: skip
+    return dataclasses.make_dataclass(
+        "RecipeTrainingArguments", fields, bases=(SentenceTransformerTrainingArguments,), namespace=namespace
+    )
+
+
+RecipeTrainingArguments = _recipe_training_arguments()
+TRAIN_DATACLASSES = (ModelArguments, DataArguments, LossArguments, OutputArguments, RecipeTrainingArguments)
+
+
+def make_train_parser(subparsers: Any = None) -> Any:
+    """The parser of ``st-synth train`` and ``recipes/train_mistral.py`` (one definition, trl's pattern)."""
+    from st_synth.arguments import SettingsParser
+
+    description = ("Train an e5-style embedder: LoRA on a decoder LLM, InfoNCE over in-batch and hard negatives. "
+                   "Give a YAML file first (its keys are these flags' names), then flags to override it.")  # fmt: skip
+    if subparsers is not None:
+        parser = subparsers.add_parser("train", help="Train with the recipe (as recipes/train_mistral.py).",
+                                       description=description, dataclass_types=TRAIN_DATACLASSES)  # fmt: skip
+    else:
+        parser = SettingsParser(TRAIN_DATACLASSES, description=description)
+    return parser
+
+
+def run_recipe(argv: list[str]) -> dict[str, Any]:
+    """``[CONFIG.yaml] [flags]`` -> train; what ``st-synth train`` and ``recipes/train_mistral.py`` run."""
+    from st_synth.arguments import with_yaml
+
+    parser = make_train_parser()
+    model_args, data_args, loss_args, output_args, training_args = parser.parse_args_into_dataclasses(
+        args=with_yaml(parser, list(argv))
+    )
+    summary = train(model_args, data_args, training_args, output_args, loss_args)
+    if training_args.process_index == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=2, default=str))
+    return summary
 
 
 def resolve_base_model(name: str, cache_dir: str | Path | None = None) -> str:
@@ -304,30 +343,22 @@ def _prepare_extra(spec: str, template: str, use_instructions: bool = True) -> t
     return name.strip(), dataset.map(lambda row: {"query": prefix + row["query"]})
 
 
-def build_losses(model: SentenceTransformer, sources: DatasetDict, data: DataArguments) -> dict[str, Any]:
-    scale = 1.0 / data.temperature
+def build_losses(model: SentenceTransformer, sources: DatasetDict, settings: LossArguments,
+                 hard_negatives: bool = True) -> dict[str, Any]:  # fmt: skip
+    """One loss per source, from the registry (``st_synth.losses.LOSSES``): ``settings.loss``, or the
+    own-negatives loss for sources whose in-batch negatives are false negatives."""
     losses = {}
     for name, dataset in sources.items():
-        own_only = name in data.no_in_batch_negatives
-        if own_only and "negative" not in dataset.column_names:
-            if data.hard_negatives:
+        loss_name = settings.loss_name(name)
+        if not LOSSES[loss_name].in_batch_negatives and "negative" not in dataset.column_names:
+            if hard_negatives:
                 raise ValueError(
                     f"Source {name!r} has in-batch negatives switched off but no hard negatives to learn from; "
                     "remove it from --no_in_batch_negatives."
                 )
             logger.warning("Source %r trains on in-batch negatives: hard negatives are off.", name)
-            own_only = False
-        if own_only:
-            losses[name] = OwnNegativesLoss(model, scale=scale)
-        elif data.cached_loss:
-            losses[name] = CachedMultipleNegativesRankingLoss(
-                model, scale=scale, mini_batch_size=data.mini_batch_size,
-                gather_across_devices=data.gather_across_devices,
-            )  # fmt: skip
-        else:
-            losses[name] = MultipleNegativesRankingLoss(
-                model, scale=scale, gather_across_devices=data.gather_across_devices
-            )
+            loss_name = "in_batch"
+        losses[name] = build_loss(loss_name, model, settings)
     return losses
 
 
@@ -368,36 +399,23 @@ def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None)
     return model
 
 
-def default_training_arguments(**overrides: Any) -> RecipeTrainingArguments:
-    """sentence-transformers' training arguments with the recipe's defaults (the YAML configs set the
-    same): no duplicate texts in a batch (false negatives), one source per batch, checkpointing on."""
-    settings: dict[str, Any] = {
-        "output_dir": "outputs/e5-model",
-        "batch_sampler": BatchSamplers.NO_DUPLICATES,
-        "multi_dataset_batch_sampler": MultiDatasetBatchSamplers.PROPORTIONAL,
-        "activation_checkpointing": True,
-        "activation_checkpointing_kwargs": {"use_reentrant": False},
-        "report_to": "none",
-        **overrides,
-    }
-    return RecipeTrainingArguments(**{current_setting_name(k): v for k, v in settings.items()})
-
-
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: SentenceTransformerTrainingArguments,
     output_args: OutputArguments | None = None,
+    loss_args: LossArguments | None = None,
 ) -> dict[str, Any]:
     """Train, save the adapter and the merged model, write the card; return the training summary."""
     output_args = output_args or OutputArguments()
+    loss_args = loss_args or LossArguments()
     # Validate data before loading a multi-GB backbone.
     sources, generation_report = load_sources(data_args, model_args.instruction_template)
-    if data_args.length_grouping and training_args.batch_sampler == BatchSamplers.NO_DUPLICATES:
-        from st_synth.sampling import LengthGroupedBatchSampler
+    from st_synth.sampling import LengthGroupedBatchSampler
 
+    if training_args.batch_sampler == LENGTH_GROUPED:  # arguments built without the recipe's class
         training_args.batch_sampler = LengthGroupedBatchSampler
-    elif training_args.batch_sampler != BatchSamplers.NO_DUPLICATES:
+    if training_args.batch_sampler not in (BatchSamplers.NO_DUPLICATES, LengthGroupedBatchSampler):
         logger.warning(
             "batch_sampler=%s lets duplicate texts into a batch (false negatives).",
             training_args.batch_sampler,
@@ -421,7 +439,10 @@ def train(
     # run of the same seed (whatever the number of processes).
     set_seed(training_args.seed)
     model = build_model(model_args, cache_dir=Path(training_args.output_dir).parent)
-    losses = build_losses(model, sources, data_args)
+    if not data_args.use_instructions:
+        # Trained on plain text: the saved query prompt must not add an instruction the model never saw.
+        model.prompts = {name: "" for name in model.prompts}
+    losses = build_losses(model, sources, loss_args, data_args.hard_negatives)
     trainer = RecipeTrainer(
         model=model, args=training_args, train_dataset=sources, eval_dataset=eval_sources, loss=losses
     )
@@ -438,7 +459,10 @@ def train(
         "world_size": training_args.world_size,
         "fused_kernels": getattr(model, "fused_kernels", "off"),
         "packed_sequences": getattr(model, "packed_sequences", "off"),
-        "length_grouping": data_args.length_grouping,
+        "batch_sampler": LENGTH_GROUPED
+        if training_args.batch_sampler is LengthGroupedBatchSampler
+        else str(getattr(training_args.batch_sampler, "value", training_args.batch_sampler)),
+        "loss": {name: type(loss).__name__ for name, loss in losses.items()},
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
@@ -450,9 +474,18 @@ def train(
             merge_lora(model)
             model.save_pretrained(str(final_dir))
         target = final_dir if output_args.merge else adapter_dir
+        from st_synth.cards import language_codes, st_card_metadata
+
+        dataset_id = output_args.dataset_id or (
+            data_args.dataset if data_args.dataset and not Path(data_args.dataset).exists() else None
+        )
+        card_metadata = st_card_metadata(
+            model, languages=language_codes(generation_report.get("kept_by_language", {})),
+            license=output_args.license, datasets=[dataset_id] if dataset_id else None,
+        )  # fmt: skip
         card_info = {
-            "model_args": model_args, "data_args": data_args, "training_args": training_args,
-            "generation_report": generation_report, "summary": summary,
+            "model_args": model_args, "data_args": data_args, "training_args": training_args, "loss_args": loss_args,
+            "generation_report": generation_report, "summary": summary, "card_metadata": card_metadata,
         }  # fmt: skip
         (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         for folder in {adapter_dir, target}:

@@ -230,16 +230,13 @@ def test_ranks_with_different_data_are_refused_not_left_hanging(backbone, six_ki
     script = tmp_path / "uneven_ranks.py"
     script.write_text(
         "import os, sys\n"
-        "from st_synth.training import DataArguments, ModelArguments, OutputArguments, train\n"
-        "from transformers import HfArgumentParser\n"
+        "from st_synth.training import make_train_parser, train\n"
         f"sys.path.insert(0, {str(ROOT / 'recipes')!r})\n"
         "from train_mistral import yaml_to_flags\n"
-        "from st_synth.training import RecipeTrainingArguments\n"
-        "parser = HfArgumentParser((ModelArguments, DataArguments, OutputArguments, RecipeTrainingArguments))\n"
-        "m, d, o, t = parser.parse_args_into_dataclasses(args=yaml_to_flags(sys.argv[1]))\n"
+        "m, d, l, o, t = make_train_parser().parse_args_into_dataclasses(args=yaml_to_flags(sys.argv[1]))\n"
         "if os.environ['RANK'] == '1':\n"
         "    d.max_examples_per_source = 8\n"
-        "train(m, d, t, o)\n"
+        "train(m, d, t, o, l)\n"
     )
     code, log = _launch(
         2, _config(backbone, six_kinds, tmp_path / "run"), tmp_path, 29563, script=script, timeout=240

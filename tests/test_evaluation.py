@@ -78,11 +78,11 @@ def test_cli_evaluates_and_updates_the_card(tmp_path, monkeypatch, capsys):
     from st_synth import evaluation
     from st_synth.cli import main
     from st_synth.testing.toy import write_toy_synthetic
-    from st_synth.training import DataArguments, ModelArguments, default_training_arguments, train
+    from st_synth.training import DataArguments, ModelArguments, RecipeTrainingArguments, train
 
     backbone = str(build_tiny_mistral(tmp_path / "tiny", "none"))
     data = str(write_toy_synthetic(tmp_path / "data", rows_per_kind=16))
-    args = default_training_arguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=1,
+    args = RecipeTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=1,
                                       use_cpu=True, save_strategy="no")  # fmt: skip
     train(ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4), DataArguments(dataset=data), args)
     monkeypatch.setattr(evaluation, "resolve_tasks", lambda names: [mock_tasks.MockSTSTask()])

@@ -12,15 +12,16 @@ import torch
 import yaml
 from sentence_transformers import SentenceTransformer
 
+from st_synth.losses import LossArguments
 from st_synth.testing.tiny import build_tiny_mistral
 from st_synth.testing.toy import TOPICS, write_toy_synthetic
 from st_synth.training import (
     DataArguments,
     ModelArguments,
     OutputArguments,
+    RecipeTrainingArguments,
     build_losses,
     build_model,
-    default_training_arguments,
     load_sources,
     train,
 )
@@ -101,14 +102,14 @@ def test_one_source_per_batch_and_instructions_per_row(backbone, synthetic, tmp_
     data_args = DataArguments(dataset=synthetic)
     sources, _ = load_sources(data_args, model_args.instruction_template)
     model = build_model(model_args)
-    losses = build_losses(model, sources, data_args)
+    losses = build_losses(model, sources, LossArguments())
     assert type(losses["classification"]).__name__ == "OwnNegativesLoss"
     assert (
         type(losses["retrieval"]).__name__ == "MultipleNegativesRankingLoss"
         and losses["retrieval"].scale == 50
     )
     seen = capture_batches(losses, model)
-    args = default_training_arguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=12,
+    args = RecipeTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=12,
                                       use_cpu=True, save_strategy="no", logging_steps=100)  # fmt: skip
     SentenceTransformerTrainer(model=model, args=args, train_dataset=sources, loss=losses).train()
     assert sum(len(batches) for batches in seen.values()) == 2 * 12
@@ -130,7 +131,7 @@ def test_one_source_per_batch_and_instructions_per_row(backbone, synthetic, tmp_
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"kinds": ["retreival"]}, "Unknown kinds"),
+        ({"kinds": ["retreival"]}, "Unknown task kind .retreival.. Did you mean .retrieval."),
         ({"kinds": ["bitext"]}, "not in"),
         ({"extra_datasets": ["broken"]}, "NAME=PATH_OR_HUB_ID|INSTRUCTION"),
     ],
@@ -162,7 +163,7 @@ def test_push_uploads_weights_configs_and_card(backbone, synthetic, tmp_path, mo
     from huggingface_hub import HfApi
 
     model_args = ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, lora_alpha=8)
-    args = default_training_arguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
+    args = RecipeTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
                                       max_steps=2, use_cpu=True, save_strategy="no", push_to_hub=True,
                                       hub_model_id="me/tiny-e5", hub_token="hf_SECRET")  # fmt: skip
     uploaded: dict[str, bytes] = {}
@@ -262,9 +263,9 @@ def test_ablation_switches_drop_instructions_and_hard_negatives(backbone, synthe
     sources, _ = load_sources(no_negatives, template)
     assert all("negative" not in ds.column_names for ds in sources.values())
     model = build_model(ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4))
-    losses = build_losses(model, sources, no_negatives)
+    losses = build_losses(model, sources, LossArguments(), no_negatives.hard_negatives)
     assert type(losses["classification"]) is MultipleNegativesRankingLoss  # no own negatives left to use
-    assert type(build_losses(model, full, DataArguments())["classification"]) is OwnNegativesLoss
+    assert type(build_losses(model, full, LossArguments())["classification"]) is OwnNegativesLoss
 
 
 def test_training_benchmark_smoke_run_on_cpu(tmp_path):
@@ -301,7 +302,7 @@ def test_fused_kernels_fall_back_cleanly_on_cpu_with_the_same_loss(backbone, syn
         )
         assert model.fused_kernels == ("off" if mode == "off" else
                                        "not used: the model trains on cpu, Liger's kernels need CUDA")  # fmt: skip
-        loss = build_losses(model, sources, DataArguments())["retrieval"]
+        loss = build_losses(model, sources, LossArguments())["retrieval"]
         features = [model.preprocess(list(batch[column])) for column in ("query", "positive", "negative")]
         losses[mode] = float(loss(features, None))
     assert losses["auto"] == losses["off"]
@@ -329,7 +330,7 @@ def test_packed_sequences_give_the_padded_loss_and_gradients_with_fewer_rows(bac
     torch.manual_seed(0)
     model = build_model(ModelArguments(base_model=backbone, max_seq_length=48, lora_r=4, lora_dropout=0.0))
     assert model.packed_sequences == "packed rows"
-    loss_fn = build_losses(model, sources, DataArguments())["retrieval"]
+    loss_fn = build_losses(model, sources, LossArguments())["retrieval"]
     rows_seen: list[tuple[int, int]] = []
     backbone_forward = model[0].auto_model.forward
 
@@ -455,20 +456,20 @@ def test_checkpointing_settings_take_the_current_names_without_a_deprecation_war
     users' files in either spelling reach the trainer under the installed release's names, silently."""
     import warnings
 
-    from transformers import HfArgumentParser
-
-    from st_synth.training import RecipeTrainingArguments, current_flags, settings_to_flags
+    from st_synth.training import make_train_parser
 
     settings = yaml.safe_load((ROOT / "recipes" / "configs" / config).read_text())
     if spelling == "older":
         settings = {key.replace("activation_", "gradient_"): value for key, value in settings.items()}
     settings.update(use_cpu=True, bf16=False)
-    parser = HfArgumentParser((ModelArguments, DataArguments, OutputArguments, RecipeTrainingArguments))
+    parser = make_train_parser()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        flags = current_flags(
-            [*settings_to_flags(settings), "--gradient_checkpointing_kwargs", '{"use_reentrant": true}']
-        )
+        flags = [
+            *parser.settings_to_args(settings),
+            "--gradient_checkpointing_kwargs",
+            '{"use_reentrant": true}',
+        ]
         *_, args = parser.parse_args_into_dataclasses(args=flags)
     assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
     assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {

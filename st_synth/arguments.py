@@ -1,0 +1,211 @@
+"""Settings from the command line and from YAML, parsed once, from the stage dataclasses themselves.
+
+Each stage's settings are one dataclass whose fields carry their default and help text (``GenerationConfig``,
+``ConsistencyFilter``, the recipe's ``ModelArguments`` / ``DataArguments`` / ``LossArguments`` /
+``OutputArguments`` / ``RecipeTrainingArguments``, ``EvaluationArguments``, ``RunArguments``). A
+:class:`SettingsParser` (transformers' ``HfArgumentParser``) builds the flags of every ``st-synth``
+subcommand and of ``recipes/train_mistral.py`` from them, and reads a YAML section through the same flags
+(:meth:`SettingsParser.parse_settings`), so a field has one name, one type and one default everywhere.
+
+Renamed settings keep their old spelling, with a FutureWarning naming the new one (:data:`RENAMED`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from transformers import HfArgumentParser
+
+# Old name -> new name. A flag or YAML key spelled the old way is read as the new one, with a FutureWarning.
+RENAMED: dict[str, str] = {
+    "price_prompt": "price_prompt_per_million",
+    "price_completion": "price_completion_per_million",
+    "local_backend": "llm_backend",
+    "no_progress": "no_show_progress",
+    "instruction": "task_instructions",
+}
+# Old switches that became a value of another setting: old name -> (new name, value when on, value when off).
+REPLACED_SWITCHES: dict[str, tuple[str, str, str]] = {
+    "length_grouping": ("batch_sampler", "length_grouped", "no_duplicates"),
+}
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def decode_json(value: Any, name: str) -> Any:
+    """A setting given as a JSON list or object in one string (a YAML list or mapping passed as a flag, or
+    typed by hand) as the list or dict; any other value as it is."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{name}: {value!r} is neither a list of names nor valid JSON ({error.msg})."
+            ) from None
+    return value
+
+
+class SettingsError(ValueError):
+    """A setting that does not parse (from YAML: raised instead of argparse's exit)."""
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    warnings.warn(f"The setting '{old}' is now called '{new}'; the old name still works, for now.",
+                  FutureWarning, stacklevel=4)  # fmt: skip
+
+
+def _checkpointing_name(name: str) -> str:
+    from st_synth.training import current_setting_name
+
+    return current_setting_name(name)
+
+
+def translate_flags(argv: Iterable[str]) -> list[str]:
+    """Command-line flags with renamed settings under their current names (warning for each old one), and
+    the checkpointing settings as the installed transformers spells them."""
+    argv, out = list(argv), []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        index += 1
+        flag, eq, value = arg.partition("=")
+        if not flag.startswith("--") or flag == "--":
+            out.append(arg)
+            continue
+        name = flag[2:].replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in REPLACED_SWITCHES
+        switch = name[3:] if negated else name
+        if switch in REPLACED_SWITCHES:
+            new, on, off = REPLACED_SWITCHES[switch]
+            if not negated and not eq and index < len(argv) and argv[index].lower() in _TRUE + _FALSE:
+                value, eq = argv[index], "="
+                index += 1
+            enabled = not negated and (not eq or value.lower() in _TRUE)
+            _warn_renamed(name, f"{new} {on if enabled else off}")
+            out += [f"--{new}", on if enabled else off]
+            continue
+        if name in RENAMED:
+            _warn_renamed(name, RENAMED[name])
+            name = RENAMED[name]
+        out.append(f"--{_checkpointing_name(name)}{eq}{value}")
+    return out
+
+
+class SettingsParser(HfArgumentParser):
+    """``HfArgumentParser`` for st-synth's stage dataclasses.
+
+    - A field may give ``metadata={"flag_type": str}`` when its Python type is richer than one flag can
+      say (``GenerationConfig.kinds`` takes a string, a list or a mapping in Python; one string as a flag;
+      YAML lists and mappings arrive as JSON).
+    - Renamed flags are read under their new names (:func:`translate_flags`).
+    - :meth:`parse_settings` reads a mapping (a YAML section) through the same flags.
+    """
+
+    def __init__(self, dataclass_types: Any = None, **kwargs: Any) -> None:
+        self._raise_errors = False
+        super().__init__(dataclass_types or [], **kwargs)
+
+    @staticmethod
+    def _parse_dataclass_field(parser: Any, field: dataclasses.Field) -> None:
+        if "flag_type" in field.metadata:
+            field = copy.copy(field)
+            field.type = field.metadata["flag_type"]
+            field.metadata = {k: v for k, v in field.metadata.items() if k != "flag_type"}
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        args = translate_flags(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> Any:
+        # argparse's "argument --x/--y: invalid choice: 'v' (choose from 'a', 'b')" in st-synth's own words
+        bad = re.match(r"argument --([\w.-]+)\S*: invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if bad:
+            name, value, choices = bad.groups()
+            choices = ", ".join(choice.strip().strip("'") for choice in choices.split(","))
+            message = f"{name} {value!r} is unknown; choose one of: {choices}."
+        if self._raise_errors:
+            raise SettingsError(message)
+        return super().error(message)
+
+    # -- settings from a mapping ------------------------------------------------------------------------
+    def field_names(self) -> list[str]:
+        return [f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.init]
+
+    def _action(self, name: str) -> Any:
+        return next((a for a in self._actions if a.dest == name and a.option_strings), None)
+
+    def settings_to_args(self, settings: dict[str, Any]) -> list[str]:
+        """A mapping of settings as this parser's flags, so each value is converted to its field's type
+        exactly as a flag typed by hand is. ``None`` leaves a field at its default."""
+        flags: list[str] = []
+        for key, value in settings.items():
+            if value is None:
+                continue
+            action = self._action(RENAMED.get(key, key)) or self._action(_checkpointing_name(key))
+            if isinstance(value, list) and action is not None and action.nargs in ("+", "*"):
+                if value:  # an empty list is such a field's default: argparse takes no flag without values
+                    flags += [f"--{key}", *map(str, value)]
+            elif isinstance(value, list | dict):
+                flags += [f"--{key}", json.dumps(value)]
+            elif isinstance(value, bool):
+                flags += [f"--{key}", str(value).lower()]
+            else:
+                flags += [f"--{key}", str(value)]
+        return flags
+
+    def parse_settings(self, settings: dict[str, Any], section: str = "settings",
+                       exclude: Iterable[str] = ()) -> tuple[Any, ...]:  # fmt: skip
+        """The dataclasses for a mapping of settings (a YAML section): unknown keys are refused with the
+        valid ones, and every value goes through the same conversion and checks as its flag."""
+        valid = sorted(set(self.field_names()) - set(exclude))
+        accepted = {*valid, *RENAMED, *REPLACED_SWITCHES}
+        unknown = sorted(
+            key for key in settings if key not in accepted and _checkpointing_name(key) not in valid
+        )
+        if unknown:
+            raise SettingsError(
+                f"Unknown key(s) {unknown} in section {section!r}; valid keys: {', '.join(valid)}."
+            )
+        self._raise_errors = True
+        try:
+            return self.parse_args_into_dataclasses(args=self.settings_to_args(settings))
+        except SettingsError as error:
+            raise SettingsError(f"Section {section!r}: {error}") from None
+        finally:
+            self._raise_errors = False
+
+    def namespace_to_dataclasses(self, namespace: Any) -> tuple[Any, ...]:
+        """The dataclasses of this parser from a namespace that a parent parser filled."""
+        values = vars(namespace)
+        objects = []
+        for dtype in self.dataclass_types:
+            names = {f.name for f in dataclasses.fields(dtype) if f.init}
+            objects.append(dtype(**{k: v for k, v in values.items() if k in names}))
+        return tuple(objects)
+
+
+def yaml_settings(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as handle:
+        settings = yaml.safe_load(handle) or {}
+    if not isinstance(settings, dict):
+        raise SettingsError(f"{path} must hold a mapping of settings, got {type(settings).__name__}.")
+    return settings
+
+
+def with_yaml(parser: SettingsParser, argv: list[str]) -> list[str]:
+    """``CONFIG.yaml [flags]``: the file's settings as flags, the command line's flags after (they win)."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        return parser.settings_to_args(yaml_settings(argv[0])) + argv[1:]
+    return argv
+
+
+Handler = Callable[[Any, tuple[Any, ...]], int]
