@@ -192,8 +192,7 @@ def st_card_metadata(model: Any, *, languages: list[str], license: str | None = 
     if license:
         card.set_license(license)
     card.add_tags(TAGS)
-    if datasets:
-        card.datasets = [{"name": name, "id": name} for name in datasets]
+    card.datasets = list(dict.fromkeys([*(card.datasets or []), *(datasets or [])]))
     try:
         metadata = yaml.safe_load(card.to_yaml()) or {}
     except Exception as error:  # the card data is a nicety: never fail a finished training run on it

@@ -175,7 +175,8 @@ def _recipe_training_arguments() -> type:
             default_factory=lambda: {"use_reentrant": False},
             metadata={"help": "Checkpointing options (JSON)."},
         )),
-        ("report_to", str, field(default="none", metadata={"help": "Reporting integrations (none, wandb, ...)."})),
+        ("report_to", list[str], field(default_factory=lambda: ["none"],
+                                       metadata={"help": "Reporting integrations (none, wandb, tensorboard, ...)."})),
         ("logging_steps", float, field(default=5, metadata={"help": "Log every N steps."})),
     ]  # fmt: skip
     namespace = {
