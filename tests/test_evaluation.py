@@ -96,6 +96,23 @@ def test_cli_evaluates_and_updates_the_card(tmp_path, monkeypatch, capsys):
     card = (final / "README.md").read_text()
     assert "| MockSTSTask |" in card and "not evaluated yet" not in card
     assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--tasks", "MockSTSTask"]) == 2
+    capsys.readouterr()
+
+    # Before/after: the backbone the card names (untrained) and a reference encoder, in one table and card.
+    code = main(["evaluate", "--model", str(final), "--tasks", "MockSTSTask", "--baseline",
+                 "--reference", backbone, "--max_seq_length", "16", "--output", str(tmp_path / "r2.json"),
+                 "--update_card"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"| task | trained | untrained | {backbone} | trained - untrained |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| MockSTSTask |"))
+    trained, untrained, reference, delta = (float(cell) for cell in row.strip("| ").split(" | ")[1:])
+    assert abs(trained - untrained - delta) < 1e-3
+    card = (final / "README.md").read_text()
+    assert "| task | this model | untrained |" in card
+    # Without card facts there is no backbone to compare with: refused before any encoding.
+    assert main(["evaluate", "--model", backbone, "--tasks", "MockSTSTask", "--baseline"]) == 2
+    assert "baseline needs the backbone" in capsys.readouterr().err
 
 
 def test_lee_document_sts_loads_offline_and_scores(model):
