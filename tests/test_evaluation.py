@@ -106,7 +106,7 @@ def test_cli_evaluates_and_updates_the_card(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert f"| task | trained | untrained | {backbone} | trained - untrained |" in out
     row = next(line for line in out.splitlines() if line.startswith("| MockSTSTask |"))
-    trained, untrained, reference, delta = (float(cell) for cell in row.strip("| ").split(" | ")[1:])
+    trained, untrained, _reference, delta = (float(cell) for cell in row.strip("| ").split(" | ")[1:])
     assert abs(trained - untrained - delta) < 1e-3
     card = (final / "README.md").read_text()
     assert "| task | this model | untrained |" in card
