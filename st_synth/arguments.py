@@ -61,6 +61,10 @@ def _warn_renamed(old: str, new: str) -> None:
 
 
 def _checkpointing_name(name: str) -> str:
+    """transformers' checkpointing settings under the installed release's names (any other name as it is,
+    without importing the training stack: `st-synth generate` starts without torch)."""
+    if "checkpointing" not in name:
+        return name
     from st_synth.training import current_setting_name
 
     return current_setting_name(name)

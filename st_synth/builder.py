@@ -14,7 +14,8 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class GenerationConfig:
         default=None,
         metadata=_help(
             "Comma-separated kinds, optionally weighted (retrieval=3,sts=1); a list or mapping in YAML. Default: all "
-            f"six, uniform. Kinds: {kinds_help()}.",
+            f"{len(TASK_KINDS)}, uniform. Kinds: {kinds_help()}.",
             flag_type=str | None,
             metavar="KINDS",
         ),
@@ -328,6 +329,7 @@ class SyntheticDatasetBuilder:
         self.report_extra = dict(report_extra or {})
         self.dataset: DatasetDict | None = None
         self.report: dict[str, Any] | None = None
+        self.server: Any = None  # the managed local server answering this build, if any (served_builder)
 
     def shard_plans(self) -> list[ExamplePlan]:
         c = self.config
@@ -612,6 +614,21 @@ class _Run:
             features = Features({column: Value("string") for column in kind.columns})
             splits[kind_name] = Dataset.from_dict(rows, features=features)
         return DatasetDict(splits)
+
+
+@contextmanager
+def served_builder(config: GenerationConfig) -> Iterator[SyntheticDatasetBuilder]:
+    """The builder of a run: on the local server when ``config.local`` (started here, watched through the run,
+    stopped on exit; ``builder.server`` is it), else on the configured endpoint (``builder.server`` None)."""
+    from st_synth.local_llm import serving
+
+    with serving(config) as (served, running):
+        builder = SyntheticDatasetBuilder(
+            served, health_check=running.check_alive if running else None,
+            report_extra={"local_server": running.describe()} if running else None,
+        )  # fmt: skip
+        builder.server = running
+        yield builder
 
 
 def generation_report_summary(report: dict[str, Any]) -> str:

@@ -63,10 +63,14 @@ def _add_generate(subparsers: Any) -> None:
 
 
 def _generate(config: Any, target: GenerateOutput) -> int:
-    from st_synth.builder import SyntheticDatasetBuilder, check_output_folder, generation_report_summary
+    from st_synth.builder import (
+        SyntheticDatasetBuilder,
+        check_output_folder,
+        generation_report_summary,
+        served_builder,
+    )
     from st_synth.cache import AnswerCache, CacheError
     from st_synth.client import EndpointError
-    from st_synth.local_llm import serving
 
     try:
         # Everything is validated before the local server starts or any request is sent.
@@ -77,10 +81,7 @@ def _generate(config: Any, target: GenerateOutput) -> int:
         return _fail("generate", error)
     builder = None
     try:
-        with serving(config) as (config, running):
-            extra = {"local_server": running.describe()} if running else None
-            builder = SyntheticDatasetBuilder(config, health_check=running.check_alive if running else None,
-                                              report_extra=extra)  # fmt: skip
+        with served_builder(config) as builder:
             builder.build()
     except (CacheError, ValueError) as error:
         return _fail("generate", error, 1)

@@ -227,24 +227,20 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
 
 
 def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
-    from st_synth.builder import SyntheticDatasetBuilder, generation_report_summary
+    from st_synth.builder import generation_report_summary, served_builder
     from st_synth.cache import AnswerCache
-    from st_synth.local_llm import resolve_backend, serving
+    from st_synth.local_llm import resolve_backend
 
     g = plan.generation
     where = (f" (local {resolve_backend(g.llm_backend)} server)" if g.local
              else f" at {g.public_settings()['base_url']}")  # fmt: skip
     started = stages.start("generate", f"{g.num_examples} examples from {g.model}{where}")
     AnswerCache.check(g.cache_path)  # a file that is no cache is refused before a server starts
-    with serving(g) as (config, running):
-        builder = SyntheticDatasetBuilder(
-            config, health_check=running.check_alive if running else None,
-            report_extra={"local_server": running.describe()} if running else None,
-        )  # fmt: skip
+    with served_builder(g) as builder:
         builder.build()
-    if running is not None and running.fallback_from:
+    if builder.server is not None and builder.server.fallback_from:
         stages.echo(
-            f"      served by transformers serve: llama.cpp failed its warm-up ({running.fallback_reason})"
+            f"      served by transformers serve: llama.cpp failed its warm-up ({builder.server.fallback_reason})"
         )
     builder.save(plan.output / RUN_SYNTHETIC_DIR)
     report = builder.report or {}
