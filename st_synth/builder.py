@@ -237,7 +237,7 @@ class GenerationConfig:
             return "no-key-needed-locally"
         raise ValueError(
             f"No API key for {redact_url(self.resolved_base_url)}: set the environment variable "
-            f"{self.api_key_env} (or choose another variable with --api-key-env)."
+            f"{self.api_key_env} (or choose another variable with --api_key_env)."
         )
 
     def validate_endpoint_settings(self) -> None:

@@ -11,7 +11,7 @@ import jinja2
 from datasets import DatasetDict
 
 from st_synth.languages import ISO_CODES
-from st_synth.names import ADAPTER_DIR, CARD_DATA_FILE, FINAL_DIR
+from st_synth.names import ADAPTER_DIR, CARD_DATA_FILE, FINAL_DIR, RUN_MODEL_DIR
 from st_synth.taxonomy import TASK_KINDS
 from st_synth.training import current_setting_name
 
@@ -37,6 +37,17 @@ def language_codes(labels: Any) -> list[str]:
     """ISO codes of every language in ``labels`` (bitext labels are ``source-target``)."""
     codes = {ISO_CODES[name] for label in labels for name in str(label).split("-") if name in ISO_CODES}
     return sorted(codes)
+
+
+def _run_name(folder: Path) -> str:
+    """A model folder's name for its card: the training run's (``RUN/final``; ``RUN/model/final`` under
+    ``st-synth run``), not ``final``."""
+    parts = folder.resolve().parts
+    if folder.name in (FINAL_DIR, ADAPTER_DIR):
+        parts = parts[:-1]
+        if parts[-1] == RUN_MODEL_DIR and len(parts) > 1:
+            parts = parts[:-1]
+    return parts[-1]
 
 
 def _warmup(training_args: Any) -> str:
@@ -106,7 +117,7 @@ def write_model_card(
     dimension = config.get("hidden_size", "?")
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     facts = {
-        "title": (repo_id or (folder.parent.name if folder.name in (FINAL_DIR, ADAPTER_DIR) else folder.name)).split("/")[-1],
+        "title": (repo_id or _run_name(folder)).split("/")[-1],
         "repo_id": repo_id or str(folder),
         "base_model": model_args.base_model,
         "base_model_id": model_args.base_model if "/" in model_args.base_model else None,

@@ -1,0 +1,119 @@
+"""Hard negatives mined over a corpus with sentence-transformers' own ``util.mine_hard_negatives``.
+
+For (query, positive) pairs, each query's nearest corpus passages (by the mining model) that are neither its
+positive nor a near-copy of it become its negative. A near-copy is a candidate whose similarity to the
+positive is at least ``max_positive_similarity`` (one text quoted in another, the same passage with other
+whitespace): such a "negative" would teach the model to push a positive away. Candidates are mined with
+sentence-transformers' range and margin settings; st-synth then takes, per row, the first candidate that is
+not the positive (after normalisation) and below that ceiling, and drops (and counts) rows without one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset
+
+from st_synth.validation import normalize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MiningArguments:
+    """Hard-negative mining (``util.mine_hard_negatives``) and the near-copy ceiling st-synth adds."""
+
+    mining_model: str = field(default="all-MiniLM-L6-v2", metadata={
+        "help": "The encoder that ranks candidates: a SentenceTransformer folder or Hub id, or all-MiniLM-L6-v2 "
+        "(packaged)."})  # fmt: skip
+    query_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prefix of the queries for the mining model (e.g. an instruction, for an instruction model)."
+        },
+    )
+    range_min: int = field(default=0, metadata={"help": "Skip the range_min closest candidates."})
+    range_max: int = field(default=30, metadata={"help": "Consider the range_max closest candidates."})
+    relative_margin: float | None = field(
+        default=0.05,
+        metadata={
+            "help": "Keep a candidate only when its score is this fraction below the positive's (NV-Retriever's 95%)."
+        },
+    )
+    absolute_margin: float | None = field(
+        default=None,
+        metadata={"help": "Keep a candidate only when its score is this much below the positive's."},
+    )
+    max_positive_similarity: float = field(
+        default=0.95,
+        metadata={
+            "help": "A candidate this similar to the positive (cosine, mining model) is a near-copy, never a negative."
+        },
+    )
+    candidates: int = field(default=5, metadata={"help": "Candidates mined per query, tried in order."})
+    batch_size: int = field(default=32, metadata={"help": "Texts encoded at once."})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.range_min < self.range_max:
+            raise ValueError(f"need 0 <= range_min < range_max, got {self.range_min} and {self.range_max}")
+        if not 0 < self.max_positive_similarity <= 1:
+            raise ValueError(f"max_positive_similarity must be in (0, 1], got {self.max_positive_similarity}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be at least 1, got {self.candidates}")
+
+
+def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
+                   model: Any = None) -> tuple[Dataset, dict[str, Any]]:  # fmt: skip
+    """``pairs`` (columns ``query``, ``positive``) with a mined ``negative`` from ``corpus``; rows without a
+    valid negative are dropped. Returns the triplets and a report (rows in, kept, dropped per reason)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from st_synth.filtering import resolve_guide
+
+    missing = [column for column in ("query", "positive") if column not in pairs.column_names]
+    if missing:
+        raise ValueError(
+            f"Mining needs columns query and positive; missing {missing} in {pairs.column_names}."
+        )
+    if not corpus:
+        raise ValueError("Mining needs a corpus of at least one passage.")
+    model = model or SentenceTransformer(resolve_guide(settings.mining_model))
+    mined = mine_hard_negatives(
+        pairs.select_columns(["query", "positive"]), model, anchor_column_name="query",
+        positive_column_name="positive", corpus=list(corpus), range_min=settings.range_min,
+        range_max=settings.range_max, relative_margin=settings.relative_margin,
+        absolute_margin=settings.absolute_margin, num_negatives=settings.candidates, sampling_strategy="top",
+        query_prompt=settings.query_prompt, output_format="n-tuple", batch_size=settings.batch_size,
+        verbose=False,
+    )  # fmt: skip
+    negative_columns = [c for c in mined.column_names if c.startswith("negative")]
+    rows = mined.to_list()
+    positives = [row["positive"] for row in rows]
+    candidates = sorted({row[c] for row in rows for c in negative_columns if row.get(c)})
+    if rows and candidates:
+        embeddings = model.encode(positives + candidates, batch_size=settings.batch_size,
+                                  normalize_embeddings=True, convert_to_tensor=True)  # fmt: skip
+        position = {text: len(positives) + i for i, text in enumerate(candidates)}
+    report = {"rows": pairs.num_rows, "no_candidate": pairs.num_rows - len(rows), "near_copy_only": 0}
+    kept: dict[str, list[str]] = {"query": [], "positive": [], "negative": []}
+    for index, row in enumerate(rows):
+        chosen = None
+        for column in negative_columns:
+            candidate = row.get(column)
+            if not candidate or normalize(candidate) == normalize(row["positive"]):
+                continue
+            similarity = float(embeddings[index] @ embeddings[position[candidate]])
+            if similarity < settings.max_positive_similarity:
+                chosen = candidate
+                break
+        if chosen is None:
+            report["near_copy_only"] += 1
+            continue
+        kept["query"].append(row["query"])
+        kept["positive"].append(row["positive"])
+        kept["negative"].append(chosen)
+    report["kept"] = len(kept["query"])
+    return Dataset.from_dict(kept), report

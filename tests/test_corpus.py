@@ -1,0 +1,120 @@
+"""Corpora as passages, hard negatives mined over them, and decontamination against evaluation texts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from st_synth.corpus import Corpus, CorpusArguments, _tokenizer, load_documents, split_passages
+from st_synth.decontamination import Decontaminator, evaluation_texts
+from st_synth.mining import MiningArguments, mine_negatives
+
+DOCS = [
+    "The river flooded the town after three days of rain. Residents moved to higher ground.",
+    "A new library opened downtown with ten thousand books. Children can borrow five at a time.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tokenizer("all-MiniLM-L6-v2")
+
+
+def test_every_corpus_format_loads_the_same_documents(tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(DOCS[0])
+    (folder / "sub" / "b.md").write_text(DOCS[1])
+    (folder / "ignored.json").write_text("{}")
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS))
+    )
+    (tmp_path / "c.csv").write_text("id,body\n" + "".join(f'{i},"{d}"\n' for i, d in enumerate(DOCS)))
+    Dataset.from_dict({"body": DOCS}).to_parquet(str(tmp_path / "c.parquet"))
+    DatasetDict({"train": Dataset.from_dict({"body": DOCS})}).save_to_disk(str(tmp_path / "saved"))
+    assert load_documents(str(folder)) == DOCS
+    for source in ("c.jsonl", "c.csv", "c.parquet", "saved"):
+        assert load_documents(str(tmp_path / source), text_column="body") == DOCS, source
+    news = load_documents("builtin:lee-background")
+    assert len(news) == 300 and all(news)
+
+
+def test_bad_corpora_fail_before_any_request_naming_what_they_hold(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x", "id": 1}) + "\n")
+    with pytest.raises(ValueError, match="has no text column 'text'; it has: body, id"):
+        load_documents(str(tmp_path / "c.jsonl"))
+    (tmp_path / "empty.csv").write_text("text\n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        load_documents(str(tmp_path / "empty.csv"))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match=r"holds no \.txt or \.md files"):
+        load_documents(str(tmp_path / "nothing"))
+    with pytest.raises(
+        ValueError, match=r"Unknown builtin corpus 'lee'.*Choose one of: lee-background, wikipedia"
+    ):
+        load_documents("builtin:lee")
+    (tmp_path / "c.xml").write_text("<x/>")
+    with pytest.raises(ValueError, match="unknown format"):
+        load_documents(str(tmp_path / "c.xml"))
+
+
+def test_passages_respect_the_token_limit_and_are_kept_once(tokenizer):
+    long = " ".join(f"Sentence number {i} talks about rivers and towns." for i in range(40))
+    passages = split_passages([long, long.upper(), DOCS[0]], tokenizer, passage_tokens=32, min_tokens=4)
+    sizes = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in passages]
+    assert max(sizes) <= 32 and len(passages) > 5
+    assert len({p.lower() for p in passages}) == len(passages)  # the upper-cased copy is a duplicate
+    assert passages[-1] == DOCS[0]  # two short sentences fit in one passage
+    unbroken = "word " * 100  # one sentence longer than the limit is cut at it
+    pieces = split_passages([unbroken], tokenizer, passage_tokens=16)
+    assert len(pieces) == 1 or all(
+        len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= 16 for p in pieces
+    )
+
+
+def test_passage_draws_are_a_function_of_seed_and_index():
+    corpus = Corpus.load(CorpusArguments(corpus="builtin:lee-background", passage_tokens=128))
+    assert corpus.documents == 300 and len(corpus.passages) > 300
+    draws = [corpus.draw(7, i) for i in range(50)]
+    assert draws == [corpus.draw(7, i) for i in range(50)] and draws != [corpus.draw(8, i) for i in range(50)]
+    with pytest.raises(ValueError, match="passage_tokens must be at least 8"):
+        CorpusArguments(corpus="x", passage_tokens=4)
+
+
+def test_mined_negatives_are_corpus_passages_never_the_positive():
+    corpus = Corpus.load(CorpusArguments(corpus="builtin:lee-background", passage_tokens=96)).passages[:300]
+    pairs = Dataset.from_dict({"query": [p.split(".")[0] for p in corpus[:40]], "positive": corpus[:40]})
+    triplets, report = mine_negatives(pairs, corpus, MiningArguments(candidates=3))
+    assert report["rows"] == 40 and report["kept"] == triplets.num_rows > 30
+    for row in triplets:
+        assert row["negative"] in corpus and row["negative"] != row["positive"]
+    # The near-copy ceiling is honoured: at 0.01 every candidate counts as a copy of the positive.
+    none, report = mine_negatives(pairs, corpus, MiningArguments(candidates=2, max_positive_similarity=0.01))
+    assert none.num_rows == 0 and report["near_copy_only"] + report["no_candidate"] == 40
+    # A near-duplicate of a positive in the corpus is never its negative.
+    copy = corpus[0].replace(".", " .")
+    triplets, _ = mine_negatives(pairs.select([0]), [copy, *corpus], MiningArguments(relative_margin=None))
+    assert triplets["negative"] != [copy]
+    with pytest.raises(ValueError, match="range_min < range_max"):
+        MiningArguments(range_min=5, range_max=5)
+
+
+def test_decontamination_removes_planted_evaluation_texts():
+    texts = evaluation_texts(["LeeDocSTS", "ChatterbotQARetrieval"])
+    lee = texts[0]
+    assert len(lee.split()) > 40
+    question = next(t for t in texts if t.endswith("?"))
+    words = lee.split()
+    sources = DatasetDict({
+        "clean": Dataset.from_dict({"query": ["how do rivers flood", "a new library"], "positive": DOCS}),
+        "planted": Dataset.from_dict({
+            "query": [f"  {lee.upper()} ", "unrelated query", question, "fine"],
+            "positive": ["x", "Someone wrote: " + " ".join(words[5:20]) + " and more.", "y", "z"],
+        }),
+    })  # fmt: skip
+    clean, report = Decontaminator(texts).apply(sources)
+    assert clean["clean"].num_rows == 2 and clean["planted"]["query"] == ["fine"]
+    assert report["sources"]["planted"] == {"rows": 4, "dropped": 3, "exact": 2, "ngram": 1}
+    assert report["dropped"] == 3 and "13 words" in report["rule"]
