@@ -95,6 +95,12 @@ class DataArguments:
         metadata={"help": "Prefix queries with their task instruction (the paper). Off: plain text, and the "
                   "saved model's query prompt is empty too, so encode_query() reads texts as trained."},
     )  # fmt: skip
+    decontaminate: list[str] = field(
+        default_factory=list,
+        metadata={"help": "mteb task names whose texts no training row may contain: a row with a text equal to "
+                  "one of theirs (after normalisation) or sharing a 13-word run with one is dropped, and counted "
+                  "per source (the training summary's `decontamination`)."},
+    )  # fmt: skip
     hard_negatives: bool = field(
         default=True,
         metadata={"help": "Train on the generated hard negatives. Off: in-batch negatives only."},
@@ -262,6 +268,7 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
     check_instruction_template(instruction_template)
     sources: dict[str, Dataset] = {}
     report: dict[str, Any] = {}
+    clean = _decontaminator(data.decontaminate)
     if data.dataset:
         synthetic = _load_any(data.dataset)
         if not isinstance(synthetic, DatasetDict):
@@ -280,10 +287,10 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
         for kind in wanted:
             _refuse_empty(kind, synthetic[kind])
             sources[kind] = _prepare_synthetic(
-                synthetic[kind], kind, instruction_template, data.use_instructions
+                clean(kind, synthetic[kind]), kind, instruction_template, data.use_instructions
             )
     for spec in data.extra_datasets:
-        name, dataset = _prepare_extra(spec, instruction_template, data.use_instructions)
+        name, dataset = _prepare_extra(spec, instruction_template, data.use_instructions, clean)
         sources[name] = dataset
     if not data.hard_negatives:
         sources = {name: ds.remove_columns([c for c in ds.column_names if c == "negative"])
@@ -296,7 +303,27 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
         _refuse_empty(name, dataset)
         if data.max_examples_per_source:
             sources[name] = dataset.select(range(min(dataset.num_rows, data.max_examples_per_source)))
+    if data.decontaminate:
+        report = {**report, "decontamination": {"tasks": list(data.decontaminate), "sources": clean.report}}
     return DatasetDict(sources), report
+
+
+def _decontaminator(tasks: list[str]) -> Any:
+    """A function (name, raw dataset) -> the dataset without rows overlapping the texts of ``tasks``, that
+    counts what it dropped in its ``report`` (the identity when no task is named)."""
+    from st_synth.decontamination import Decontaminator, evaluation_texts
+
+    checker = Decontaminator(evaluation_texts(tasks)) if tasks else None
+
+    def clean(name: str, dataset: Dataset) -> Dataset:
+        if checker is None:
+            return dataset
+        kept, report = checker.apply(DatasetDict({name: dataset}))
+        clean.report[name] = report["sources"][name]
+        return kept[name]
+
+    clean.report = {}
+    return clean
 
 
 def _refuse_empty(name: str, dataset: Dataset) -> None:
@@ -323,7 +350,8 @@ def _prepare_synthetic(split: Dataset, kind: str, template: str, use_instruction
     return split.map(instruct, remove_columns=[c for c in split.column_names if c not in texts])
 
 
-def _prepare_extra(spec: str, template: str, use_instructions: bool = True) -> tuple[str, Dataset]:
+def _prepare_extra(spec: str, template: str, use_instructions: bool = True,
+                   clean: Any = None) -> tuple[str, Dataset]:  # fmt: skip
     name, sep, rest = spec.partition("=")
     path, bar, instruction = rest.partition("|")
     if not sep or not bar or not name.strip() or not path.strip() or not instruction.strip():
@@ -338,6 +366,8 @@ def _prepare_extra(spec: str, template: str, use_instructions: bool = True) -> t
         raise ValueError(f"{path} needs at least (query, positive) columns; it has {columns}.")
     kept = columns[:3]
     dataset = dataset.select_columns(kept).rename_columns(dict(zip(kept, TEXT_COLUMNS, strict=False)))
+    if clean is not None:
+        dataset = clean(name.strip(), dataset)
     if not use_instructions:
         return name.strip(), dataset
     prefix = format_instruction(instruction, template)
@@ -464,6 +494,7 @@ def train(
         if training_args.batch_sampler is LengthGroupedBatchSampler
         else str(getattr(training_args.batch_sampler, "value", training_args.batch_sampler)),
         "loss": {name: type(loss).__name__ for name, loss in losses.items()},
+        "decontamination": generation_report.get("decontamination"),
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():

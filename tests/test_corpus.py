@@ -118,3 +118,29 @@ def test_decontamination_removes_planted_evaluation_texts():
     assert clean["clean"].num_rows == 2 and clean["planted"]["query"] == ["fine"]
     assert report["sources"]["planted"] == {"rows": 4, "dropped": 3, "exact": 2, "ngram": 1}
     assert report["dropped"] == 3 and "13 words" in report["rule"]
+
+
+def test_training_sources_are_decontaminated_when_asked(tmp_path):
+    from st_synth.training import DataArguments, load_sources
+
+    lee = evaluation_texts(["LeeDocSTS"])[0]
+    rows = {"instruction": ["Retrieve semantically similar text."] * 3, "query": [lee, "a cat sat", "rain fell"],
+            "positive": ["x", "a cat was sitting", "it rained"], "negative": ["y", "a dog ran", "sun shone"],
+            "language": ["English"] * 3}  # fmt: skip
+    DatasetDict({"sts": Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "synthetic"))
+    Dataset.from_dict({"a": ["one", "two"], "b": [" ".join(lee.split()[:20]), "fine"]}).save_to_disk(
+        str(tmp_path / "mine")
+    )
+    template = "Instruct: {instruction}\nQuery: "
+    data = {"dataset": str(tmp_path / "synthetic"), "extra_datasets": [f"mine={tmp_path / 'mine'}|Find it."]}
+    kept, _ = load_sources(DataArguments(**data), template)
+    assert kept["sts"].num_rows == 3 and kept["mine"].num_rows == 2
+    clean, report = load_sources(DataArguments(**data, decontaminate=["LeeDocSTS"]), template)
+    assert clean["sts"]["positive"] == [
+        "Instruct: Retrieve semantically similar text.\nQuery: a cat was sitting",
+        "Instruct: Retrieve semantically similar text.\nQuery: it rained",
+    ]
+    assert clean["mine"]["query"] == ["Instruct: Find it.\nQuery: two"]
+    counts = report["decontamination"]["sources"]
+    assert counts["sts"] == {"rows": 3, "dropped": 1, "exact": 1, "ngram": 0}
+    assert counts["mine"] == {"rows": 2, "dropped": 1, "exact": 0, "ngram": 1}
