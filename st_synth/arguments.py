@@ -18,7 +18,7 @@ import json
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from transformers import HfArgumentParser
@@ -164,11 +164,10 @@ class SettingsParser(HfArgumentParser):
                 flags += [f"--{key}", str(value)]
         return flags
 
-    def parse_settings(self, settings: dict[str, Any], section: str = "settings",
-                       exclude: Iterable[str] = ()) -> tuple[Any, ...]:  # fmt: skip
+    def parse_settings(self, settings: dict[str, Any], section: str = "settings") -> tuple[Any, ...]:
         """The dataclasses for a mapping of settings (a YAML section): unknown keys are refused with the
         valid ones, and every value goes through the same conversion and checks as its flag."""
-        valid = sorted(set(self.field_names()) - set(exclude))
+        valid = sorted(self.field_names())
         accepted = {*valid, *RENAMED, *REPLACED_SWITCHES}
         unknown = sorted(
             key for key in settings if key not in accepted and _checkpointing_name(key) not in valid
@@ -210,6 +209,3 @@ def with_yaml(parser: SettingsParser, argv: list[str]) -> list[str]:
     if argv and argv[0].endswith((".yaml", ".yml")):
         return parser.settings_to_args(yaml_settings(argv[0])) + argv[1:]
     return argv
-
-
-Handler = Callable[[Any, tuple[Any, ...]], int]

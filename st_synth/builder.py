@@ -35,7 +35,7 @@ from st_synth.client import (
     redact_url,
 )
 from st_synth.languages import resolve_language_weights
-from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults
+from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults, serving
 from st_synth.names import REPORT_FILE
 from st_synth.prompting import (
     PROMPTS_VERSION,
@@ -620,8 +620,6 @@ class _Run:
 def served_builder(config: GenerationConfig) -> Iterator[SyntheticDatasetBuilder]:
     """The builder of a run: on the local server when ``config.local`` (started here, watched through the run,
     stopped on exit; ``builder.server`` is it), else on the configured endpoint (``builder.server`` None)."""
-    from st_synth.local_llm import serving
-
     with serving(config) as (served, running):
         builder = SyntheticDatasetBuilder(
             served, health_check=running.check_alive if running else None,

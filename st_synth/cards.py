@@ -217,19 +217,29 @@ def st_card_metadata(model: Any, *, languages: list[str], license: str | None = 
     return metadata
 
 
-def _task_result(task_name: str, score: float) -> Any:
+def _task_metadata(task_names: list[str]) -> dict[str, Any]:
+    """mteb's metadata of each named task (mteb's registry is read once); a task this mteb does not know (any
+    more) is left out."""
+    from st_synth.evaluation import resolve_tasks
+
+    try:
+        return {name: task.metadata for name, task in zip(task_names, resolve_tasks(task_names), strict=True)}
+    except ValueError:  # some name is unknown: look the others up one by one
+        if len(task_names) == 1:
+            return {}
+        return {name: meta for name in task_names for meta in _task_metadata([name]).values()}
+
+
+def _task_result(task_name: str, score: float, meta: Any) -> Any:
     """One mteb score as a Hub evaluation result (the way mteb's own model cards record them)."""
     from huggingface_hub import EvalResult
 
-    try:
-        from st_synth.evaluation import resolve_tasks
-
-        meta = resolve_tasks([task_name])[0].metadata
+    if meta is not None:
         dataset = dict(meta.dataset or {})
         task_type, metric = meta.type, meta.main_score
         split = (meta.eval_splits or ["test"])[0]
         dataset_type, revision = dataset.get("path") or f"st-synth/{task_name}", dataset.get("revision")
-    except ValueError:  # a task this mteb does not know (any more): keep the score, under its name
+    else:  # a task this mteb does not know (any more): keep the score, under its name
         task_type, metric, split, dataset_type, revision = "embedding", "main_score", "test", task_name, None
     return EvalResult(
         task_type=task_type, dataset_type=dataset_type, dataset_name=f"MTEB {task_name}", dataset_split=split,
@@ -251,7 +261,9 @@ def hub_metadata(facts: dict[str, Any]) -> Any:
         metadata.setdefault("base_model", facts["base_model_id"])
     if facts.get("languages"):
         metadata.setdefault("language", facts["languages"])
-    results = [_task_result(task, score) for task, score in (facts.get("evaluation") or {}).items()]
+    scores = facts.get("evaluation") or {}
+    metadata_of = _task_metadata(list(scores)) if scores else {}
+    results = [_task_result(task, score, metadata_of.get(task)) for task, score in scores.items()]
     if results:
         metadata["eval_results"] = results
         metadata["model_name"] = facts["title"]

@@ -132,13 +132,7 @@ def _filter(settings: Any, folders: FilterFolders) -> int:
     return 0
 
 
-# -- train ------------------------------------------------------------------------------------------------
-def _add_train(subparsers: Any) -> None:
-    from st_synth.training import make_train_parser
-
-    make_train_parser(subparsers)  # run by _train_command (main): it takes a YAML file first
-
-
+# -- train (main() hands its arguments to the recipe's own parser: it takes a YAML file first) -----------
 def _train_command(argv: list[str]) -> int:
     from st_synth.arguments import SettingsError
     from st_synth.training import run_recipe
@@ -246,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         config = pipeline.load_config(args.config, _parse_sets(args.set))
-        for key in ("output", "push_to_hub", "private"):
+        for key in pipeline.RUN_KEYS:
             if getattr(args, key) is not None:
                 config[key] = getattr(args, key)
         plan = pipeline.plan_run(config)
@@ -283,15 +277,16 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-# name -> (one-line help, adds the full subparser, handler). A command's parser (and its imports: torch for
-# train, mteb for evaluate) is built only when that command runs, so `st-synth generate` starts fast.
+# name -> (one-line help, adds the full subparser). A command's parser (and its imports: mteb for evaluate)
+# is built only when that command runs, so `st-synth generate` starts fast. `train` has none here: main()
+# passes its arguments to the recipe's parser (st_synth.training.make_train_parser).
 COMMANDS: dict[str, tuple[str, Any]] = {
     "generate": (
         "Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.",
         _add_generate,
     ),
     "filter": ("Keep the generated examples a guide encoder agrees with.", _add_filter),
-    "train": ("Train with the recipe: LoRA, InfoNCE (as recipes/train_mistral.py).", _add_train),
+    "train": ("Train with the recipe: LoRA, InfoNCE (as recipes/train_mistral.py).", None),
     "evaluate": ("Evaluate a model on mteb tasks, each with its instruction.", _add_evaluate),
     "run": (
         "The whole path from one YAML file: generate, filter, train, evaluate, card (and push).",
@@ -307,7 +302,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=SettingsParser)
     for name, (summary, add) in COMMANDS.items():
-        if name == command:
+        if name == command and add is not None:
             add(subparsers)
         else:
             subparsers.add_parser(name, help=summary, add_help=False)

@@ -159,10 +159,11 @@ def split_passages(
             sentence = " ".join(sentence.split())
             if not sentence:
                 continue
-            tokens = length(sentence)
+            offsets = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=True)[
+                "offset_mapping"
+            ]
+            tokens = len(offsets)
             if tokens > passage_tokens:  # cut at the limit, by the tokenizer's own offsets
-                ids = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=True)
-                offsets = ids["offset_mapping"]
                 pieces = [sentence[offsets[i][0] : offsets[min(i + passage_tokens, len(offsets)) - 1][1]]
                           for i in range(0, len(offsets), passage_tokens)]  # fmt: skip
             else:

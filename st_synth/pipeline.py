@@ -48,7 +48,6 @@ __all__ = ["RunArguments", "RunPlan", "load_config", "plan_run", "run", "score_t
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("output", "generate", "filter", "train", "evaluate", "push_to_hub", "private")
 # Set by the run itself (under `output`), so not keys of its `train` section.
 RUN_SET_TRAIN_KEYS = ("dataset", "output_dir")
 
@@ -62,6 +61,10 @@ class RunArguments:
         default=None, metadata={"help": "Push the trained model, with its card, to this Hub repo."}
     )
     private: bool = dataclasses.field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunArguments))
+SECTIONS = (*RUN_KEYS, "generate", "filter", "train", "evaluate")
 
 
 @dataclasses.dataclass
@@ -122,7 +125,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
             f"Unknown key(s) {unknown} in section 'top level'; valid keys: {', '.join(SECTIONS)}."
         )
     (run,) = SettingsParser([RunArguments]).parse_settings(
-        {key: config[key] for key in ("output", "push_to_hub", "private") if key in config}, "top level"
+        {key: config[key] for key in RUN_KEYS if key in config}, "top level"
     )
     (generation,) = SettingsParser([GenerationConfig]).parse_settings(
         config.get("generate") or {}, "generate"

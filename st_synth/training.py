@@ -32,7 +32,7 @@ from st_synth.embedder import (
 from st_synth.lora import PAPER_TARGET_MODULES, check_target_modules, merge_lora
 from st_synth.losses import LOSSES, LossArguments, build_loss
 from st_synth.names import ADAPTER_DIR, FINAL_DIR, REPORT_FILE, SUMMARY_FILE, unknown_name
-from st_synth.sampling import LENGTH_GROUPED, SOURCE_ORDERS
+from st_synth.sampling import LENGTH_GROUPED, SOURCE_ORDERS, LengthGroupedBatchSampler
 from st_synth.speed import (
     apply_fused_kernels,
     apply_packed_sequences,
@@ -149,8 +149,6 @@ def current_setting_name(name: str) -> str:
 
 def _recipe_post_init(self: Any) -> None:
     if self.batch_sampler == LENGTH_GROUPED:
-        from st_synth.sampling import LengthGroupedBatchSampler
-
         self.batch_sampler = LengthGroupedBatchSampler
     SentenceTransformerTrainingArguments.__post_init__(self)
 
@@ -203,18 +201,13 @@ RecipeTrainingArguments = _recipe_training_arguments()
 TRAIN_DATACLASSES = (ModelArguments, DataArguments, LossArguments, OutputArguments, RecipeTrainingArguments)
 
 
-def make_train_parser(subparsers: Any = None) -> Any:
+def make_train_parser() -> Any:
     """The parser of ``st-synth train`` and ``recipes/train_mistral.py`` (one definition, trl's pattern)."""
     from st_synth.arguments import SettingsParser
 
     description = ("Train an e5-style embedder: LoRA on a decoder LLM, InfoNCE over in-batch and hard negatives. "
                    "Give a YAML file first (its keys are these flags' names), then flags to override it.")  # fmt: skip
-    if subparsers is not None:
-        parser = subparsers.add_parser("train", help="Train with the recipe (as recipes/train_mistral.py).",
-                                       description=description, dataclass_types=TRAIN_DATACLASSES)  # fmt: skip
-    else:
-        parser = SettingsParser(TRAIN_DATACLASSES, description=description)
-    return parser
+    return SettingsParser(TRAIN_DATACLASSES, description=description)
 
 
 def run_recipe(argv: list[str]) -> dict[str, Any]:
@@ -442,10 +435,6 @@ def train(
     loss_args = loss_args or LossArguments()
     # Validate data before loading a multi-GB backbone.
     sources, generation_report = load_sources(data_args, model_args.instruction_template)
-    from st_synth.sampling import LengthGroupedBatchSampler
-
-    if training_args.batch_sampler == LENGTH_GROUPED:  # arguments built without the recipe's class
-        training_args.batch_sampler = LengthGroupedBatchSampler
     if training_args.batch_sampler not in (BatchSamplers.NO_DUPLICATES, LengthGroupedBatchSampler):
         logger.warning(
             "batch_sampler=%s lets duplicate texts into a batch (false negatives).",
