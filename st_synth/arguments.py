@@ -178,7 +178,8 @@ class SettingsParser(HfArgumentParser):
             )
         self._raise_errors = True
         try:
-            return self.parse_args_into_dataclasses(args=self.settings_to_args(settings))
+            parsed = self.parse_args_into_dataclasses(args=self.settings_to_args(settings))
+            return tuple(_with_nulls(obj, settings) for obj in parsed)
         except SettingsError as error:
             raise SettingsError(f"Section {section!r}: {error}") from None
         finally:
@@ -192,6 +193,30 @@ class SettingsParser(HfArgumentParser):
             names = {f.name for f in dataclasses.fields(dtype) if f.init}
             objects.append(dtype(**{k: v for k, v in values.items() if k in names}))
         return tuple(objects)
+
+
+def _with_nulls(obj: Any, settings: dict[str, Any]) -> Any:
+    """``obj`` with the fields that ``settings`` sets to null (YAML ``null``) set to None, where the field
+    takes None: a flag cannot say None, so the parse left them at their defaults."""
+    import typing
+
+    def takes_none(name: str) -> bool:
+        # The declared annotation (the parser rewrites field.type to the flag's type, without None).
+        for cls in type(obj).__mro__:
+            if name in getattr(cls, "__annotations__", {}):
+                hint = cls.__annotations__[name]
+                if isinstance(hint, str):
+                    return "None" in hint
+                return hint is None or type(None) in typing.get_args(hint)
+        return False
+
+    nulls = {
+        f.name: None
+        for f in dataclasses.fields(obj)
+        if f.init and f.name in settings and settings[f.name] is None
+        and getattr(obj, f.name) is not None and takes_none(f.name)
+    }  # fmt: skip
+    return dataclasses.replace(obj, **nulls) if nulls else obj
 
 
 def yaml_settings(path: str) -> dict[str, Any]:

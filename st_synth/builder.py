@@ -24,6 +24,7 @@ import openai
 from datasets import Dataset, DatasetDict, Features, Value
 from tqdm.auto import tqdm
 
+from st_synth import grounding
 from st_synth.arguments import decode_json
 from st_synth.cache import AnswerCache
 from st_synth.client import (
@@ -34,6 +35,8 @@ from st_synth.client import (
     is_loopback,
     redact_url,
 )
+from st_synth.corpus import Corpus, CorpusArguments
+from st_synth.grounding import check_groundable
 from st_synth.languages import resolve_language_weights
 from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults, serving
 from st_synth.names import REPORT_FILE
@@ -63,10 +66,12 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(CorpusArguments):
     """Everything that shapes a synthetic dataset, the local server included: the fields of ``st-synth
     generate`` (flags of the same names) and of the ``generate`` section of an ``st-synth run`` YAML file.
-    Validated on creation, before any request or server start."""
+    Validated on creation, before any request or server start. With ``corpus`` (the fields of
+    :class:`~st_synth.corpus.CorpusArguments`) every example is grounded in a passage of it
+    (:mod:`st_synth.grounding`)."""
 
     model: str | None = field(
         default=None,
@@ -176,6 +181,7 @@ class GenerationConfig:
     unset_limits: frozenset[str] = field(init=False, repr=False, default=frozenset())
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # A YAML list or mapping reaches here as JSON through its flag (st_synth.arguments).
         self.kinds, self.languages = (
             decode_json(self.kinds, "kinds"),
@@ -213,6 +219,13 @@ class GenerationConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.corpus:
+            check_groundable(list(self.kind_weights))
+            if len(self.language_weights) != 1:
+                raise ValueError(
+                    "Generation grounded in a corpus writes in the corpus's language: name that one language "
+                    "with --languages (e.g. English), not the paper's mix."
+                )
         self.unset_limits = frozenset(name for name in STANDARD_LIMITS if getattr(self, name) is None)
         backend = backend_generation_defaults(self.llm_backend) if self.local else {}
         for name in self.unset_limits:
@@ -263,7 +276,10 @@ class GenerationConfig:
             "num_shards": self.num_shards,
             "shard_index": self.shard_index,
             "block_size": self.block_size,
-        }
+            **({"corpus": {"sources": self.corpus, "text_column": self.text_column,
+                           "passage_tokens": self.passage_tokens, "min_tokens": self.min_tokens,
+                           "passage_tokenizer": self.passage_tokenizer}} if self.corpus else {}),
+        }  # fmt: skip
 
 
 def _is_paper(languages: object) -> bool:
@@ -319,11 +335,14 @@ class SyntheticDatasetBuilder:
         *,
         health_check: Callable[[], None] | None = None,
         report_extra: dict[str, Any] | None = None,
+        corpus: Corpus | None = None,
     ) -> None:
         """``health_check``: called after a failed connection, raises when the endpoint's server has died
-        (a managed local server's ``check_alive``); ``report_extra``: added to the report (the server)."""
+        (a managed local server's ``check_alive``); ``report_extra``: added to the report (the server);
+        ``corpus``: ``config.corpus`` already loaded (else loaded here, before any request)."""
         self.config = config
         config.validate_endpoint_settings()
+        self.corpus = corpus if corpus is not None or not config.corpus else Corpus.load(config)
         self._client = client
         self.health_check = health_check
         self.report_extra = dict(report_extra or {})
@@ -334,7 +353,10 @@ class SyntheticDatasetBuilder:
     def shard_plans(self) -> list[ExamplePlan]:
         c = self.config
         plans = plan_examples(c.seed, c.num_examples, c.kind_weights, c.language_weights)
-        return [p for p in plans if (p.index // c.block_size) % c.num_shards == c.shard_index]
+        plans = [p for p in plans if (p.index // c.block_size) % c.num_shards == c.shard_index]
+        if self.corpus is not None:
+            plans = [replace(p, passage=self.corpus.draw(c.seed, p.index)) for p in plans]
+        return plans
 
     def build(self) -> DatasetDict:
         started = time.perf_counter()
@@ -386,6 +408,7 @@ class _Run:
     def __init__(self, builder: SyntheticDatasetBuilder, cache: AnswerCache) -> None:
         c = builder.config
         self.config = c
+        self.corpus = builder.corpus
         self.plans = builder.shard_plans()
         self.by_index = {plan.index: plan for plan in self.plans}
         self._owns_clients = builder._client is None
@@ -412,7 +435,7 @@ class _Run:
         self.stop_reason: str | None = None
         self.pools: dict[tuple[str, int], asyncio.Future] = {}
         self.needed_pools = {
-            (p.kind, p.index // c.block_size) for p in self.plans if TASK_KINDS[p.kind].brainstorm
+            (p.kind, p.index // c.block_size) for p in self.plans if self._brainstorms(p.kind)
         }
         # Twice as many workers as request slots keep every slot busy, plus two blocks' worth, so that
         # the examples of a block whose brainstorm answer is slow (the heavy tail) can wait for it
@@ -420,6 +443,11 @@ class _Run:
         self.num_workers = 2 * c.concurrency + 2 * c.block_size
         self._lookahead = -(-self.num_workers // c.block_size) * c.num_shards + 1
         self.progress = tqdm(total=len(self.plans), desc="examples", disable=not c.show_progress, unit="ex")
+
+    def _brainstorms(self, kind: str) -> bool:
+        if self.corpus is not None:
+            return grounding.needs_brainstorm(kind)
+        return TASK_KINDS[kind].brainstorm
 
     def _drop(self, reason: str, kind: str) -> None:
         self.drops[reason] += 1
@@ -468,8 +496,19 @@ class _Run:
         for attempt in range(self.config.max_attempts):
             if self.stop_reason is not None:
                 return None
-            request = self._capped(brainstorm_request(self.config.seed, TASK_KINDS[kind], block, attempt))
-            result = await self._answer(request, parse_tasks)
+            if self.corpus is not None:
+                request = grounding.brainstorm_request(
+                    self.config.seed, TASK_KINDS[kind], block, attempt, self.corpus.passages
+                )
+            else:
+                request = brainstorm_request(self.config.seed, TASK_KINDS[kind], block, attempt)
+            request = self._capped(request)
+            parse = (
+                (lambda content, k=TASK_KINDS[kind]: grounding.parse_tasks(k, content))
+                if self.corpus
+                else parse_tasks
+            )
+            result = await self._answer(request, parse)
             if not isinstance(result, str):
                 return result
             self._drop(f"brainstorm:{result}", kind)
@@ -497,11 +536,23 @@ class _Run:
         for attempt in range(first_attempt, self.config.max_attempts):
             if self.stop_reason is not None:
                 return None
-            tasks = await self._tasks_for(plan) if kind.brainstorm else None
-            if kind.brainstorm and tasks is None:
+            brainstorms = self._brainstorms(plan.kind)
+            tasks = await self._tasks_for(plan) if brainstorms else None
+            if brainstorms and tasks is None:
                 break
-            request = self._capped(example_request(self.config.seed, plan, attempt, tasks))
-            result = await self._answer(request, lambda content: parse_example_keyed(content, kind))
+            if self.corpus is not None and plan.passage is not None:
+                passage = self.corpus.passages[plan.passage]
+                request = grounding.example_request(self.config.seed, plan, attempt, tasks, passage)
+
+                def parse(content, kind=kind, passage=passage, task=request.instruction):
+                    return grounding.parse_answer(content, kind, passage, task)
+            else:
+                request = example_request(self.config.seed, plan, attempt, tasks)
+
+                def parse(content, kind=kind):
+                    return parse_example_keyed(content, kind)
+
+            result = await self._answer(self._capped(request), parse)
             if isinstance(result, str):
                 self._drop(result, plan.kind)
                 continue
@@ -587,6 +638,16 @@ class _Run:
             "kept_by_language": dict(kept_language.most_common()),
             "wall_time_s": round(wall_time, 3),
         }
+        if self.corpus is not None:
+            used = {i: self.by_index[i].passage for i in self.kept}
+            report["corpus"] = {
+                **report["corpus"],
+                **self.corpus.describe(),
+                "passages_used": len(set(used.values())),
+                "passages_used_by_kind": {k: len({p for i, p in used.items() if self.by_index[i].kind == k})
+                                          for k in c.kind_weights},
+                "passages_used_by_source": dict(Counter(self.corpus.passage_sources[p] for p in set(used.values()))),
+            }  # fmt: skip
         if c.price_prompt_per_million is not None or c.price_completion_per_million is not None:
             p_in, p_out = c.price_prompt_per_million or 0.0, c.price_completion_per_million or 0.0
             report["cost_usd"] = round((s.prompt_tokens * p_in + s.completion_tokens * p_out) / 1e6, 6)
@@ -604,14 +665,15 @@ class _Run:
             if not indices:
                 logger.warning("No %s examples were kept; the dataset has no %s split.", kind_name, kind_name)
                 continue
-            rows: dict[str, list[str]] = {column: [] for column in kind.columns}
+            columns = kind.grounded_columns() if self.corpus is not None else kind.columns
+            rows: dict[str, list[str]] = {column: [] for column in columns}
             for index in indices:
                 kept = self.kept[index]
                 rows["instruction"].append(kept.instruction)
-                for column, text in zip(kind.columns[1:-1], kept.texts, strict=True):
+                for column, text in zip(columns[1:-1], kept.texts, strict=True):
                     rows[column].append(text)
                 rows["language"].append(self.by_index[index].language_label)
-            features = Features({column: Value("string") for column in kind.columns})
+            features = Features({column: Value("string") for column in columns})
             splits[kind_name] = Dataset.from_dict(rows, features=features)
         return DatasetDict(splits)
 
@@ -620,10 +682,11 @@ class _Run:
 def served_builder(config: GenerationConfig) -> Iterator[SyntheticDatasetBuilder]:
     """The builder of a run: on the local server when ``config.local`` (started here, watched through the run,
     stopped on exit; ``builder.server`` is it), else on the configured endpoint (``builder.server`` None)."""
+    corpus = Corpus.load(config) if config.corpus else None  # a bad corpus fails before the server starts
     with serving(config) as (served, running):
         builder = SyntheticDatasetBuilder(
             served, health_check=running.check_alive if running else None,
-            report_extra={"local_server": running.describe()} if running else None,
+            report_extra={"local_server": running.describe()} if running else None, corpus=corpus,
         )  # fmt: skip
         builder.server = running
         yield builder

@@ -17,12 +17,15 @@ passages equal after normalisation are kept once (the first). Sampling is a pure
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from st_synth.arguments import decode_json
 from st_synth.names import unknown_name
 from st_synth.validation import normalize
 
@@ -54,9 +57,10 @@ TEXT_FILES = (".txt", ".md")
 class CorpusArguments:
     """Where grounded generation and hard-negative mining take their passages from."""
 
-    corpus: str | None = field(default=None, metadata={
-        "help": "SOURCE: a folder of .txt/.md files, a .jsonl/.csv/.parquet file, a `datasets` folder or Hub id, "
-        f"or builtin:NAME ({', '.join(BUILTIN_CORPORA)})."})  # fmt: skip
+    corpus: str | list[str] | None = field(default=None, metadata={
+        "help": "SOURCE[,SOURCE...] (a list in YAML): a folder of .txt/.md files, a .jsonl/.csv/.parquet file, a "
+        f"`datasets` folder or Hub id, or builtin:NAME ({', '.join(BUILTIN_CORPORA)}). Generation is then grounded "
+        "in its passages.", "flag_type": str | None, "metavar": "SOURCE"})  # fmt: skip
     text_column: str = field(
         default="text", metadata={"help": "The text column of a table or dataset corpus."}
     )
@@ -72,10 +76,19 @@ class CorpusArguments:
     )
 
     def __post_init__(self) -> None:
+        self.corpus = corpus_sources(decode_json(self.corpus, "corpus")) or None
         if self.passage_tokens < 8:
             raise ValueError(f"passage_tokens must be at least 8, got {self.passage_tokens}")
         if not 1 <= self.min_tokens <= self.passage_tokens:
             raise ValueError(f"min_tokens must be in 1..passage_tokens, got {self.min_tokens}")
+
+
+def corpus_sources(value: str | list[str] | None) -> list[str]:
+    """The sources of a corpus setting: a list, or one string of comma-separated sources."""
+    if not value:
+        return []
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    return [str(part).strip() for part in parts if str(part).strip()]
 
 
 def _column(rows: list[dict[str, Any]] | Any, column: str, source: str, found: list[str]) -> list[str]:
@@ -189,27 +202,54 @@ def split_passages(
 
 @dataclass
 class Corpus:
-    """The passages of one SOURCE, and a seeded draw of them."""
+    """The passages of one or more sources (duplicates across sources kept once), and a seeded draw of them."""
 
-    source: str
-    documents: int
+    sources: list[str]
+    documents: dict[str, int]
     passages: list[str]
+    passage_sources: list[str]  # the source of each passage
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.sources)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of the passages: the same corpus gives the same draws wherever its files lie."""
+        digest = hashlib.sha256()
+        for passage in self.passages:
+            digest.update(passage.encode() + b"\0")
+        return digest.hexdigest()[:16]
 
     @classmethod
     def load(cls, settings: CorpusArguments) -> Corpus:
-        if not settings.corpus:
+        sources = corpus_sources(settings.corpus)
+        if not sources:
             raise ValueError("No corpus given: pass --corpus SOURCE.")
-        documents = load_documents(settings.corpus, settings.text_column)
-        passages = split_passages(documents, _tokenizer(settings.passage_tokenizer), settings.passage_tokens,
-                                  settings.min_tokens)  # fmt: skip
-        if not passages:
-            raise ValueError(
-                f"Corpus {settings.corpus} has no passage of at least {settings.min_tokens} tokens."
-            )
-        return cls(settings.corpus, len(documents), passages)
+        tokenizer = _tokenizer(settings.passage_tokenizer)
+        documents: dict[str, int] = {}
+        passages: list[str] = []
+        origin: list[str] = []
+        seen: set[str] = set()
+        for source in sources:
+            texts = load_documents(source, settings.text_column)
+            documents[source] = len(texts)
+            cut = split_passages(texts, tokenizer, settings.passage_tokens, settings.min_tokens)
+            if not cut:
+                raise ValueError(f"Corpus {source} has no passage of at least {settings.min_tokens} tokens.")
+            for passage in cut:
+                if (key := normalize(passage)) not in seen:
+                    seen.add(key)
+                    passages.append(passage)
+                    origin.append(source)
+        return cls(sources, documents, passages, origin)
 
     def draw(self, seed: int, index: int) -> int:
-        """The passage of example ``index``: a pure function of ``(seed, index)``."""
+        """The passage of example ``index``: a pure function of ``(seed, index)`` and the corpus's passages."""
         from st_synth.prompting import seeded_rng
 
-        return seeded_rng(seed, "passage", self.source, index).randrange(len(self.passages))
+        return seeded_rng(seed, "passage", self.fingerprint, index).randrange(len(self.passages))
+
+    def describe(self) -> dict[str, object]:
+        return {"sources": self.sources, "documents": self.documents, "passages": len(self.passages),
+                "fingerprint": self.fingerprint}  # fmt: skip

@@ -66,8 +66,9 @@ class MiningArguments:
 
 def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
                    model: Any = None) -> tuple[Dataset, dict[str, Any]]:  # fmt: skip
-    """``pairs`` (columns ``query``, ``positive``) with a mined ``negative`` from ``corpus``; rows without a
-    valid negative are dropped. Returns the triplets and a report (rows in, kept, dropped per reason)."""
+    """``pairs`` (columns ``query``, ``positive``, any others kept as they are) with a mined ``negative`` from
+    ``corpus`` after ``positive``; rows without a valid negative are dropped. Returns the triplets and a
+    report (rows in, kept, dropped per reason)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
@@ -81,39 +82,51 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
     if not corpus:
         raise ValueError("Mining needs a corpus of at least one passage.")
     model = model or SentenceTransformer(resolve_guide(settings.mining_model))
+    # "triplet" keeps every candidate found, in rank order, also for a query with fewer than `candidates`
+    # of them ("n-tuple" would drop that query altogether).
     mined = mine_hard_negatives(
         pairs.select_columns(["query", "positive"]), model, anchor_column_name="query",
         positive_column_name="positive", corpus=list(corpus), range_min=settings.range_min,
         range_max=settings.range_max, relative_margin=settings.relative_margin,
         absolute_margin=settings.absolute_margin, num_negatives=settings.candidates, sampling_strategy="top",
-        query_prompt=settings.query_prompt, output_format="n-tuple", batch_size=settings.batch_size,
+        query_prompt=settings.query_prompt, output_format="triplet", batch_size=settings.batch_size,
         verbose=False,
     )  # fmt: skip
-    negative_columns = [c for c in mined.column_names if c.startswith("negative")]
-    rows = mined.to_list()
-    positives = [row["positive"] for row in rows]
-    candidates = sorted({row[c] for row in rows for c in negative_columns if row.get(c)})
-    if rows and candidates:
-        embeddings = model.encode(positives + candidates, batch_size=settings.batch_size,
-                                  normalize_embeddings=True, convert_to_tensor=True)  # fmt: skip
-        position = {text: len(positives) + i for i, text in enumerate(candidates)}
-    report = {"rows": pairs.num_rows, "no_candidate": pairs.num_rows - len(rows), "near_copy_only": 0}
-    kept: dict[str, list[str]] = {"query": [], "positive": [], "negative": []}
-    for index, row in enumerate(rows):
+    found: dict[tuple[str, str], list[str]] = {}
+    for row in mined.to_list():
+        found.setdefault((row["query"], row["positive"]), []).append(row["negative"])
+    pair_keys = list(zip(pairs["query"], pairs["positive"], strict=True))
+    candidates = sorted({text for texts in found.values() for text in texts})
+    positives = sorted({positive for _, positive in found})
+    if candidates:
+        texts = positives + [text for text in candidates if text not in set(positives)]
+        embeddings = model.encode(texts, batch_size=settings.batch_size, normalize_embeddings=True,
+                                  convert_to_tensor=True)  # fmt: skip
+        position = {text: i for i, text in enumerate(texts)}
+    report = {"rows": pairs.num_rows, "no_candidate": 0, "near_copy_only": 0}
+    negatives: list[str | None] = []
+    for query, positive in pair_keys:
         chosen = None
-        for column in negative_columns:
-            candidate = row.get(column)
-            if not candidate or normalize(candidate) == normalize(row["positive"]):
+        options = found.get((query, positive), [])
+        for candidate in options:
+            if normalize(candidate) == normalize(positive):
                 continue
-            similarity = float(embeddings[index] @ embeddings[position[candidate]])
-            if similarity < settings.max_positive_similarity:
+            if (
+                float(embeddings[position[positive]] @ embeddings[position[candidate]])
+                < settings.max_positive_similarity
+            ):
                 chosen = candidate
                 break
         if chosen is None:
-            report["near_copy_only"] += 1
-            continue
-        kept["query"].append(row["query"])
-        kept["positive"].append(row["positive"])
-        kept["negative"].append(chosen)
-    report["kept"] = len(kept["query"])
-    return Dataset.from_dict(kept), report
+            report["no_candidate" if not options else "near_copy_only"] += 1
+        negatives.append(chosen)
+    keep = [i for i, negative in enumerate(negatives) if negative is not None]
+    report["kept"] = len(keep)
+    columns = pairs.column_names
+    out = pairs.select(keep)
+    if "negative" in columns:
+        out = out.remove_columns("negative")
+    out = out.add_column("negative", [negatives[i] for i in keep], feature=pairs.features["positive"])
+    order = [c for c in columns if c != "negative"]
+    order.insert(order.index("positive") + 1, "negative")
+    return out.select_columns(order), report

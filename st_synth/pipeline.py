@@ -5,11 +5,13 @@ The YAML file has one section per stage (see ``recipes/configs/local-smollm2.yam
     output: outputs/local-run
     generate: {local: true, num_examples: 200, languages: English, ...}   # GenerationConfig fields
     filter: {enabled: true, guide_model: all-MiniLM-L6-v2, top_k: 3}     # ConsistencyFilter fields
+    mine: {enabled: true, range_max: 30}                                  # MiningArguments (grounded data)
     train: {base_model: smollm2-135m, max_seq_length: 128, ...}           # the recipe's fields
     evaluate: {tasks: [LeeDocSTS, ...], baseline: true, reference: all-MiniLM-L6-v2}
     push_to_hub: null                                                     # or you/repo
 
-Every section is checked before anything starts (unknown keys and values name the valid choices). Each
+Training is decontaminated against the evaluated tasks unless ``train.decontaminate`` says otherwise (``[]``:
+off). Every section is checked before anything starts (unknown keys and values name the valid choices). Each
 stage leaves its result under ``output``; a re-run reuses what is still valid: generation answers come
 from the answer cache, training is skipped when its data and settings are unchanged (a fingerprint), and
 evaluations are kept per model fingerprint.
@@ -33,6 +35,7 @@ from st_synth.builder import GenerationConfig
 from st_synth.evaluation import EvaluationArguments, score_table
 from st_synth.filtering import ConsistencyFilter
 from st_synth.losses import LossArguments
+from st_synth.mining import MiningArguments
 from st_synth.names import (
     FINAL_DIR,
     RUN_DATA_DIR,
@@ -64,7 +67,7 @@ class RunArguments:
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunArguments))
-SECTIONS = (*RUN_KEYS, "generate", "filter", "train", "evaluate")
+SECTIONS = (*RUN_KEYS, "generate", "filter", "mine", "train", "evaluate")
 
 
 @dataclasses.dataclass
@@ -74,6 +77,7 @@ class RunPlan:
     run: RunArguments
     generation: GenerationConfig
     consistency: ConsistencyFilter | None
+    mining: MiningArguments | None
     model_args: ModelArguments
     data_args: DataArguments
     loss_args: LossArguments
@@ -82,6 +86,7 @@ class RunPlan:
     evaluation: EvaluationArguments
     train_settings: dict[str, Any]  # the train section as given (with the run's folders): its fingerprint
     tasks: list[str]  # the evaluation's mteb task names, resolved
+    _passages: list[str] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def output(self) -> Path:
@@ -98,8 +103,18 @@ class RunPlan:
 
     @property
     def stages(self) -> list[str]:
-        return [name for name in ("generate", "filter" if self.consistency else None, "train", "evaluate",
-                                  "package") if name]  # fmt: skip
+        return [name for name in ("generate", "filter" if self.consistency else None,
+                                  "mine" if self.mining else None, "train", "evaluate", "package") if name]  # fmt: skip
+
+    def passages(self) -> list[str] | None:
+        """The passages of the corpus generation is grounded in (loaded once), or None."""
+        if not self.generation.corpus:
+            return None
+        if self._passages is None:
+            from st_synth.corpus import Corpus
+
+            self._passages = Corpus.load(self.generation).passages
+        return self._passages
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -138,6 +153,15 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
         filter_section = dict(filter_section or {})
         if filter_section.pop("enabled", True):
             (consistency,) = SettingsParser([ConsistencyFilter]).parse_settings(filter_section, "filter")
+    mining = None
+    mine_section = config.get("mine")
+    if mine_section not in (None, False):
+        mine_section = dict(mine_section or {})
+        if mine_section.pop("enabled", True):
+            if not generation.corpus:
+                raise ValueError("mine: hard negatives are mined over the corpus of grounded generation; set "
+                                 "generate.corpus, or remove the mine section.")  # fmt: skip
+            (mining,) = SettingsParser([MiningArguments]).parse_settings(mine_section, "mine")
 
     train = dict(config.get("train") or {})
     if any(key in train for key in RUN_SET_TRAIN_KEYS):
@@ -145,19 +169,20 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
             "train.dataset and train.output_dir are set by the run (under `output`); remove them."
         )
     output = Path(run.output)
-    settings = {"save_strategy": "no", **train, "dataset": str(output / RUN_DATA_DIR),
-                "output_dir": str(output / RUN_MODEL_DIR)}  # fmt: skip
-    model_args, data_args, loss_args, output_args, training_args = make_train_parser().parse_settings(
-        settings, "train"
-    )
     (evaluation,) = SettingsParser([EvaluationArguments]).parse_settings(
         config.get("evaluate") or {}, "evaluate"
     )
     tasks = [
         task.metadata.name for task in evaluation.resolve()
     ]  # unknown names fail now, with close matches
+    # No text of an evaluated task is trained on: decontamination against them, unless the file says otherwise.
+    settings = {"save_strategy": "no", "decontaminate": tasks, **train, "dataset": str(output / RUN_DATA_DIR),
+                "output_dir": str(output / RUN_MODEL_DIR)}  # fmt: skip
+    model_args, data_args, loss_args, output_args, training_args = make_train_parser().parse_settings(
+        settings, "train"
+    )
     return RunPlan(
-        run=run, generation=generation, consistency=consistency, model_args=model_args, data_args=data_args,
+        run=run, generation=generation, consistency=consistency, mining=mining, model_args=model_args, data_args=data_args,
         loss_args=loss_args, output_args=output_args, training_args=training_args, evaluation=evaluation,
         train_settings=settings, tasks=tasks,
     )  # fmt: skip
@@ -219,6 +244,7 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
 
     summary["generation"] = _generate(plan, stages)
     summary["filter"] = _filter(plan, stages)
+    summary["mining"] = _mine(plan, stages)
     summary["training"] = _train(plan, stages)
     summary["evaluation"] = _evaluate(plan, stages, summary["training"]["fingerprint"])
     summary["card"] = _package(plan, stages, summary)
@@ -275,9 +301,50 @@ def _filter(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
         shutil.copytree(source, target)
         return None
     started = stages.start("filter", f"consistency check with {plan.consistency.guide_model}")
-    report = filter_folder(source, target, plan.consistency)
+    report = filter_folder(source, target, plan.consistency, passages=plan.passages())
     per_kind = ", ".join(f"{kind} {entry['kept']}/{entry['rows']}" for kind, entry in report["kinds"].items())
     stages.done("filter", started, f"kept {report['kept']} of {report['rows']}: {per_kind}")
+    return report
+
+
+def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
+    """Hard negatives over the corpus for the grounded kinds whose positive is a passage (in place)."""
+    if plan.mining is None:
+        return None
+    import shutil
+
+    from datasets import DatasetDict, load_from_disk
+    from sentence_transformers import SentenceTransformer
+
+    from st_synth.filtering import resolve_guide
+    from st_synth.mining import mine_negatives
+    from st_synth.taxonomy import TASK_KINDS
+
+    folder = plan.output / RUN_DATA_DIR
+    started = stages.start("mine", f"hard negatives over the corpus with {plan.mining.mining_model}")
+    dataset = load_from_disk(str(folder))
+    model = SentenceTransformer(resolve_guide(plan.mining.mining_model))
+    splits, report = dict(dataset), {}
+    for kind, split in dataset.items():
+        if TASK_KINDS[kind].passage_first or "negative" in split.column_names:
+            continue
+        mined, report[kind] = mine_negatives(split, plan.passages(), plan.mining, model=model)
+        if mined.num_rows:
+            splits[kind] = mined
+        else:
+            del splits[kind]
+    staging = folder.with_name(folder.name + ".mined")
+    DatasetDict(splits).save_to_disk(str(staging))
+    for extra in folder.glob("*.json"):
+        if not (staging / extra.name).exists():
+            shutil.copy(extra, staging / extra.name)
+    shutil.rmtree(folder)
+    staging.rename(folder)
+    stages.done(
+        "mine",
+        started,
+        ", ".join(f"{kind} {entry['kept']}/{entry['rows']}" for kind, entry in report.items()),
+    )
     return report
 
 
@@ -299,7 +366,8 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
                            f"{plan.training_args.num_train_epochs:g} epoch(s)")  # fmt: skip
     result = train(plan.model_args, plan.data_args, plan.training_args, plan.output_args, plan.loss_args)
     record = {"fingerprint": fingerprint, "train_loss": result["train_loss"], "global_steps": result["global_steps"],
-              "sources": result["sources"], "model": str(final)}  # fmt: skip
+              "sources": result["sources"], "decontamination": result.get("decontamination"),
+              "model": str(final)}  # fmt: skip
     marker.write_text(json.dumps(record, indent=2) + "\n")
     stages.done(
         "train", started, f"{result['global_steps']} steps, loss {result['train_loss']:.4f} -> {final}"

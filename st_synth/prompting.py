@@ -55,6 +55,7 @@ class ExamplePlan:
     kind: str
     language: str
     target_language: str | None = None
+    passage: int | None = None  # grounded: the index of its corpus passage
 
     @property
     def language_label(self) -> str:
@@ -72,10 +73,15 @@ class ChatRequest:
     max_tokens: int
     schema: dict
     instruction: str | None = None  # what the resulting example trains with; None for brainstorms
+    system: str | None = None
+    demonstrations: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns: worked examples
 
     @property
     def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.prompt}]
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for user, assistant in self.demonstrations:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        return [*messages, {"role": "user", "content": self.prompt}]
 
 
 def plan_examples(

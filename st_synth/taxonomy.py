@@ -34,6 +34,19 @@ class TaskKind:
     bilingual: bool = False
     in_batch_negatives: bool = True
     filterable: bool = True
+    # Grounded in a corpus (st_synth.grounding): what the LLM answers about a real passage, and whether the
+    # passage is the first text (the anchor: sts' S1, classification's input) or the positive. () = refused.
+    grounded_keys: tuple[str, ...] = ()
+    passage_first: bool = False
+
+    @property
+    def groundable(self) -> bool:
+        return bool(self.grounded_keys)
+
+    def grounded_columns(self) -> tuple[str, ...]:
+        """The dataset columns of a grounded example of this kind."""
+        texts = ("query", "positive", "negative")[: len(self.grounded_keys) + 1]
+        return ("instruction", *texts, "language")
 
     @property
     def has_negative(self) -> bool:
@@ -65,6 +78,7 @@ TASK_KINDS: dict[str, TaskKind] = {
         TaskKind(
             name="retrieval",
             paper_table="short-long retrieval (T7)",
+            grounded_keys=("user_query",),
             keys=("user_query", "positive_document", "hard_negative_document"),
             brainstorm=True,
             symmetric=False,
@@ -80,6 +94,8 @@ TASK_KINDS: dict[str, TaskKind] = {
         TaskKind(
             name="classification",
             paper_table="long-short classification (T8)",
+            grounded_keys=("label", "misleading_label"),
+            passage_first=True,
             keys=("input_text", "label", "misleading_label"),
             brainstorm=True,
             symmetric=False,
@@ -94,6 +110,7 @@ TASK_KINDS: dict[str, TaskKind] = {
         TaskKind(
             name="short_short",
             paper_table="short-short matching (T9)",
+            grounded_keys=("title",),
             keys=("input", "positive_document"),
             brainstorm=True,
             symmetric=False,
@@ -102,6 +119,7 @@ TASK_KINDS: dict[str, TaskKind] = {
         TaskKind(
             name="long_long",
             paper_table="long-long matching (T10)",
+            grounded_keys=("summary",),
             keys=("input", "positive_document"),
             brainstorm=True,
             symmetric=False,
@@ -110,6 +128,8 @@ TASK_KINDS: dict[str, TaskKind] = {
         TaskKind(
             name="sts",
             paper_table="monolingual STS (T11)",
+            grounded_keys=("paraphrase", "near_miss"),
+            passage_first=True,
             keys=("S1", "S2", "S3"),
             brainstorm=False,
             symmetric=True,

@@ -76,7 +76,8 @@ def test_passages_respect_the_token_limit_and_are_kept_once(tokenizer):
 
 def test_passage_draws_are_a_function_of_seed_and_index():
     corpus = Corpus.load(CorpusArguments(corpus="builtin:lee-background", passage_tokens=128))
-    assert corpus.documents == 300 and len(corpus.passages) > 300
+    assert corpus.documents == {"builtin:lee-background": 300} and len(corpus.passages) > 300
+    assert set(corpus.passage_sources) == {"builtin:lee-background"}
     draws = [corpus.draw(7, i) for i in range(50)]
     assert draws == [corpus.draw(7, i) for i in range(50)] and draws != [corpus.draw(8, i) for i in range(50)]
     with pytest.raises(ValueError, match="passage_tokens must be at least 8"):
@@ -86,8 +87,10 @@ def test_passage_draws_are_a_function_of_seed_and_index():
 def test_mined_negatives_are_corpus_passages_never_the_positive():
     corpus = Corpus.load(CorpusArguments(corpus="builtin:lee-background", passage_tokens=96)).passages[:300]
     pairs = Dataset.from_dict({"query": [p.split(".")[0] for p in corpus[:40]], "positive": corpus[:40]})
+    pairs = pairs.add_column("language", ["English"] * 40)  # other columns ride along
     triplets, report = mine_negatives(pairs, corpus, MiningArguments(candidates=3))
     assert report["rows"] == 40 and report["kept"] == triplets.num_rows > 30
+    assert triplets.column_names == ["query", "positive", "negative", "language"]
     for row in triplets:
         assert row["negative"] in corpus and row["negative"] != row["positive"]
     # The near-copy ceiling is honoured: at 0.01 every candidate counts as a copy of the positive.

@@ -10,9 +10,20 @@ import json
 
 import pytest
 import yaml
+from datasets import load_from_disk
 
 from st_synth.cli import main
 from st_synth.pipeline import load_config, plan_run, score_table
+
+
+def _corpus(folder) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    topics = ["river floods", "library books", "school buses", "city budget", "bakery bread", "harbour ships",
+              "mountain trails", "solar panels", "football cup", "museum paintings", "train delays", "hospital beds"]  # fmt: skip
+    for i, topic in enumerate(topics):
+        (folder / f"{i}.txt").write_text(f"Report {i} covers {topic} in the town of Place{i}. Officials said the "
+                                         f"{topic} changed this year, with {i + 3} new plans announced.")  # fmt: skip
+    return str(folder)
 
 
 def _config(tmp_path, base_url: str) -> dict:
@@ -20,8 +31,10 @@ def _config(tmp_path, base_url: str) -> dict:
         "output": str(tmp_path / "run"),
         "generate": {"base_url": base_url, "model": "fake-llm", "num_examples": 18, "languages": "English",
                      "kinds": {"retrieval": 1, "short_short": 1, "sts": 1}, "concurrency": 4,
-                     "cache": str(tmp_path / "answers.sqlite"), "show_progress": False},
-        "filter": {"enabled": True, "top_k": 3},
+                     "cache": str(tmp_path / "answers.sqlite"), "show_progress": False,
+                     "corpus": _corpus(tmp_path / "corpus"), "passage_tokens": 24, "min_tokens": 8},
+        "filter": {"enabled": True, "top_k": 3, "round_trip_top_k": 12},
+        "mine": {"enabled": True, "range_max": 6, "relative_margin": None},
         "train": {"base_model": "tiny", "max_seq_length": 32, "lora_r": 4, "per_device_train_batch_size": 4,
                   "max_steps": 2, "use_cpu": True, "gradient_checkpointing": False},
         "evaluate": {"tasks": ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"],
@@ -36,13 +49,26 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     config_file.write_text(yaml.safe_dump(_config(tmp_path, server.base_url)))
     assert main(["run", "--config", str(config_file)]) == 0
     out = capsys.readouterr().out
-    for stage in ("[1/5] generate", "[2/5] filter", "[3/5] train", "[4/5] evaluate", "[5/5] package"):
+    for stage in ("[1/6] generate", "[2/6] filter", "[3/6] mine", "[4/6] train", "[5/6] evaluate",
+                  "[6/6] package"):  # fmt: skip
         assert stage in out
     run = tmp_path / "run"
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["generation"]["num_examples_kept"] == 18 and summary["generation"]["complete"]
     filtered = summary["filter"]
     assert filtered["rows"] == 18 and 0 < filtered["kept"] <= 18
+    assert filtered["kinds"]["retrieval"]["round_trip"] and not filtered["kinds"]["sts"]["round_trip"]
+    # Grounded retrieval and title matching get negatives mined over the corpus; sts has its own.
+    assert set(summary["mining"]) == {"retrieval", "short_short"} & set(filtered["kinds"])
+    data = load_from_disk(str(run / "data"))
+    for kind in summary["mining"]:
+        assert data[kind].column_names == ["instruction", "query", "positive", "negative", "language"]
+        assert all(row["negative"] != row["positive"] for row in data[kind])
+    # Decontaminated against the evaluated tasks without being asked, and said so.
+    assert set(summary["training"]["decontamination"]["tasks"]) == set(
+        scores_tasks := summary["evaluation"]["trained"]
+    )
+    assert scores_tasks
     assert summary["training"]["global_steps"] == 2
     scores = summary["evaluation"]
     assert list(scores) == ["untrained", "trained", "all-MiniLM-L6-v2"]
@@ -82,6 +108,11 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
         ({"evaluate": {"tasks": ["LeeDocSTSS"]}}, r"'LeeDocSTSS'\. Did you mean 'LeeDocSTS'"),
         ({"generate": {"kinds": "retrieval,poems"}}, r"poems.*retrieval"),
         ({"train": {"dataset": "x"}}, r"train.dataset and train.output_dir are set by the run"),
+        (
+            {"generate": {"corpus": None}, "mine": {"range_max": 5}},
+            r"mine: hard negatives are mined over the corpus",
+        ),
+        ({"generate": {"kinds": "bitext,sts", "languages": "English"}}, r"bitext cannot be grounded"),
     ],
 )
 def test_bad_run_configs_fail_before_anything_starts(tmp_path, change, message):
@@ -112,6 +143,9 @@ def test_shipped_main_job_config_is_valid_and_overridable():
     assert plan.local and plan.generation.num_examples == 7 and plan.consistency is not None
     assert plan.model_args.base_model == "smollm2-135m" and plan.training_args.use_cpu
     assert plan.tasks == ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
+    assert plan.data_args.decontaminate == plan.tasks  # on by default, against what is evaluated
+    off = plan_run(load_config("recipes/configs/local-smollm2.yaml", {"train": {"decontaminate": []}}))
+    assert off.data_args.decontaminate == []
 
 
 def test_score_table_reports_the_change():

@@ -46,6 +46,7 @@ SPECIAL = {
     "instruction_template": ("Task: {instruction}\nText: ", {}), "local": (True, {"base_url": None}),
     "loss": ("own_negatives", {}), "multi_dataset_batch_sampler": ("round_robin", {}),
     "batch_sampler": ("no_duplicates", {}), "max_tokens": (256, {}), "report_to": (["tensorboard"], {}),
+    "corpus": (["builtin:wikipedia"], {"kinds": "sts", "languages": "English"}),
 }  # fmt: skip
 
 
@@ -268,3 +269,14 @@ def test_the_card_is_hub_metadata_with_every_evaluated_task(tiny_runs):
     assert data["model-index"][0]["name"] == "cli"
     assert "| LeeDocSTS | 0.5100 | 0.1000 |" in card.text  # st-synth's own body stays
     SentenceTransformer(str(final)).encode(["still loads"])
+
+
+def test_yaml_null_sets_a_field_that_takes_none():
+    from st_synth.mining import MiningArguments
+
+    (mining,) = SettingsParser([MiningArguments]).parse_settings(
+        {"relative_margin": None, "range_max": 6}, "mine"
+    )
+    assert mining.relative_margin is None and mining.range_max == 6
+    (default,) = SettingsParser([MiningArguments]).parse_settings({}, "mine")
+    assert default.relative_margin == 0.05

@@ -137,12 +137,19 @@ class FakeOpenAIServer:
         if properties == ["tasks"] or "task strings" in prompt:
             tasks = [
                 f"Task {digest[:6]}-{n}: retrieve passages that answer questions on topic {n}"
+                if "labels after a colon" not in prompt  # a grounded classification brainstorm: label sets
+                else f"Classify texts by aspect {digest[:6]}-{n}: red, green, blue, amber"
                 for n in range(5)
             ]
             return json.dumps({"tasks": tasks} if properties == ["tasks"] else tasks), "stop"
         keys = properties or [key for key in KNOWN_KEYS if f'"{key}"' in prompt]
         salt = "constant" if fault == "duplicate" else digest
         example = {key: f"{key} text {_digest(salt, key)[:16]} {n} words" for n, key in enumerate(keys)}
+        if "label" in keys and (labels := re.search(r"^Task: [^\n]*: ([^\n]+)$", prompt, re.MULTILINE)):
+            # A grounded classification request names its label set: answer with two of its labels.
+            names = [name.strip(" .") for name in labels.group(1).split(",")]
+            first = int(_digest(salt)[:8], 16) % len(names)
+            example.update(label=names[first], misleading_label=names[(first + 1) % len(names)])
         content = json.dumps(example, ensure_ascii=False)
         fenced = not fmt and self.fence_text_answers
         return (f"Here you go:\n```json\n{content}\n```" if fenced else content), "stop"

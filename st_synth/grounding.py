@@ -1,0 +1,204 @@
+"""Generation grounded in a corpus: the LLM reads a real passage and writes the other side of the pair.
+
+Per kind (``TaskKind.grounded_keys``: what the LLM answers; ``passage_first``: which side the passage is):
+
+* retrieval: a query the passage answers (passage = positive); the instruction is a task brainstormed from
+  a sample of the corpus (the paper's two steps);
+* short_short: a title of the passage; long_long: a summary of it (passage = positive);
+* sts: a paraphrase and a near-miss of the passage (passage = S1);
+* classification: the passage's label and a misleading one, from a label set brainstormed from the corpus
+  (passage = input text).
+
+Bitext is not grounded (it would need a translator, not a reader). Prompts are a system rule, two
+demonstrations as earlier chat turns and the passage (``st_synth/prompts/<version>/grounded_<kind>.json``):
+a small generator copies sentences when asked zero-shot, and follows a worked example. Answers are checked:
+one copied from its passage (half or more of its word 5-grams occur in the passage) or equal to a
+demonstration's answer is dropped and counted (``copied_from_passage``, ``copied_demonstration``); a label
+the task does not name is ``label_not_in_task``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from st_synth.prompting import PROMPTS_VERSION, ChatRequest, ExamplePlan, derive_seed, render, seeded_rng
+from st_synth.taxonomy import BRAINSTORM_SCHEMA, TASK_KINDS, TaskKind, kinds_where
+from st_synth.validation import _PLACEHOLDER, MAX_FIELD_CHARS, Rejected, extract_json, normalize
+from st_synth.validation import parse_tasks as parse_task_list
+
+COPY_NGRAM = 5
+COPY_SHARE = 0.5
+SAMPLES_PER_BRAINSTORM = 3
+SAMPLE_WORDS = 60
+
+
+def grounded_kinds() -> list[str]:
+    return kinds_where("groundable")
+
+
+def check_groundable(kinds: list[str]) -> None:
+    refused = [kind for kind in kinds if not TASK_KINDS[kind].groundable]
+    if refused:
+        raise ValueError(
+            f"Kinds {', '.join(refused)} cannot be grounded in a corpus; with a corpus choose among: "
+            f"{', '.join(grounded_kinds())}."
+        )
+
+
+@cache
+def load_spec(kind: str) -> dict[str, Any]:
+    """The prompt of grounded ``kind``: system rule, user message, brainstorm, demonstrations."""
+    path = resources.files("st_synth") / "prompts" / PROMPTS_VERSION / f"grounded_{kind}.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def instruction_of(kind: TaskKind, task: str | None) -> str:
+    """What a grounded example trains with: its brainstormed task, else the kind's fixed instruction."""
+    if kind.brainstorm and task is not None and load_spec(kind.name).get("brainstorm"):
+        return task
+    return load_spec(kind.name).get("instruction") or kind.fixed_instruction or ""
+
+
+def needs_brainstorm(kind: str) -> bool:
+    return bool(load_spec(kind).get("brainstorm"))
+
+
+def answer_schema(kind: TaskKind) -> dict:
+    return {
+        "type": "object",
+        "properties": {
+            key: {"type": "string"} for key in kind.grounded_keys
+        },  # no maxLength: llama.cpp's grammar compiler crashes on it
+        "required": list(kind.grounded_keys),
+        "additionalProperties": False,
+    }
+
+
+def label_set(task: str) -> list[str]:
+    """The labels a classification task lists after its last colon (``"Classify ...: a, b, c"``)."""
+    _, colon, tail = task.rpartition(":")
+    if not colon:
+        return []
+    labels = [label.strip(" .;\"'") for label in tail.replace(" or ", ", ").replace(" and ", ", ").split(",")]
+    return [label for label in labels if label and len(label.split()) <= 4]
+
+
+def parse_tasks(kind: TaskKind, content: str | None) -> list[str]:
+    """A grounded brainstorm's tasks; classification keeps only tasks that list at least three labels."""
+    tasks = parse_task_list(content)
+    if kind.passage_first and not kind.symmetric:
+        tasks = [task for task in tasks if len(set(map(normalize, label_set(task)))) >= 3]
+        if not tasks:
+            raise Rejected("no_label_sets")
+    return tasks
+
+
+def _clip(text: str, words: int) -> str:
+    parts = text.split()
+    return " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
+
+
+def brainstorm_request(
+    seed: int, kind: TaskKind, block: int, attempt: int, passages: list[str]
+) -> ChatRequest:
+    """Tasks brainstormed from ``SAMPLES_PER_BRAINSTORM`` passages of the corpus, drawn by the request's
+    coordinates (so each block's pool reads its own sample)."""
+    rng = seeded_rng(seed, "grounded-brainstorm", kind.name, block, attempt)
+    picks = rng.sample(range(len(passages)), min(SAMPLES_PER_BRAINSTORM, len(passages)))
+    samples = "\n".join(f"- {_clip(passages[i], SAMPLE_WORDS)}" for i in picks)
+    return ChatRequest(
+        kind=kind.name,
+        stage="brainstorm",
+        prompt=render(load_spec(kind.name)["brainstorm"], {"samples": samples}),
+        seed=derive_seed(seed, "grounded-brainstorm", kind.name, block, attempt),
+        max_tokens=768,
+        schema=BRAINSTORM_SCHEMA,
+    )
+
+
+def example_request(seed: int, plan: ExamplePlan, attempt: int, tasks: list[str] | None,
+                    passage: str) -> ChatRequest:  # fmt: skip
+    """Attempt ``attempt`` of grounded example ``plan`` over ``passage``."""
+    kind = TASK_KINDS[plan.kind]
+    spec = load_spec(kind.name)
+    rng = seeded_rng(seed, "grounded-attempt", plan.index, attempt)
+    values = {name: rng.choice(choices) for name, choices in spec.get("placeholders", {}).items()}
+    values["language"] = plan.language
+    task = None
+    if needs_brainstorm(kind.name):
+        if not tasks:
+            raise ValueError(f"grounded {kind.name} examples need a brainstormed task pool")
+        task = rng.choice(tasks)
+    demonstrations = tuple(
+        (render(spec["user"], {"task": demo.get("task", ""), "passage": demo["passage"]}),
+         json.dumps(demo["answer"], ensure_ascii=False))
+        for demo in spec["demonstrations"]
+    )  # fmt: skip
+    return ChatRequest(
+        kind=kind.name,
+        stage="example",
+        prompt=render(spec["user"], {"task": task or "", "passage": passage}),
+        system=render(spec["system"], values),
+        demonstrations=demonstrations,
+        seed=derive_seed(seed, "grounded-example", plan.index, attempt),
+        max_tokens=spec.get("max_tokens", 256),
+        schema=answer_schema(kind),
+        instruction=instruction_of(kind, task),
+    )
+
+
+def copied_share(answer: str, passage: str, n: int = COPY_NGRAM) -> float:
+    """The share of ``answer``'s word ``n``-grams that occur in ``passage`` (0 for answers under n words)."""
+    words, source = normalize(answer).split(), normalize(passage).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    present = {tuple(source[i : i + n]) for i in range(len(source) - n + 1)}
+    return sum(gram in present for gram in grams) / len(grams)
+
+
+def parse_answer(content: str | None, kind: TaskKind, passage: str,
+                 task: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:  # fmt: skip
+    """The example's texts in the kind's column order (the passage on its side) and their normalised form."""
+    value = extract_json(content)
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0]
+    if not isinstance(value, dict):
+        raise Rejected("not_an_object", type(value).__name__)
+    missing = [key for key in kind.grounded_keys if key not in value]
+    if missing:
+        raise Rejected("missing_keys", ",".join(missing))
+    answers = []
+    for key in kind.grounded_keys:
+        text = value[key]
+        if not isinstance(text, str):
+            raise Rejected("wrong_type", f"{key} is {type(text).__name__}")
+        text = " ".join(text.split())
+        if not text:
+            raise Rejected("empty_field", key)
+        if len(text) > MAX_FIELD_CHARS:
+            raise Rejected("field_too_long", key)
+        if _PLACEHOLDER.search(text):
+            raise Rejected("unfilled_placeholder", key)
+        answers.append(text)
+    demos = {normalize(v) for demo in load_spec(kind.name)["demonstrations"] for v in demo["answer"].values()}
+    labels = kind.passage_first and not kind.symmetric  # classification: labels, not prose
+    for text in answers:
+        if not labels and normalize(text) in demos:
+            raise Rejected("copied_demonstration")
+        if not labels and (
+            normalize(text) == normalize(passage) or copied_share(text, passage) >= COPY_SHARE
+        ):
+            raise Rejected("copied_from_passage")
+    if labels and task is not None:
+        named = {normalize(label) for label in label_set(task)}
+        if any(normalize(text) not in named for text in answers):
+            raise Rejected("label_not_in_task")
+    texts = (passage, *answers) if kind.passage_first else (answers[0], passage, *answers[1:])
+    normalized = tuple(normalize(text) for text in texts)
+    if len(set(normalized)) < len(normalized):
+        raise Rejected("texts_not_distinct")
+    return texts, normalized

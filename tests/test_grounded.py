@@ -1,0 +1,243 @@
+"""Generation grounded in a corpus, against a real HTTP server on 127.0.0.1 speaking the OpenAI API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from st_synth import GenerationConfig, SyntheticDatasetBuilder
+from st_synth.cache import AnswerCache
+from st_synth.corpus import Corpus
+from st_synth.filtering import ConsistencyFilter, filter_folder
+from st_synth.grounding import copied_share, label_set, load_spec, parse_answer
+from st_synth.taxonomy import TASK_KINDS
+from st_synth.validation import Rejected
+
+TOPICS = ["river floods", "library books", "school buses", "city budget", "bakery bread", "harbour ships",
+          "mountain trails", "solar panels", "football cup", "museum paintings", "train delays", "hospital beds"]  # fmt: skip
+GROUNDED = "retrieval=2,sts=1,short_short=1,long_long=1,classification=1"
+
+
+def write_corpus(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, topic in enumerate(TOPICS):
+        text = (f"Report {i} covers {topic} in the town of Place{i}. Officials said the {topic} changed a lot this "
+                f"year, with {i + 3} new plans announced. Residents of Place{i} welcomed the news about {topic} "
+                "and asked for more meetings.")  # fmt: skip
+        (folder / f"doc{i:02d}.txt").write_text(text)
+    return folder
+
+
+def grounded_config(server, tmp_path: Path, **overrides) -> GenerationConfig:
+    settings = dict(
+        model=server.model, base_url=server.base_url, num_examples=30, cache=str(tmp_path / "cache.sqlite"),
+        concurrency=4, request_timeout=0.5, retry_base_delay=0.01, show_progress=False, languages="English",
+        kinds=GROUNDED, corpus=str(write_corpus(tmp_path / "corpus")), passage_tokens=24, min_tokens=8,
+        block_size=8,
+    )  # fmt: skip
+    settings.update(overrides)
+    return GenerationConfig(**settings)
+
+
+def rows(dataset) -> dict[str, list[dict]]:
+    return {split: list(data) for split, data in dataset.items()}
+
+
+def example_prompts(server) -> list[str]:
+    """The last user message of every example request the server received (brainstorms left out)."""
+    return [
+        body["messages"][-1]["content"]
+        for body in server.received
+        if "Passage: " in body["messages"][-1]["content"]
+    ]
+
+
+def test_each_prompt_carries_its_passage_and_the_passage_is_its_side(fake_server, tmp_path):
+    server = fake_server(bad_answer_rate=0.2)
+    builder = SyntheticDatasetBuilder(grounded_config(server, tmp_path))
+    data = builder.build()
+    passages = builder.corpus.passages
+    prompts = example_prompts(server)
+    assert prompts and all(any(prompt.endswith(f"Passage: {p}") for p in passages) for prompt in prompts)
+    # The demonstrations travel as earlier turns, the system rule first.
+    body = next(b for b in server.received if "Passage: " in b["messages"][-1]["content"])
+    assert [m["role"] for m in body["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
+    plans = {plan.index: plan for plan in builder.shard_plans()}
+    assert set(data) == {"retrieval", "sts", "short_short", "long_long", "classification"}
+    for kind, split in data.items():
+        side = "query" if TASK_KINDS[kind].passage_first else "positive"
+        assert set(split[side]) <= set(passages), kind
+    # Retrieval's kept positive is exactly the passage drawn for its example.
+    retrieval = sorted(i for i, p in plans.items() if p.kind == "retrieval")
+    assert data["retrieval"]["positive"] == [passages[plans[i].passage] for i in retrieval]
+    assert data["retrieval"].column_names == ["instruction", "query", "positive", "language"]
+    assert data["sts"].column_names == ["instruction", "query", "positive", "negative", "language"]
+    for row in data["classification"]:  # labels come from the brainstormed label set of the task
+        assert {row["positive"], row["negative"]} <= set(label_set(row["instruction"]))
+    report = builder.report
+    assert report["complete"] and report["num_examples_kept"] == 30
+    assert report["corpus"]["sources"] == [str(tmp_path / "corpus")]
+    assert report["corpus"]["documents"] == {str(tmp_path / "corpus"): len(TOPICS)}
+    used = {plans[i].passage for i in plans}
+    assert report["corpus"]["passages_used"] == len(used)
+    assert sum(report["corpus"]["passages_used_by_source"].values()) == len(used)
+
+
+def test_same_seed_same_passages_and_prompts_other_seed_others(fake_server, tmp_path):
+    server = fake_server()
+    first = SyntheticDatasetBuilder(grounded_config(server, tmp_path, cache=str(tmp_path / "a.sqlite")))
+    data = first.build()
+    prompts = sorted(example_prompts(server))
+    server.received.clear()
+    second = SyntheticDatasetBuilder(grounded_config(server, tmp_path, cache=str(tmp_path / "b.sqlite")))
+    assert rows(second.build()) == rows(data)
+    assert sorted(example_prompts(server)) == prompts
+    other = SyntheticDatasetBuilder(
+        grounded_config(server, tmp_path, seed=7, cache=str(tmp_path / "c.sqlite"))
+    )
+    assert [p.passage for p in other.shard_plans()] != [p.passage for p in first.shard_plans()]
+
+
+def test_union_of_shards_is_the_single_run(fake_server, tmp_path):
+    server = fake_server(bad_answer_rate=0.2)
+    single = SyntheticDatasetBuilder(grounded_config(server, tmp_path)).build()
+    union: dict[str, list] = {}
+    for index in range(3):
+        config = grounded_config(server, tmp_path, num_shards=3, shard_index=index,
+                                 cache=str(tmp_path / f"shard{index}.sqlite"))  # fmt: skip
+        for split, data in SyntheticDatasetBuilder(config).build().items():
+            union.setdefault(split, []).extend(data)
+    for split, data in single.items():
+        assert sorted(union[split], key=json.dumps) == sorted(data, key=json.dumps)
+        assert len(union[split]) == data.num_rows
+
+
+def test_cached_rerun_sends_zero_requests(fake_server, tmp_path):
+    server = fake_server(bad_answer_rate=0.2)
+    data = SyntheticDatasetBuilder(grounded_config(server, tmp_path)).build()
+    sent = server.chat_requests
+    again = SyntheticDatasetBuilder(grounded_config(server, tmp_path))
+    assert rows(again.build()) == rows(data)
+    assert server.chat_requests == sent and again.report["requests_sent"] == 0
+
+
+def cli(server, out: Path, cache: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "st_synth.cli", "generate", "--output", str(out), "--model", server.model,
+        "--base-url", server.base_url, "--cache", str(cache), "--num-examples", "40", "--seed", "5",
+        "--no-progress", "--corpus", str(corpus), "--passage-tokens", "24", "--min_tokens", "8",
+        "--languages", "English", "--kinds", GROUNDED, *extra,
+    ]  # fmt: skip
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_dataset(fake_server, tmp_path):
+    server = fake_server(latency=0.03, bad_answer_rate=0.15)
+    corpus = write_corpus(tmp_path / "corpus")
+    env = {**os.environ, "OPENAI_API_KEY": ""}
+    reference = subprocess.run(cli(server, tmp_path / "ref", tmp_path / "ref.sqlite", corpus), env=env,
+                               capture_output=True, text=True)  # fmt: skip
+    assert reference.returncode == 0, reference.stderr
+    cache = tmp_path / "killed.sqlite"
+    command = cli(server, tmp_path / "out", cache, corpus, "--concurrency", "4")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while AnswerCache.count(cache) < 15 and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists()
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert rows(load_from_disk(str(tmp_path / "out"))) == rows(load_from_disk(str(tmp_path / "ref")))
+    report = json.loads((tmp_path / "out" / "generation_report.json").read_text())
+    assert report["corpus"]["passage_tokens"] == 24 and report["num_examples_kept"] == 40
+
+
+def test_bad_grounded_settings_fail_before_any_request(fake_server, tmp_path):
+    server = fake_server()
+    with pytest.raises(ValueError, match=r"Kinds bitext cannot be grounded.*choose among: retrieval, "
+                       r"classification, short_short, long_long, sts"):  # fmt: skip
+        grounded_config(server, tmp_path, kinds="retrieval,bitext", languages="English,German")
+    with pytest.raises(ValueError, match="name that one language"):
+        grounded_config(server, tmp_path, languages="English,German")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "some text here", "id": 1}) + "\n")
+    with pytest.raises(ValueError, match="has no text column 'text'; it has: body, id"):
+        SyntheticDatasetBuilder(grounded_config(server, tmp_path, corpus=str(tmp_path / "c.jsonl")))
+    (tmp_path / "empty.csv").write_text("text\n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        SyntheticDatasetBuilder(grounded_config(server, tmp_path, corpus=str(tmp_path / "empty.csv")))
+    assert server.chat_requests == 0 and server.model_listings == 0
+
+
+def test_answers_copied_from_the_passage_or_a_demonstration_are_dropped():
+    passage = ("The council approved a plan to turn the old depot on Harbour Street into flats, with work "
+               "starting in March and tenants moving in next year.")  # fmt: skip
+    retrieval = TASK_KINDS["retrieval"]
+    texts, _ = parse_answer(
+        '{"user_query": "when do tenants move into the Harbour Street flats"}', retrieval, passage
+    )
+    assert texts == ("when do tenants move into the Harbour Street flats", passage)
+    copied = json.dumps({"user_query": "turn the old depot on Harbour Street into flats, with work starting"})
+    assert copied_share(json.loads(copied)["user_query"], passage) >= 0.5
+    with pytest.raises(Rejected, match="copied_from_passage"):
+        parse_answer(copied, retrieval, passage)
+    demo = load_spec("retrieval")["demonstrations"][0]["answer"]["user_query"]
+    with pytest.raises(Rejected, match="copied_demonstration"):
+        parse_answer(json.dumps({"user_query": demo.upper()}), retrieval, passage)
+    task = "Classify a news story by its topic: politics, business, sport"
+    classification = TASK_KINDS["classification"]
+    texts, _ = parse_answer(
+        '{"label": "Politics", "misleading_label": "business"}', classification, passage, task
+    )
+    assert texts == (passage, "Politics", "business")
+    with pytest.raises(Rejected, match="label_not_in_task"):
+        parse_answer('{"label": "housing", "misleading_label": "business"}', classification, passage, task)
+    sts = TASK_KINDS["sts"]
+    with pytest.raises(Rejected, match="texts_not_distinct"):
+        parse_answer(
+            '{"paraphrase": "A plan was approved.", "near_miss": "a plan was approved"}', sts, passage
+        )
+
+
+def test_round_trip_filter_keeps_queries_that_find_their_own_passage(tmp_path):
+    passages = [
+        f"Report about {topic}: the {topic} of the town changed this year, officials said."
+        for topic in TOPICS
+    ]
+    # The third query was written about another passage (bakery bread), not its own (school buses).
+    queries = ["what changed with the river floods", "news about library books", "fresh bakery bread in town"]
+    data = DatasetDict({"retrieval": Dataset.from_dict({
+        "instruction": ["Find reports."] * 3, "query": queries,
+        "positive": [passages[0], passages[1], passages[2]], "language": ["English"] * 3})})  # fmt: skip
+    kept, report = ConsistencyFilter(round_trip_top_k=2).apply(data, passages=passages)
+    assert kept["retrieval"]["query"] == queries[:2]
+    assert report["kinds"]["retrieval"]["round_trip"] is True
+    assert report["kinds"]["retrieval"]["drops"]["passage_not_found"] == 1
+    # A folder written by a grounded run is filtered against its own corpus, reloaded from its report.
+    (tmp_path / "corpus").mkdir()
+    for i, passage in enumerate(passages):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(passage)
+    data.save_to_disk(str(tmp_path / "generated"))
+    settings = {"sources": [str(tmp_path / "corpus")], "text_column": "text", "passage_tokens": 64,
+                "min_tokens": 4, "passage_tokenizer": "all-MiniLM-L6-v2"}  # fmt: skip
+    (tmp_path / "generated" / "generation_report.json").write_text(json.dumps({"corpus": settings}))
+    report = filter_folder(
+        tmp_path / "generated", tmp_path / "filtered", ConsistencyFilter(round_trip_top_k=2)
+    )
+    assert report["kinds"]["retrieval"]["kept"] == 2 and report["kinds"]["retrieval"]["round_trip"]
+    assert isinstance(Corpus, type)
