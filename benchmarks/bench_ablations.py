@@ -3,16 +3,21 @@
     python benchmarks/bench_ablations.py --config recipes/configs/local-smollm2.yaml
 
 Variants (each a full `st-synth run` under OUTPUT/<variant>; generation answers come from the cache, so
-every variant trains on the same generated examples):
+variants that generate the same requests train on the same examples):
 
-* full:              consistency filter, instructions, hard negatives: the main job itself (its output
-                     folder, so a finished main job is reused rather than retrained)
+* full:              the config as it is: for the main job, generation grounded in the shipped corpora,
+                     round-trip filter, mined negatives (its output folder, so a finished main job is reused)
 * no_filter:         every validated example, unfiltered
-* no_instructions:   queries without their task instruction, in training and in evaluation
-* with_instructions: the opposite, for a config that trains without them (the default list holds
-                     whichever of the two differs from the config)
-* no_hard_negatives: in-batch negatives only
-* no_real_data:      synthetic data only (without the config's extra_datasets)
+* no_mining:         no mined negatives: grounded retrieval, title and summary pairs train on in-batch
+                     negatives only (sts keeps its LLM-written near-misses)
+* free_generation:   the paper's free generation instead (no corpus; the LLM writes both sides and the
+                     negatives of retrieval, classification and sts), with the earlier main job's mix of
+                     kinds and number of examples
+* heuristic_added:   the grounded data plus the two heuristic pairs sources of earlier main jobs
+                     (builtin:lee-background halves, builtin:wiki-sections; 160 pairs each)
+* no_instructions / with_instructions: queries without / with their task instruction, in training and in
+                     evaluation (the default list holds whichever of the two differs from the config)
+* no_hard_negatives: in-batch negatives only (neither mined nor LLM-written negatives)
 
 Writes benchmarks/results/ablations.json and .md (scores per task, mean, and the change against `full`).
 """
@@ -27,14 +32,25 @@ from pathlib import Path
 
 from st_synth import pipeline
 
+HEURISTIC_PAIRS = [
+    "lee_background=builtin:lee-background|Retrieve semantically similar text.",
+    "wiki_sections=builtin:wiki-sections|Given a Wikipedia article title and section heading, retrieve the passage of that section.",
+]
 VARIANTS: dict[str, dict[str, dict]] = {
     "full": {},
     "no_filter": {"filter": {"enabled": False}},
+    "no_mining": {"mine": {"enabled": False}},
+    "free_generation": {
+        "generate": {"corpus": None, "num_examples": 160,
+                     "kinds": {"retrieval": 2, "classification": 1, "short_short": 1, "long_long": 1, "sts": 2}},
+        "mine": {"enabled": False},
+        "train": {"max_seq_length": 64},
+    },
+    "heuristic_added": {"train": {"extra_datasets": HEURISTIC_PAIRS, "max_examples_per_source": 160}},
     "no_instructions": {"train": {"use_instructions": False}, "evaluate": {"instructions": False}},
     "with_instructions": {"train": {"use_instructions": True}, "evaluate": {"instructions": True}},
     "no_hard_negatives": {"train": {"hard_negatives": False}},
-    "no_real_data": {"train": {"extra_datasets": []}},
-}
+}  # fmt: skip
 
 
 def main() -> None:

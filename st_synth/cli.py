@@ -132,6 +132,38 @@ def _filter(settings: Any, folders: FilterFolders) -> int:
     return 0
 
 
+# -- mine -------------------------------------------------------------------------------------------------
+@dataclass
+class MineFolders:
+    input: str = field(metadata={"help": "A `st-synth generate` folder, or any `datasets` folder or Hub id with "
+                                 "query and positive columns (your own pairs)."})  # fmt: skip
+    output: str = field(metadata={"help": "Where the data with mined negatives (and mining_report.json) go."})
+
+
+def _add_mine(subparsers: Any) -> None:
+    from st_synth.corpus import CorpusArguments
+    from st_synth.mining import MiningArguments
+
+    subparsers.add_parser(
+        "mine",
+        help="Give (query, positive) pairs a hard negative mined from a corpus (the `mine` stage of `st-synth run`).",
+        dataclass_types=(MiningArguments, CorpusArguments, MineFolders),
+    ).set_defaults(func=_mine)
+
+
+def _mine(settings: Any, corpus: Any, folders: MineFolders) -> int:
+    from st_synth.mining import mine_folder
+
+    try:
+        report = mine_folder(folders.input, folders.output, settings, corpus)
+    except (ValueError, FileNotFoundError) as error:
+        return _fail("mine", error)
+    kept = ", ".join(f"{name} {entry['kept']}/{entry['rows']}" for name, entry in report["splits"].items())
+    print(f"negatives from {report['corpus']} ({report['passages']} passages): {kept or 'nothing to mine'} "
+          f"-> {folders.output}")  # fmt: skip
+    return 0
+
+
 # -- train (main() hands its arguments to the recipe's own parser: it takes a YAML file first) -----------
 def _train_command(argv: list[str]) -> int:
     from st_synth.arguments import SettingsError
@@ -286,6 +318,7 @@ COMMANDS: dict[str, tuple[str, Any]] = {
         _add_generate,
     ),
     "filter": ("Keep the generated examples a guide encoder agrees with.", _add_filter),
+    "mine": ("Give (query, positive) pairs hard negatives mined from a corpus.", _add_mine),
     "train": ("Train with the recipe: LoRA, InfoNCE (as recipes/train_mistral.py).", None),
     "evaluate": ("Evaluate a model on mteb tasks, each with its instruction.", _add_evaluate),
     "run": (

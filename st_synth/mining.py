@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 
+from st_synth.corpus import CorpusArguments
 from st_synth.validation import normalize
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class MiningArguments:
         },
     )
     candidates: int = field(default=5, metadata={"help": "Candidates mined per query, tried in order."})
+    replace_negatives: bool = field(default=False, metadata={
+        "help": "Also mine for data that has negatives (LLM-written ones), replacing them; off: only pairs get one."})  # fmt: skip
     batch_size: int = field(default=32, metadata={"help": "Texts encoded at once."})
 
     def __post_init__(self) -> None:
@@ -60,8 +64,9 @@ class MiningArguments:
             raise ValueError(f"need 0 <= range_min < range_max, got {self.range_min} and {self.range_max}")
         if not 0 < self.max_positive_similarity <= 1:
             raise ValueError(f"max_positive_similarity must be in (0, 1], got {self.max_positive_similarity}")
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be at least 1, got {self.candidates}")
+        if not 1 <= self.candidates <= self.range_max - self.range_min:
+            raise ValueError(f"candidates must be in 1..range_max - range_min ({self.range_max - self.range_min}), "
+                             f"got {self.candidates}")  # fmt: skip
 
 
 def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
@@ -130,3 +135,57 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
     order = [c for c in columns if c != "negative"]
     order.insert(order.index("positive") + 1, "negative")
     return out.select_columns(order), report
+
+
+def mine_folder(source: str | Path, target: str | Path, settings: MiningArguments,
+                corpus: CorpusArguments | None = None) -> dict[str, Any]:  # fmt: skip
+    """``st-synth mine``: every split of ``source`` with query and positive columns gets a mined negative.
+
+    ``source``: a `st-synth generate` folder, or any `datasets` folder or Hub id (your own pairs). The
+    candidates come from ``corpus`` when given, else from the corpus ``source`` was grounded in (its
+    report), else from the distinct positives of ``source`` itself. Writes ``target`` (same layout) with
+    mining_report.json, and returns that report.
+    """
+    import json
+    import shutil
+
+    from datasets import DatasetDict, load_dataset, load_from_disk
+    from sentence_transformers import SentenceTransformer
+
+    from st_synth.corpus import Corpus
+    from st_synth.filtering import grounding_passages, resolve_guide
+    from st_synth.names import FILTER_REPORT_FILE, MINING_REPORT_FILE, REPORT_FILE
+
+    source, target = Path(source), Path(target)
+    data = load_from_disk(str(source)) if source.is_dir() else load_dataset(str(source))
+    data = data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
+    usable = [name for name, split in data.items() if {"query", "positive"} <= set(split.column_names)]
+    if not usable:
+        raise ValueError(f"{source} has no split with query and positive columns; it has: "
+                         + "; ".join(f"{n}: {', '.join(s.column_names)}" for n, s in data.items()))  # fmt: skip
+    if corpus is not None and corpus.corpus:
+        passages, origin = Corpus.load(corpus).passages, corpus.corpus
+    elif (grounded := grounding_passages(source)) is not None:
+        passages, origin = grounded, "the corpus the data was grounded in"
+    else:
+        passages = list(dict.fromkeys(text for name in usable for text in data[name]["positive"]))
+        origin = "the data's own positives"
+    model = SentenceTransformer(resolve_guide(settings.mining_model))
+    splits, report = dict(data), {"corpus": origin, "passages": len(passages), "splits": {}}
+    for name in usable:
+        if "negative" in data[name].column_names and not settings.replace_negatives:
+            continue
+        mined, report["splits"][name] = mine_negatives(data[name], passages, settings, model=model)
+        if mined.num_rows:
+            splits[name] = mined
+        else:
+            del splits[name]
+    DatasetDict(splits).save_to_disk(str(target))
+    for name in (
+        REPORT_FILE,
+        FILTER_REPORT_FILE,
+    ):  # the reports of the stages before, not datasets' own files
+        if (source / name).is_file():
+            shutil.copy(source / name, target / name)
+    (target / MINING_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report

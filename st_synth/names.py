@@ -18,6 +18,7 @@ SUMMARY_FILE = "training_summary.json"
 CARD_DATA_FILE = "st_synth_card.json"
 # `st-synth run`: what a finished training stage was made from (its reuse fingerprint) and what it did.
 FILTER_REPORT_FILE = "filter_report.json"
+MINING_REPORT_FILE = "mining_report.json"
 RUN_FILE = "st_synth_run.json"
 RUN_SUMMARY_FILE = "run_summary.json"
 # `st-synth run`'s output folder, stage by stage.

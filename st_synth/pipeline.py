@@ -37,7 +37,10 @@ from st_synth.filtering import ConsistencyFilter
 from st_synth.losses import LossArguments
 from st_synth.mining import MiningArguments
 from st_synth.names import (
+    FILTER_REPORT_FILE,
     FINAL_DIR,
+    MINING_REPORT_FILE,
+    REPORT_FILE,
     RUN_DATA_DIR,
     RUN_EVAL_DIR,
     RUN_FILE,
@@ -326,7 +329,9 @@ def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
     model = SentenceTransformer(resolve_guide(plan.mining.mining_model))
     splits, report = dict(dataset), {}
     for kind, split in dataset.items():
-        if TASK_KINDS[kind].passage_first or "negative" in split.column_names:
+        if TASK_KINDS[kind].passage_first or (
+            "negative" in split.column_names and not plan.mining.replace_negatives
+        ):
             continue
         mined, report[kind] = mine_negatives(split, plan.passages(), plan.mining, model=model)
         if mined.num_rows:
@@ -335,9 +340,10 @@ def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
             del splits[kind]
     staging = folder.with_name(folder.name + ".mined")
     DatasetDict(splits).save_to_disk(str(staging))
-    for extra in folder.glob("*.json"):
-        if not (staging / extra.name).exists():
-            shutil.copy(extra, staging / extra.name)
+    for name in (REPORT_FILE, FILTER_REPORT_FILE):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, staging / name)
+    (staging / MINING_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(folder)
     staging.rename(folder)
     stages.done(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, load_from_disk
 
 from st_synth.corpus import Corpus, CorpusArguments, _tokenizer, load_documents, split_passages
 from st_synth.decontamination import Decontaminator, evaluation_texts
@@ -147,3 +147,41 @@ def test_training_sources_are_decontaminated_when_asked(tmp_path):
     counts = report["decontamination"]["sources"]
     assert counts["sts"] == {"rows": 3, "dropped": 1, "exact": 1, "ngram": 0}
     assert counts["mine"] == {"rows": 2, "dropped": 1, "exact": 0, "ngram": 1}
+
+
+def test_st_synth_mine_gives_your_own_pairs_negatives(tmp_path, capsys):
+    from st_synth.cli import main
+
+    topics = ["river floods", "library books", "school buses", "city budget", "bakery bread", "harbour ships"]
+    pairs = Dataset.from_dict({
+        "query": [f"what happened with the {t}" for t in topics],
+        "positive": [f"The {t} of the town changed a lot this year, officials said on Monday." for t in topics],
+    })  # fmt: skip
+    pairs.save_to_disk(str(tmp_path / "pairs"))
+    assert main(["mine", "--input", str(tmp_path / "pairs"), "--output", str(tmp_path / "out"),
+                 "--relative_margin", "0.5", "--range_max", "4", "--candidates", "2"]) == 0  # fmt: skip
+    assert "negatives from the data's own positives (6 passages)" in capsys.readouterr().out
+    mined = load_from_disk(str(tmp_path / "out"))["train"]
+    assert mined.column_names == ["query", "positive", "negative"] and mined.num_rows > 0
+    for row in mined:
+        assert row["negative"] in pairs["positive"] and row["negative"] != row["positive"]
+    report = json.loads((tmp_path / "out" / "mining_report.json").read_text())
+    assert report["splits"]["train"]["rows"] == 6
+    # From a corpus folder instead; a dataset without the columns is refused naming what it has.
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(
+        " ".join(f"The {t} report was published today." for t in topics)
+    )
+    assert main(["mine", "--input", str(tmp_path / "pairs"), "--output", str(tmp_path / "out2"), "--corpus",
+                 str(tmp_path / "corpus"), "--passage_tokens", "8", "--min_tokens", "4"]) == 0  # fmt: skip
+    assert f"negatives from ['{tmp_path / 'corpus'}']" in capsys.readouterr().out
+    assert (
+        main(
+            ["mine", "--input", str(tmp_path / "pairs"), "--output", str(tmp_path / "o"), "--range_max", "3"]
+        )
+        == 2
+    )
+    assert "candidates must be in 1..range_max - range_min (3), got 5" in capsys.readouterr().err
+    Dataset.from_dict({"text": ["x"]}).save_to_disk(str(tmp_path / "bad"))
+    assert main(["mine", "--input", str(tmp_path / "bad"), "--output", str(tmp_path / "out3")]) == 2
+    assert "no split with query and positive columns; it has: train: text" in capsys.readouterr().err
