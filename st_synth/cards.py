@@ -149,12 +149,20 @@ def write_model_card(
                       if generation_report else None),
         "languages": language_codes((generation_report or {}).get("kept_by_language", {})),
         "evaluation": evaluation or {},
+        "decontamination": _decontamination(summary.get("decontamination")),
         "modules": [m.get("type") for m in modules],
         "query_prompt": prompts.get("query", ""),
         "card_metadata": card_metadata or {},
     }  # fmt: skip
     (folder / CARD_DATA_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
     return render_model_card(folder)
+
+
+def _decontamination(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not report:
+        return None
+    dropped = sum(entry.get("dropped", 0) for entry in report.get("sources", {}).values())
+    return {"tasks": report.get("tasks", []), "dropped": dropped}
 
 
 def render_model_card(

@@ -59,7 +59,8 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     assert filtered["rows"] == 18 and 0 < filtered["kept"] <= 18
     assert filtered["kinds"]["retrieval"]["round_trip"] and not filtered["kinds"]["sts"]["round_trip"]
     # Grounded retrieval and title matching get negatives mined over the corpus; sts has its own.
-    assert set(summary["mining"]) == {"retrieval", "short_short"} & set(filtered["kinds"])
+    mined = {kind for kind in ("retrieval", "short_short") if filtered["kinds"][kind]["kept"]}
+    assert mined and set(summary["mining"]) == mined
     data = load_from_disk(str(run / "data"))
     for kind in summary["mining"]:
         assert data[kind].column_names == ["instruction", "query", "positive", "negative", "language"]
@@ -80,6 +81,11 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     card = (run / "model" / "final" / "README.md").read_text()
     assert "| task | this model | untrained | all-MiniLM-L6-v2 |" in card
     assert f"| consistency filter | kept {filtered['kept']} of 18 examples" in card
+    assert (
+        "| grounded in | " in card
+        and "(grounded queries: their own passage in the top 12 of the corpus)" in card
+    )
+    assert "| decontamination | no training text equals or shares 13 words with a text of LeeDocSTS" in card
     sent = server.chat_requests
 
     # The same command again: no request, no training, no evaluation is paid twice.
@@ -112,7 +118,7 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
             {"generate": {"corpus": None}, "mine": {"range_max": 5}},
             r"mine: hard negatives are mined over the corpus",
         ),
-        ({"generate": {"kinds": "bitext,sts", "languages": "English"}}, r"bitext cannot be grounded"),
+        ({"generate": {"kinds": "bitext,sts", "languages": "English,German"}}, r"bitext cannot be grounded"),
     ],
 )
 def test_bad_run_configs_fail_before_anything_starts(tmp_path, change, message):
