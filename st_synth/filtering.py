@@ -82,11 +82,14 @@ class ConsistencyFilter:
         dataset: DatasetDict,
         guide: SentenceTransformer | None = None,
         passages: list[str] | None = None,
+        cache_folder: str | Path | None = None,
     ) -> tuple[DatasetDict, dict[str, Any]]:
         """The filtered dataset and a report: kept and dropped per kind, with the reason of each drop.
-        ``passages``: the corpus the dataset was grounded in (round trip for kinds whose positive is one)."""
+        ``passages``: the corpus the dataset was grounded in (round trip for kinds whose positive is one);
+        ``cache_folder``: where its embeddings are kept (shared with mining, see st_synth.mining)."""
         guide = guide or self.load_guide()
         self._corpus = None
+        self._guide, self._cache_folder = guide, cache_folder
         kept_splits, report = {}, {"settings": asdict(self), "kinds": {}}
         for kind, split in dataset.items():
             if kind not in self.kinds or split.num_rows == 0:
@@ -113,9 +116,17 @@ class ConsistencyFilter:
             show_progress_bar=False,
         )  # fmt: skip
         q = encode(queries)
-        # Grounded: the candidates are the whole corpus (the positives are passages of it).
-        distinct = list(dict.fromkeys([*positives, *(passages or [])]))
-        candidates = self._encode_corpus(encode, distinct) if passages else encode(distinct)
+        # Grounded: the candidates are the whole corpus (the positives are passages of it), encoded once.
+        if passages:
+            known = set(passages)
+            extra = list(dict.fromkeys(p for p in positives if p not in known))
+            distinct = [*passages, *extra]
+            candidates = self._encode_corpus(encode, passages)
+            if extra:
+                candidates = np.concatenate([candidates, encode(extra)])
+        else:
+            distinct = list(dict.fromkeys(positives))
+            candidates = encode(distinct)
         position = {text: i for i, text in enumerate(distinct)}
         scores = q @ candidates.T  # (rows, candidates)
         own = scores[np.arange(len(queries)), [position[p] for p in positives]]
@@ -140,8 +151,10 @@ class ConsistencyFilter:
 
     def _encode_corpus(self, encode, texts: list[str]) -> np.ndarray:
         """The corpus is the same for every grounded kind of a dataset: encoded once per apply()."""
-        if self._corpus is None or self._corpus[0] != texts:
-            self._corpus = (texts, encode(texts))
+        from st_synth.mining import corpus_embeddings
+
+        if self._corpus is None or self._corpus[0] is not texts:
+            self._corpus = (texts, corpus_embeddings(self._guide, texts, self.batch_size, self._cache_folder))
         return self._corpus[1]
 
 
@@ -160,7 +173,7 @@ def resolve_guide(name: str) -> str:
 
 
 def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyFilter,
-                  passages: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+                  passages: list[str] | None = None, cache_folder: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Filter a `st-synth generate` folder into ``target`` (same layout, plus filter_report.json). A dataset
     grounded in a corpus (its report says which) is filtered against that corpus's passages, reloaded with
     the report's settings unless given."""
@@ -169,7 +182,9 @@ def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyF
     source, target = Path(source), Path(target)
     if passages is None:
         passages = grounding_passages(source)
-    filtered, report = settings.apply(load_from_disk(str(source)), passages=passages)
+    filtered, report = settings.apply(
+        load_from_disk(str(source)), passages=passages, cache_folder=cache_folder
+    )
     filtered.save_to_disk(str(target))
     if (source / REPORT_FILE).is_file():
         (target / REPORT_FILE).write_text((source / REPORT_FILE).read_text())

@@ -69,8 +69,33 @@ class MiningArguments:
                              f"got {self.candidates}")  # fmt: skip
 
 
-def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
-                   model: Any = None) -> tuple[Dataset, dict[str, Any]]:  # fmt: skip
+def corpus_embeddings(model: Any, passages: list[str], batch_size: int = 32,
+                      cache_folder: str | Path | None = None) -> Any:  # fmt: skip
+    """Normalised embeddings of ``passages`` (numpy), computed once per corpus and model when ``cache_folder``
+    is given: stored where sentence-transformers' ``mine_hard_negatives(cache_folder=...)`` looks for a
+    corpus's embeddings, so the round-trip filter and the mining share one encoding of the corpus (if that
+    naming ever changes, mining just encodes the corpus again)."""
+    import hashlib
+
+    import numpy as np
+
+    path = None
+    if cache_folder is not None:
+        name = model.model_card_data.base_model or ""
+        digest = hashlib.sha256(repr((name, None, None, list(passages))).encode(), usedforsecurity=False)
+        path = Path(cache_folder) / f"corpus_embeddings_{digest.hexdigest()}.npy"
+        if path.is_file():
+            return np.load(path)
+    embeddings = model.encode_document(list(passages), batch_size=batch_size, normalize_embeddings=True,
+                                       convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, embeddings)
+    return embeddings
+
+
+def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments, model: Any = None,
+                   cache_folder: str | Path | None = None) -> tuple[Dataset, dict[str, Any]]:  # fmt: skip
     """``pairs`` (columns ``query``, ``positive``, any others kept as they are) with a mined ``negative`` from
     ``corpus`` after ``positive``; rows without a valid negative are dropped. Returns the triplets and a
     report (rows in, kept, dropped per reason)."""
@@ -95,7 +120,7 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
         range_max=settings.range_max, relative_margin=settings.relative_margin,
         absolute_margin=settings.absolute_margin, num_negatives=settings.candidates, sampling_strategy="top",
         query_prompt=settings.query_prompt, output_format="triplet", batch_size=settings.batch_size,
-        verbose=False,
+        verbose=False, cache_folder=str(cache_folder) if cache_folder else None,
     )  # fmt: skip
     found: dict[tuple[str, str], list[str]] = {}
     for row in mined.to_list():
@@ -137,6 +162,31 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
     return out.select_columns(order), report
 
 
+def mine_splits(splits: dict[str, Dataset], corpus: list[str], settings: MiningArguments, model: Any = None,
+                cache_folder: str | Path | None = None) -> tuple[dict[str, Dataset], dict[str, Any]]:  # fmt: skip
+    """:func:`mine_negatives` for several splits with one encoding of the corpus: splits with the same
+    columns are mined together. Returns the mined splits (an emptied split left out) and, per split, rows
+    in and kept."""
+    from datasets import concatenate_datasets
+
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, split in splits.items():
+        groups.setdefault(tuple(split.column_names), []).append(name)
+    mined_splits: dict[str, Dataset] = {}
+    report: dict[str, Any] = {}
+    for names in groups.values():
+        combined = concatenate_datasets(
+            [splits[n].add_column("_split", [n] * splits[n].num_rows) for n in names]
+        )
+        mined, _ = mine_negatives(combined, corpus, settings, model=model, cache_folder=cache_folder)
+        for name in names:
+            part = mined.filter(lambda row, n=name: row["_split"] == n).remove_columns("_split")
+            report[name] = {"rows": splits[name].num_rows, "kept": part.num_rows}
+            if part.num_rows:
+                mined_splits[name] = part
+    return mined_splits, report
+
+
 def mine_folder(source: str | Path, target: str | Path, settings: MiningArguments,
                 corpus: CorpusArguments | None = None) -> dict[str, Any]:  # fmt: skip
     """``st-synth mine``: every split of ``source`` with query and positive columns gets a mined negative.
@@ -171,15 +221,13 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
         passages = list(dict.fromkeys(text for name in usable for text in data[name]["positive"]))
         origin = "the data's own positives"
     model = SentenceTransformer(resolve_guide(settings.mining_model))
-    splits, report = dict(data), {"corpus": origin, "passages": len(passages), "splits": {}}
-    for name in usable:
-        if "negative" in data[name].column_names and not settings.replace_negatives:
-            continue
-        mined, report["splits"][name] = mine_negatives(data[name], passages, settings, model=model)
-        if mined.num_rows:
-            splits[name] = mined
-        else:
-            del splits[name]
+    wanted = {name: data[name] for name in usable
+              if "negative" not in data[name].column_names or settings.replace_negatives}  # fmt: skip
+    mined, per_split = mine_splits(wanted, passages, settings, model=model)
+    report = {"corpus": origin, "passages": len(passages), "splits": per_split}
+    splits = {
+        name: mined.get(name, split) for name, split in data.items() if name not in wanted or name in mined
+    }
     DatasetDict(splits).save_to_disk(str(target))
     for name in (
         REPORT_FILE,

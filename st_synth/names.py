@@ -24,6 +24,7 @@ RUN_SUMMARY_FILE = "run_summary.json"
 # `st-synth run`'s output folder, stage by stage.
 RUN_SYNTHETIC_DIR = "synthetic"
 RUN_DATA_DIR = "data"
+RUN_EMBEDDINGS_DIR = "embeddings"  # corpus embeddings the filter and the mining share
 RUN_MODEL_DIR = "model"
 RUN_EVAL_DIR = "eval"
 

@@ -42,6 +42,7 @@ from st_synth.names import (
     MINING_REPORT_FILE,
     REPORT_FILE,
     RUN_DATA_DIR,
+    RUN_EMBEDDINGS_DIR,
     RUN_EVAL_DIR,
     RUN_FILE,
     RUN_MODEL_DIR,
@@ -304,7 +305,8 @@ def _filter(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
         shutil.copytree(source, target)
         return None
     started = stages.start("filter", f"consistency check with {plan.consistency.guide_model}")
-    report = filter_folder(source, target, plan.consistency, passages=plan.passages())
+    report = filter_folder(source, target, plan.consistency, passages=plan.passages(),
+                           cache_folder=plan.output / RUN_EMBEDDINGS_DIR)  # fmt: skip
     per_kind = ", ".join(f"{kind} {entry['kept']}/{entry['rows']}" for kind, entry in report["kinds"].items())
     stages.done("filter", started, f"kept {report['kept']} of {report['rows']}: {per_kind}")
     return report
@@ -320,24 +322,20 @@ def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
     from sentence_transformers import SentenceTransformer
 
     from st_synth.filtering import resolve_guide
-    from st_synth.mining import mine_negatives
+    from st_synth.mining import mine_splits
     from st_synth.taxonomy import TASK_KINDS
 
     folder = plan.output / RUN_DATA_DIR
     started = stages.start("mine", f"hard negatives over the corpus with {plan.mining.mining_model}")
     dataset = load_from_disk(str(folder))
     model = SentenceTransformer(resolve_guide(plan.mining.mining_model))
-    splits, report = dict(dataset), {}
-    for kind, split in dataset.items():
-        if TASK_KINDS[kind].passage_first or (
-            "negative" in split.column_names and not plan.mining.replace_negatives
-        ):
-            continue
-        mined, report[kind] = mine_negatives(split, plan.passages(), plan.mining, model=model)
-        if mined.num_rows:
-            splits[kind] = mined
-        else:
-            del splits[kind]
+    wanted = {kind: split for kind, split in dataset.items() if not TASK_KINDS[kind].passage_first
+              and ("negative" not in split.column_names or plan.mining.replace_negatives)}  # fmt: skip
+    mined, report = mine_splits(wanted, plan.passages(), plan.mining, model=model,
+                                cache_folder=plan.output / RUN_EMBEDDINGS_DIR)  # fmt: skip
+    splits = {
+        kind: mined.get(kind, split) for kind, split in dataset.items() if kind not in wanted or kind in mined
+    }
     staging = folder.with_name(folder.name + ".mined")
     DatasetDict(splits).save_to_disk(str(staging))
     for name in (REPORT_FILE, FILTER_REPORT_FILE):

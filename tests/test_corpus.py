@@ -185,3 +185,30 @@ def test_st_synth_mine_gives_your_own_pairs_negatives(tmp_path, capsys):
     Dataset.from_dict({"text": ["x"]}).save_to_disk(str(tmp_path / "bad"))
     assert main(["mine", "--input", str(tmp_path / "bad"), "--output", str(tmp_path / "out3")]) == 2
     assert "no split with query and positive columns; it has: train: text" in capsys.readouterr().err
+
+
+def test_filter_and_mining_share_one_encoding_of_the_corpus(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from st_synth.filtering import resolve_guide
+    from st_synth.mining import corpus_embeddings
+
+    model = SentenceTransformer(resolve_guide("all-MiniLM-L6-v2"))
+    passages = [
+        f"The {t} of the town changed a lot this year." for t in ("river", "library", "bakery", "harbour")
+    ]
+    encoded: list[int] = []
+    encode_document = model.encode_document
+
+    def counting(texts, **kwargs):
+        encoded.append(len(texts))
+        return encode_document(texts, **kwargs)
+
+    model.encode_document = counting
+    first = corpus_embeddings(model, passages, cache_folder=tmp_path)
+    again = corpus_embeddings(model, passages, cache_folder=tmp_path)
+    assert encoded == [4] and (first == again).all()
+    pairs = Dataset.from_dict({"query": ["news about the river"], "positive": [passages[0]]})
+    mined, _ = mine_negatives(pairs, passages, MiningArguments(range_max=3, candidates=2, relative_margin=None),
+                              model=model, cache_folder=tmp_path)  # fmt: skip
+    assert encoded == [4] and mined["negative"][0] in passages[1:]  # the corpus came from the shared file
