@@ -1,6 +1,7 @@
 """Ablations of the main job: same synthetic data, same seed, one switch at a time.
 
-    python benchmarks/bench_ablations.py --config recipes/configs/local-smollm2.yaml
+    python benchmarks/bench_ablations.py --config recipes/configs/local-smollm2-grounded.yaml \
+        --variants full,no_filter,no_mining,heuristic_added,free_generation
 
 Variants (each a full `st-synth run` under OUTPUT/<variant>; generation answers come from the cache, so
 variants that generate the same requests train on the same examples):

@@ -160,12 +160,19 @@ def split_passages(
 ) -> list[str]:
     """Documents cut into passages of at most ``passage_tokens`` tokens: whole sentences together while they
     fit, a sentence longer than the limit cut at it; short passages dropped, duplicates kept once."""
+    return [passage for passage, _ in split_documents(documents, tokenizer, passage_tokens, min_tokens)]
+
+
+def split_documents(
+    documents: list[str], tokenizer: Any, passage_tokens: int, min_tokens: int = 1
+) -> list[tuple[str, int]]:
+    """:func:`split_passages`, each passage with the index of its document."""
 
     def length(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    passages: list[str] = []
-    for document in documents:
+    passages: list[tuple[str, int]] = []
+    for number, document in enumerate(documents):
         current: list[str] = []
         size = 0
         for sentence in re.split(r"(?<=[.!?])\s+|\n{2,}", document.strip()):
@@ -184,19 +191,19 @@ def split_passages(
             for piece in pieces:
                 piece_tokens = min(tokens, passage_tokens) if len(pieces) == 1 else length(piece)
                 if current and size + piece_tokens > passage_tokens:
-                    passages.append(" ".join(current))
+                    passages.append((" ".join(current), number))
                     current, size = [], 0
                 current.append(piece)
                 size += piece_tokens
         if current:
-            passages.append(" ".join(current))
+            passages.append((" ".join(current), number))
     seen: set[str] = set()
     kept = []
-    for passage in passages:
+    for passage, number in passages:
         key = normalize(passage)
         if key not in seen and length(passage) >= min_tokens:
             seen.add(key)
-            kept.append(passage)
+            kept.append((passage, number))
     return kept
 
 
@@ -208,6 +215,7 @@ class Corpus:
     documents: dict[str, int]
     passages: list[str]
     passage_sources: list[str]  # the source of each passage
+    passage_documents: list[int] = field(default_factory=list)  # its document, numbered across sources
 
     @property
     def name(self) -> str:
@@ -230,19 +238,26 @@ class Corpus:
         documents: dict[str, int] = {}
         passages: list[str] = []
         origin: list[str] = []
+        numbers: list[int] = []
         seen: set[str] = set()
         for source in sources:
             texts = load_documents(source, settings.text_column)
+            offset = sum(documents.values())
             documents[source] = len(texts)
-            cut = split_passages(texts, tokenizer, settings.passage_tokens, settings.min_tokens)
+            cut = split_documents(texts, tokenizer, settings.passage_tokens, settings.min_tokens)
             if not cut:
                 raise ValueError(f"Corpus {source} has no passage of at least {settings.min_tokens} tokens.")
-            for passage in cut:
+            for passage, number in cut:
                 if (key := normalize(passage)) not in seen:
                     seen.add(key)
                     passages.append(passage)
                     origin.append(source)
-        return cls(sources, documents, passages, origin)
+                    numbers.append(offset + number)
+        return cls(sources, documents, passages, origin, numbers)
+
+    def document_of(self) -> dict[str, int]:
+        """Passage text -> its document: mining never takes a negative from the positive's own document."""
+        return dict(zip(self.passages, self.passage_documents, strict=True))
 
     def draw(self, seed: int, index: int) -> int:
         """The passage of example ``index``: a pure function of ``(seed, index)`` and the corpus's passages."""

@@ -1,7 +1,8 @@
 """Decontamination: no training text may come from an evaluation set.
 
 The rule (stated in README): a training text is contaminated when, after :func:`st_synth.validation.normalize`
-(NFKC, case-folded, whitespace collapsed), it equals an evaluation text, or when it shares a run of
+(NFKC, case-folded, whitespace collapsed), it equals an evaluation text (texts of two words or more: a lone
+word such as a heading "Asia" is vocabulary, not benchmark text), or when it shares a run of
 ``ngram`` consecutive words (13 by default, the span GPT-3's and Llama's contamination reports use) with any
 evaluation text. Evaluation texts are every string of every split of every task to be run (queries, corpus
 documents, sentences, and a classification task's training half, which fits the classifier and is
@@ -25,6 +26,9 @@ from st_synth.validation import normalize
 logger = logging.getLogger(__name__)
 
 DEFAULT_NGRAM = 13
+# A lone word ("Alabama", "Asia": a Wikipedia heading and a newsgroup or chatterbot text) is vocabulary, not
+# benchmark text: exact matches count from two words up.
+MIN_EXACT_WORDS = 2
 TEXT_COLUMNS = ("query", "positive", "negative")
 
 
@@ -82,7 +86,7 @@ class Decontaminator:
     def why(self, text: str) -> str | None:
         """``"exact"`` or ``"ngram"`` when ``text`` overlaps the evaluation texts, else None."""
         normal = normalize(text)
-        if normal in self.exact:
+        if normal in self.exact and len(normal.split()) >= MIN_EXACT_WORDS:
             return "exact"
         if any(gram in self.grams for gram in self._grams(normal.split())):
             return "ngram"
@@ -91,7 +95,8 @@ class Decontaminator:
     def apply(self, sources: DatasetDict) -> tuple[DatasetDict, dict[str, Any]]:
         """``sources`` without the rows any of whose texts overlaps; the report counts them per source."""
         kept: dict[str, Dataset] = {}
-        report: dict[str, Any] = {"rule": f"exact after normalisation, or a shared run of {self.ngram} words",
+        report: dict[str, Any] = {"rule": f"exact after normalisation (texts of {MIN_EXACT_WORDS}+ words), or a "
+                                          f"shared run of {self.ngram} words",
                                   "sources": {}}  # fmt: skip
         for name, dataset in sources.items():
             columns = [column for column in TEXT_COLUMNS if column in dataset.column_names]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, Features
 
 from st_synth.corpus import CorpusArguments
 from st_synth.validation import normalize
@@ -95,7 +95,8 @@ def corpus_embeddings(model: Any, passages: list[str], batch_size: int = 32,
 
 
 def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments, model: Any = None,
-                   cache_folder: str | Path | None = None) -> tuple[Dataset, dict[str, Any]]:  # fmt: skip
+                   cache_folder: str | Path | None = None,
+                   document_of: dict[str, int] | None = None) -> tuple[Dataset, dict[str, Any]]:  # fmt: skip
     """``pairs`` (columns ``query``, ``positive``, any others kept as they are) with a mined ``negative`` from
     ``corpus`` after ``positive``; rows without a valid negative are dropped. Returns the triplets and a
     report (rows in, kept, dropped per reason)."""
@@ -133,13 +134,20 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
         embeddings = model.encode(texts, batch_size=settings.batch_size, normalize_embeddings=True,
                                   convert_to_tensor=True)  # fmt: skip
         position = {text: i for i, text in enumerate(texts)}
-    report = {"rows": pairs.num_rows, "no_candidate": 0, "near_copy_only": 0}
+    report = {"rows": pairs.num_rows, "no_candidate": 0, "near_copy_only": 0, "same_document_skipped": 0}
     negatives: list[str | None] = []
     for query, positive in pair_keys:
         chosen = None
         options = found.get((query, positive), [])
         for candidate in options:
             if normalize(candidate) == normalize(positive):
+                continue
+            if (
+                document_of
+                and candidate in document_of
+                and document_of.get(positive) == document_of[candidate]
+            ):
+                report["same_document_skipped"] += 1  # another passage of the positive's own document
                 continue
             if (
                 float(embeddings[position[positive]] @ embeddings[position[candidate]])
@@ -153,17 +161,21 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
     keep = [i for i, negative in enumerate(negatives) if negative is not None]
     report["kept"] = len(keep)
     columns = pairs.column_names
+    order = [c for c in columns if c != "negative"]
+    order.insert(order.index("positive") + 1, "negative")
+    if not keep:  # (datasets cannot add a column to an empty selection)
+        features = Features({c: pairs.features["positive" if c == "negative" else c] for c in order})
+        return Dataset.from_dict({c: [] for c in order}, features=features), report
     out = pairs.select(keep)
     if "negative" in columns:
         out = out.remove_columns("negative")
     out = out.add_column("negative", [negatives[i] for i in keep], feature=pairs.features["positive"])
-    order = [c for c in columns if c != "negative"]
-    order.insert(order.index("positive") + 1, "negative")
     return out.select_columns(order), report
 
 
 def mine_splits(splits: dict[str, Dataset], corpus: list[str], settings: MiningArguments, model: Any = None,
-                cache_folder: str | Path | None = None) -> tuple[dict[str, Dataset], dict[str, Any]]:  # fmt: skip
+                cache_folder: str | Path | None = None,
+                document_of: dict[str, int] | None = None) -> tuple[dict[str, Dataset], dict[str, Any]]:  # fmt: skip
     """:func:`mine_negatives` for several splits with one encoding of the corpus: splits with the same
     columns are mined together. Returns the mined splits (an emptied split left out) and, per split, rows
     in and kept."""
@@ -178,7 +190,8 @@ def mine_splits(splits: dict[str, Dataset], corpus: list[str], settings: MiningA
         combined = concatenate_datasets(
             [splits[n].add_column("_split", [n] * splits[n].num_rows) for n in names]
         )
-        mined, _ = mine_negatives(combined, corpus, settings, model=model, cache_folder=cache_folder)
+        mined, _ = mine_negatives(combined, corpus, settings, model=model, cache_folder=cache_folder,
+                                  document_of=document_of)  # fmt: skip
         for name in names:
             part = mined.filter(lambda row, n=name: row["_split"] == n).remove_columns("_split")
             report[name] = {"rows": splits[name].num_rows, "kept": part.num_rows}
@@ -213,8 +226,10 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
     if not usable:
         raise ValueError(f"{source} has no split with query and positive columns; it has: "
                          + "; ".join(f"{n}: {', '.join(s.column_names)}" for n, s in data.items()))  # fmt: skip
+    document_of = None
     if corpus is not None and corpus.corpus:
-        passages, origin = Corpus.load(corpus).passages, corpus.corpus
+        loaded = Corpus.load(corpus)
+        passages, origin, document_of = loaded.passages, corpus.corpus, loaded.document_of()
     elif (grounded := grounding_passages(source)) is not None:
         passages, origin = grounded, "the corpus the data was grounded in"
     else:
@@ -223,7 +238,7 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
     model = SentenceTransformer(resolve_guide(settings.mining_model))
     wanted = {name: data[name] for name in usable
               if "negative" not in data[name].column_names or settings.replace_negatives}  # fmt: skip
-    mined, per_split = mine_splits(wanted, passages, settings, model=model)
+    mined, per_split = mine_splits(wanted, passages, settings, model=model, document_of=document_of)
     report = {"corpus": origin, "passages": len(passages), "splits": per_split}
     splits = {
         name: mined.get(name, split) for name, split in data.items() if name not in wanted or name in mined

@@ -90,7 +90,7 @@ class RunPlan:
     evaluation: EvaluationArguments
     train_settings: dict[str, Any]  # the train section as given (with the run's folders): its fingerprint
     tasks: list[str]  # the evaluation's mteb task names, resolved
-    _passages: list[str] | None = dataclasses.field(default=None, repr=False)
+    _corpus: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def output(self) -> Path:
@@ -110,15 +110,18 @@ class RunPlan:
         return [name for name in ("generate", "filter" if self.consistency else None,
                                   "mine" if self.mining else None, "train", "evaluate", "package") if name]  # fmt: skip
 
-    def passages(self) -> list[str] | None:
-        """The passages of the corpus generation is grounded in (loaded once), or None."""
+    def corpus(self) -> Any:
+        """The corpus generation is grounded in (loaded once), or None."""
         if not self.generation.corpus:
             return None
-        if self._passages is None:
+        if self._corpus is None:
             from st_synth.corpus import Corpus
 
-            self._passages = Corpus.load(self.generation).passages
-        return self._passages
+            self._corpus = Corpus.load(self.generation)
+        return self._corpus
+
+    def passages(self) -> list[str] | None:
+        return self.corpus().passages if self.generation.corpus else None
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -332,7 +335,8 @@ def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
     wanted = {kind: split for kind, split in dataset.items() if not TASK_KINDS[kind].passage_first
               and ("negative" not in split.column_names or plan.mining.replace_negatives)}  # fmt: skip
     mined, report = mine_splits(wanted, plan.passages(), plan.mining, model=model,
-                                cache_folder=plan.output / RUN_EMBEDDINGS_DIR)  # fmt: skip
+                                cache_folder=plan.output / RUN_EMBEDDINGS_DIR,
+                                document_of=plan.corpus().document_of())  # fmt: skip
     splits = {
         kind: mined.get(kind, split) for kind, split in dataset.items() if kind not in wanted or kind in mined
     }

@@ -121,6 +121,9 @@ def test_decontamination_removes_planted_evaluation_texts():
     assert clean["clean"].num_rows == 2 and clean["planted"]["query"] == ["fine"]
     assert report["sources"]["planted"] == {"rows": 4, "dropped": 3, "exact": 2, "ngram": 1}
     assert report["dropped"] == 3 and "13 words" in report["rule"]
+    # A lone word that an evaluation set also holds is vocabulary, not a leak.
+    word = Decontaminator(["Asia", "what is the capital of France"])
+    assert word.why("asia") is None and word.why("What is the capital of France?") == "exact"
 
 
 def test_training_sources_are_decontaminated_when_asked(tmp_path):
@@ -212,3 +215,21 @@ def test_filter_and_mining_share_one_encoding_of_the_corpus(tmp_path):
     mined, _ = mine_negatives(pairs, passages, MiningArguments(range_max=3, candidates=2, relative_margin=None),
                               model=model, cache_folder=tmp_path)  # fmt: skip
     assert encoded == [4] and mined["negative"][0] in passages[1:]  # the corpus came from the shared file
+
+
+def test_a_mined_negative_never_comes_from_the_positives_own_document(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text(
+        "The river flooded the town after three days of rain. The river flooded the town again in spring after rain."
+    )
+    (tmp_path / "docs" / "b.txt").write_text(
+        "A new library opened downtown with ten thousand books for children."
+    )
+    corpus = Corpus.load(CorpusArguments(corpus=str(tmp_path / "docs"), passage_tokens=14, min_tokens=4))
+    assert len(corpus.passages) == 3 and corpus.passage_documents == [0, 0, 1]
+    pairs = Dataset.from_dict({"query": ["river flood in town"], "positive": [corpus.passages[0]]})
+    settings = MiningArguments(range_max=2, candidates=2, relative_margin=None)
+    anywhere, _ = mine_negatives(pairs, corpus.passages, settings)
+    assert anywhere["negative"] == [corpus.passages[1]]  # the closest: the same document's other passage
+    mined, report = mine_negatives(pairs, corpus.passages, settings, document_of=corpus.document_of())
+    assert mined["negative"] == [corpus.passages[2]] and report["same_document_skipped"] == 1

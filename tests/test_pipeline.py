@@ -150,6 +150,10 @@ def test_shipped_main_job_config_is_valid_and_overridable():
     assert plan.model_args.base_model == "smollm2-135m" and plan.training_args.use_cpu
     assert plan.tasks == ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
     assert plan.data_args.decontaminate == plan.tasks  # on by default, against what is evaluated
+    grounded = plan_run(load_config("recipes/configs/local-smollm2-grounded.yaml"))
+    assert grounded.generation.corpus == ["builtin:lee-background", "builtin:wikipedia"]
+    assert grounded.mining is not None and grounded.consistency.round_trip_top_k == 5
+    assert not grounded.data_args.extra_datasets and grounded.stages[2] == "mine"
     off = plan_run(load_config("recipes/configs/local-smollm2.yaml", {"train": {"decontaminate": []}}))
     assert off.data_args.decontaminate == []
 
