@@ -41,7 +41,7 @@ class MiningArguments:
     relative_margin: float | None = field(
         default=0.05,
         metadata={
-            "help": "Keep a candidate only when its score is this fraction below the positive's (NV-Retriever's 95%)."
+            "help": "Keep a candidate only when its score is this fraction below the positive's (NV-Retriever's 95 percent)."
         },
     )
     absolute_margin: float | None = field(

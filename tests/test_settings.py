@@ -280,3 +280,13 @@ def test_yaml_null_sets_a_field_that_takes_none():
     assert mining.relative_margin is None and mining.range_max == 6
     (default,) = SettingsParser([MiningArguments]).parse_settings({}, "mine")
     assert default.relative_margin == 0.05
+
+
+@pytest.mark.parametrize("command", ["generate", "filter", "mine", "train", "evaluate", "run", "push"])
+def test_every_command_prints_its_help(command, capsys):
+    """argparse formats every help text (a bare '%' in one breaks --help for the whole command)."""
+    from st_synth.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0 and "--" in capsys.readouterr().out
