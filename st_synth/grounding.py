@@ -26,7 +26,7 @@ from typing import Any
 
 from st_synth.prompting import PROMPTS_VERSION, ChatRequest, ExamplePlan, derive_seed, render, seeded_rng
 from st_synth.taxonomy import BRAINSTORM_SCHEMA, TASK_KINDS, TaskKind, kinds_where
-from st_synth.validation import _PLACEHOLDER, MAX_FIELD_CHARS, Rejected, extract_json, normalize
+from st_synth.validation import Rejected, answer_fields, normalize
 from st_synth.validation import parse_tasks as parse_task_list
 
 COPY_NGRAM = 5
@@ -163,27 +163,7 @@ def copied_share(answer: str, passage: str, n: int = COPY_NGRAM) -> float:
 def parse_answer(content: str | None, kind: TaskKind, passage: str,
                  task: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:  # fmt: skip
     """The example's texts in the kind's column order (the passage on its side) and their normalised form."""
-    value = extract_json(content)
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
-        value = value[0]
-    if not isinstance(value, dict):
-        raise Rejected("not_an_object", type(value).__name__)
-    missing = [key for key in kind.grounded_keys if key not in value]
-    if missing:
-        raise Rejected("missing_keys", ",".join(missing))
-    answers = []
-    for key in kind.grounded_keys:
-        text = value[key]
-        if not isinstance(text, str):
-            raise Rejected("wrong_type", f"{key} is {type(text).__name__}")
-        text = " ".join(text.split())
-        if not text:
-            raise Rejected("empty_field", key)
-        if len(text) > MAX_FIELD_CHARS:
-            raise Rejected("field_too_long", key)
-        if _PLACEHOLDER.search(text):
-            raise Rejected("unfilled_placeholder", key)
-        answers.append(text)
+    answers = answer_fields(content, kind.grounded_keys, clean=lambda text: " ".join(text.split()))
     demos = {normalize(v) for demo in load_spec(kind.name)["demonstrations"] for v in demo["answer"].values()}
     labels = kind.passage_first and not kind.symmetric  # classification: labels, not prose
     for text in answers:

@@ -64,22 +64,23 @@ def parse_example(content: str | None, kind: TaskKind) -> tuple[str, ...]:
     return parse_example_keyed(content, kind)[0]
 
 
-def parse_example_keyed(content: str | None, kind: TaskKind) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """:func:`parse_example`, plus the texts in :func:`normalize`'d form: what duplicates are judged on."""
+def answer_fields(content: str | None, keys: tuple[str, ...], clean=str.strip) -> list[str]:
+    """The string values of ``keys`` in a JSON answer object, each passed through ``clean`` and checked:
+    present, a string, non-empty, within the size cap, no echoed template slot."""
     value = extract_json(content)
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         value = value[0]  # a lone object wrapped in a list is still the object that was asked for
     if not isinstance(value, dict):
         raise Rejected("not_an_object", type(value).__name__)
-    missing = [key for key in kind.keys if key not in value]
+    missing = [key for key in keys if key not in value]
     if missing:
         raise Rejected("missing_keys", ",".join(missing))
     texts = []
-    for key in kind.keys:
+    for key in keys:
         field = value[key]
         if not isinstance(field, str):
             raise Rejected("wrong_type", f"{key} is {type(field).__name__}")
-        field = field.strip()
+        field = clean(field)
         if not field:
             raise Rejected("empty_field", key)
         if len(field) > MAX_FIELD_CHARS:
@@ -87,6 +88,12 @@ def parse_example_keyed(content: str | None, kind: TaskKind) -> tuple[tuple[str,
         if _PLACEHOLDER.search(field):
             raise Rejected("unfilled_placeholder", key)
         texts.append(field)
+    return texts
+
+
+def parse_example_keyed(content: str | None, kind: TaskKind) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """:func:`parse_example`, plus the texts in :func:`normalize`'d form: what duplicates are judged on."""
+    texts = answer_fields(content, kind.keys)
     normalized = [normalize(text) for text in texts]
     if normalized[0] == normalized[1]:
         raise Rejected("query_equals_positive")
