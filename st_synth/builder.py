@@ -679,10 +679,14 @@ class _Run:
 
 
 @contextmanager
-def served_builder(config: GenerationConfig) -> Iterator[SyntheticDatasetBuilder]:
+def served_builder(
+    config: GenerationConfig, corpus: Corpus | None = None
+) -> Iterator[SyntheticDatasetBuilder]:
     """The builder of a run: on the local server when ``config.local`` (started here, watched through the run,
-    stopped on exit; ``builder.server`` is it), else on the configured endpoint (``builder.server`` None)."""
-    corpus = Corpus.load(config) if config.corpus else None  # a bad corpus fails before the server starts
+    stopped on exit; ``builder.server`` is it), else on the configured endpoint (``builder.server`` None).
+    ``corpus``: ``config.corpus`` already loaded (the run loads it once for generation, filter and mining)."""
+    if corpus is None and config.corpus:  # a bad corpus fails before the server starts
+        corpus = Corpus.load(config)
     with serving(config) as (served, running):
         builder = SyntheticDatasetBuilder(
             served, health_check=running.check_alive if running else None,

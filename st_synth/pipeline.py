@@ -272,7 +272,7 @@ def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
              else f" at {g.public_settings()['base_url']}")  # fmt: skip
     started = stages.start("generate", f"{g.num_examples} examples from {g.model}{where}")
     AnswerCache.check(g.cache_path)  # a file that is no cache is refused before a server starts
-    with served_builder(g) as builder:
+    with served_builder(g, corpus=plan.corpus()) as builder:
         builder.build()
     if builder.server is not None and builder.server.fallback_from:
         stages.echo(
