@@ -9,6 +9,8 @@
 # datasets (OFFLINE.md); ST 6.0.1 + transformers 5.17 fail on gradient checkpointing. The carried wheels put
 # the stack st-synth is tested with over it, keeping the image's CUDA torch, and add liger-kernel. Results
 # (training-mistral-7b.json/.md, written after each input kind) land in $OUT; copy them to benchmarks/results/.
+# There, `pip` on the PATH is not the pip of `python3` (/opt/torch/.venv), hence `python3 -m pip`.
+# Measured 2026-11-28: 265 s of command on a warm H200 (results in benchmarks/results/training-mistral-7b.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.gpu-wheels
@@ -30,11 +32,11 @@ if [[ "${1:-}" == "--cpu-check" ]]; then
 fi
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-py="py$(python -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
-pip install --quiet --no-deps --no-index $(ls "$WHEELS"/*.whl | grep -v multiprocess) "$WHEELS"/multiprocess-*-"$py"-*.whl
+py="py$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
+python3 -m pip install --quiet --no-deps --no-index $(ls "$WHEELS"/*.whl | grep -v multiprocess) "$WHEELS"/multiprocess-*-"$py"-*.whl
 export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false
-python -c "import st_synth.training, liger_kernel, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+python3 -c "import st_synth.training, liger_kernel, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 # 8 steps per run (the first is warm-up), 32 triplets of up to 512 tokens: about 5 runs of a minute plus
 # loading the random 7B backbone each time.
-python benchmarks/bench_training.py --preset mistral-7b --device cuda --steps 8 --batch-size 32 \
+python3 benchmarks/bench_training.py --preset mistral-7b --device cuda --steps 8 --batch-size 32 \
     --results "${OUT:-benchmarks/results}" 2>&1 | grep -v "it/s\]" | tail -40
