@@ -4,6 +4,8 @@
 #   here, once:  bash benchmarks/gpu_training.sh --fetch     # wheels into .gpu-wheels/ (gitignored, ~17 MB)
 #   here, check: bash benchmarks/gpu_training.sh --cpu-check # the same code path at toy size on the CPU
 #   device:      run(command="bash benchmarks/gpu_training.sh", carry=[".gpu-wheels"], timeout_s=560)
+#   recipe:      run(command="bash benchmarks/gpu_training.sh --recipe", carry=[".gpu-wheels"], timeout_s=450)
+#                (measured 2026-11-28: 113 s of command on a warm H200, about 150 s cold)
 #
 # The device image has torch 2.11, transformers 5.17, sentence-transformers 6.0.1, peft 0.21.0 and no
 # datasets (OFFLINE.md); ST 6.0.1 + transformers 5.17 fail on gradient checkpointing. The carried wheels put
@@ -36,6 +38,12 @@ py="py$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1
 python3 -m pip install --quiet --no-deps --no-index $(ls "$WHEELS"/*.whl | grep -v multiprocess) "$WHEELS"/multiprocess-*-"$py"-*.whl
 export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false
 python3 -c "import st_synth.training, liger_kernel, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+if [[ "${1:-}" == "--recipe" ]]; then  # the recipe itself (Trainer, merge, save, load): gpu_recipe_check.py
+    # From the source tree the card templates are not inside the package (pyproject maps them in at install).
+    ln -sfn "$PWD/model_card_templates" st_synth/model_card_templates
+    python3 benchmarks/gpu_recipe_check.py --preset mistral-7b --device cuda --results "${OUT:-benchmarks/results}"
+    exit 0
+fi
 # 8 steps per run (the first is warm-up), 32 triplets of up to 512 tokens: about 5 runs of a minute plus
 # loading the random 7B backbone each time.
 python3 benchmarks/bench_training.py --preset mistral-7b --device cuda --steps 8 --batch-size 32 \
