@@ -117,10 +117,17 @@ class SettingsParser(HfArgumentParser):
 
     @staticmethod
     def _parse_dataclass_field(parser: Any, field: dataclasses.Field) -> None:
-        if "flag_type" in field.metadata:
+        metadata = dict(field.metadata)
+        if "flag_type" in metadata:
             field = copy.copy(field)
-            field.type = field.metadata["flag_type"]
-            field.metadata = {k: v for k, v in field.metadata.items() if k != "flag_type"}
+            field.type = metadata.pop("flag_type")
+        if "%" in metadata.get("help", "") and "%(" not in metadata["help"]:
+            metadata["help"] = metadata["help"].replace(
+                "%", "%%"
+            )  # argparse formats help with %: "33%" is text
+        if metadata != dict(field.metadata):
+            field = copy.copy(field)
+            field.metadata = metadata
         HfArgumentParser._parse_dataclass_field(parser, field)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:

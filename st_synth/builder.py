@@ -41,14 +41,23 @@ from st_synth.languages import resolve_language_weights
 from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults, serving
 from st_synth.names import REPORT_FILE
 from st_synth.prompting import (
-    PROMPTS_VERSION,
+    DEFAULT_PROMPTS_VERSION,
+    PROMPT_VERSIONS,
     ChatRequest,
     ExamplePlan,
     brainstorm_request,
+    brainstorm_template,
+    check_prompts_version,
     example_request,
     plan_examples,
 )
-from st_synth.taxonomy import BITEXT_LOW_SCORES, TASK_KINDS, kinds_help, resolve_kind_weights
+from st_synth.taxonomy import (
+    BITEXT_LOW_SCORES,
+    PROVENANCE_COLUMNS,
+    TASK_KINDS,
+    kinds_help,
+    resolve_kind_weights,
+)
 from st_synth.validation import Rejected, parse_example_keyed, parse_tasks
 
 logger = logging.getLogger(__name__)
@@ -83,8 +92,10 @@ class GenerationConfig(CorpusArguments):
     kinds: str | list[str] | dict[str, float] | None = field(
         default=None,
         metadata=_help(
-            "Comma-separated kinds, optionally weighted (retrieval=3,sts=1); a list or mapping in YAML. Default: all "
-            f"{len(TASK_KINDS)}, uniform. Kinds: {kinds_help()}.",
+            "'paper' (the paper's Figure 2 proportions: retrieval 33%, classification 24%, sts 20%, bitext 18%, long_long "
+            "3%, short_short 3%) or comma-separated kinds, optionally weighted (retrieval=3,sts=1); a list or mapping in "
+            f"YAML. Default: all {len(TASK_KINDS)}, uniform, so that a run of a few hundred examples has every kind. "
+            f"Kinds: {kinds_help()}.",
             flag_type=str | None,
             metavar="KINDS",
         ),
@@ -98,6 +109,14 @@ class GenerationConfig(CorpusArguments):
         ),
     )
     seed: int = field(default=42, metadata=_help("Fixes every request: same seed, same dataset."))
+    prompts_version: str = field(
+        default=DEFAULT_PROMPTS_VERSION,
+        metadata=_help(
+            "Prompt templates: v2 (the paper's meaning, several variants per kind, one drawn per example) or v1 "
+            "(one template per kind; reproduces datasets made before v2). Answers of two versions never share a cache entry.",
+            choices=list(PROMPT_VERSIONS),
+        ),
+    )
     base_url: str | None = field(
         default=None,
         metadata=_help(f"OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})."),
@@ -188,6 +207,7 @@ class GenerationConfig(CorpusArguments):
             decode_json(self.languages, "languages"),
         )
         self.kind_weights = resolve_kind_weights(self.kinds)
+        check_prompts_version(self.prompts_version)
         self.language_weights = resolve_language_weights(self.languages)
         checks = [
             (isinstance(self.num_examples, int) and self.num_examples > 0,
@@ -216,16 +236,16 @@ class GenerationConfig(CorpusArguments):
              f"{' and '.join(bilingual)} examples pair two different languages; give at least two languages "
              f"or drop {', '.join(map(repr, bilingual))}"),
         ]  # fmt: skip
+        if self.corpus:  # first: with a corpus, a kind that cannot be grounded is the problem to name
+            check_groundable(list(self.kind_weights))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.corpus:
-            check_groundable(list(self.kind_weights))
-            if len(self.language_weights) != 1:
-                raise ValueError(
-                    "Generation grounded in a corpus writes in the corpus's language: name that one language "
-                    "with --languages (e.g. English), not the paper's mix."
-                )
+        if self.corpus and len(self.language_weights) != 1:
+            raise ValueError(
+                "Generation grounded in a corpus writes in the corpus's language: name that one language "
+                "with --languages (e.g. English), not the paper's mix."
+            )
         self.unset_limits = frozenset(name for name in STANDARD_LIMITS if getattr(self, name) is None)
         backend = backend_generation_defaults(self.llm_backend) if self.local else {}
         for name in self.unset_limits:
@@ -271,7 +291,7 @@ class GenerationConfig(CorpusArguments):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_tokens": self.max_tokens,
-            "prompts_version": PROMPTS_VERSION,
+            "prompts_version": self.prompts_version,
             "bitext_low_scores": list(BITEXT_LOW_SCORES),
             "num_shards": self.num_shards,
             "shard_index": self.shard_index,
@@ -312,6 +332,7 @@ class _Kept:
     instruction: str
     texts: tuple[str, ...]
     key: tuple[str, ...]  # the kind and the normalised texts: what duplicates are judged on
+    template: str = ""  # the template ids its prompts came from ("+"-joined: brainstorm, then example)
 
 
 class SyntheticDatasetBuilder:
@@ -446,7 +467,7 @@ class _Run:
 
     def _brainstorms(self, kind: str) -> bool:
         if self.corpus is not None:
-            return grounding.needs_brainstorm(kind)
+            return grounding.needs_brainstorm(kind, self.config.prompts_version)
         return TASK_KINDS[kind].brainstorm
 
     def _drop(self, reason: str, kind: str) -> None:
@@ -498,10 +519,13 @@ class _Run:
                 return None
             if self.corpus is not None:
                 request = grounding.brainstorm_request(
-                    self.config.seed, TASK_KINDS[kind], block, attempt, self.corpus.passages
-                )
+                    self.config.seed, TASK_KINDS[kind], block, attempt, self.corpus.passages,
+                    self.config.prompts_version,
+                )  # fmt: skip
             else:
-                request = brainstorm_request(self.config.seed, TASK_KINDS[kind], block, attempt)
+                request = brainstorm_request(
+                    self.config.seed, TASK_KINDS[kind], block, attempt, self.config.prompts_version
+                )
             request = self._capped(request)
             parse = (
                 (lambda content, k=TASK_KINDS[kind]: grounding.parse_tasks(k, content))
@@ -533,6 +557,7 @@ class _Run:
 
     async def _example(self, plan: ExamplePlan, first_attempt: int) -> _Kept | None:
         kind = TASK_KINDS[plan.kind]
+        version = self.config.prompts_version
         for attempt in range(first_attempt, self.config.max_attempts):
             if self.stop_reason is not None:
                 return None
@@ -542,12 +567,12 @@ class _Run:
                 break
             if self.corpus is not None and plan.passage is not None:
                 passage = self.corpus.passages[plan.passage]
-                request = grounding.example_request(self.config.seed, plan, attempt, tasks, passage)
+                request = grounding.example_request(self.config.seed, plan, attempt, tasks, passage, version)
 
                 def parse(content, kind=kind, passage=passage, task=request.instruction):
-                    return grounding.parse_answer(content, kind, passage, task)
+                    return grounding.parse_answer(content, kind, passage, task, version)
             else:
-                request = example_request(self.config.seed, plan, attempt, tasks)
+                request = example_request(self.config.seed, plan, attempt, tasks, version)
 
                 def parse(content, kind=kind):
                     return parse_example_keyed(content, kind)
@@ -558,7 +583,13 @@ class _Run:
                 continue
             texts, normalized = result
             instruction = request.instruction or ""
-            kept = _Kept(attempt=attempt, instruction=instruction, texts=texts, key=(plan.kind, *normalized))
+            template = request.template
+            if brainstorms and self.corpus is None:
+                brainstorm = brainstorm_template(self.config.seed, plan.kind, plan.index // self.config.block_size,
+                                                 version)  # fmt: skip
+                template = f"{brainstorm}+{template}"
+            kept = _Kept(attempt=attempt, instruction=instruction, texts=texts, key=(plan.kind, *normalized),
+                         template=template)  # fmt: skip
             self.kept[plan.index] = kept
             self.progress.update(1)
             return kept
@@ -612,6 +643,7 @@ class _Run:
         c, s = self.config, self.chat.stats
         kept_kind = Counter(self.by_index[i].kind for i in self.kept)
         kept_language = Counter(self.by_index[i].language_label for i in self.kept)
+        kept_template = Counter(t for kept in self.kept.values() for t in kept.template.split("+") if t)
         complete = len(self.kept) == len(self.plans)
         report: dict[str, Any] = {
             **c.public_settings(),
@@ -636,6 +668,7 @@ class _Run:
             "abandoned_examples": len(self.abandoned),
             "kept_by_kind": {k: kept_kind[k] for k in c.kind_weights},
             "kept_by_language": dict(kept_language.most_common()),
+            "kept_by_template": dict(sorted(kept_template.items())),
             "wall_time_s": round(wall_time, 3),
         }
         if self.corpus is not None:
@@ -670,9 +703,10 @@ class _Run:
             for index in indices:
                 kept = self.kept[index]
                 rows["instruction"].append(kept.instruction)
-                for column, text in zip(columns[1:-1], kept.texts, strict=True):
+                for column, text in zip(columns[1 : -len(PROVENANCE_COLUMNS)], kept.texts, strict=True):
                     rows[column].append(text)
                 rows["language"].append(self.by_index[index].language_label)
+                rows["template"].append(kept.template)
             features = Features({column: Value("string") for column in columns})
             splits[kind_name] = Dataset.from_dict(rows, features=features)
         return DatasetDict(splits)

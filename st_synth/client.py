@@ -265,6 +265,9 @@ class ChatClient:
             "seed": request.seed,
             "schema": request.schema,
             **({"extra_body": self.extra_body} if self.extra_body else {}),
+            # From v2 on the prompt version is part of the key, so answers of two versions never mix even where
+            # a template is the same in both; v1 keys stay as they were before versions existed.
+            **({"prompts_version": request.prompts_version} if request.prompts_version != "v1" else {}),
         }
 
     async def complete(self, request: ChatRequest) -> Answer:

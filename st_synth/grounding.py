@@ -21,10 +21,18 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from importlib import resources
 from typing import Any
 
-from st_synth.prompting import PROMPTS_VERSION, ChatRequest, ExamplePlan, derive_seed, render, seeded_rng
+from st_synth.prompting import (
+    DEFAULT_PROMPTS_VERSION,
+    ChatRequest,
+    ExamplePlan,
+    derive_seed,
+    read_template,
+    render,
+    seeded_rng,
+    template_variants,
+)
 from st_synth.taxonomy import BRAINSTORM_SCHEMA, TASK_KINDS, TaskKind, kinds_where
 from st_synth.validation import Rejected, answer_fields, normalize
 from st_synth.validation import parse_tasks as parse_task_list
@@ -48,22 +56,27 @@ def check_groundable(kinds: list[str]) -> None:
         )
 
 
+def spec_id(kind: str, version: str = DEFAULT_PROMPTS_VERSION) -> str:
+    """The template id of grounded ``kind``'s prompt in prompt ``version`` (v2 keeps v1's)."""
+    return template_variants(version, f"grounded_{kind}", ".json")[0]
+
+
 @cache
-def load_spec(kind: str) -> dict[str, Any]:
+def load_spec(kind: str, version: str = DEFAULT_PROMPTS_VERSION) -> dict[str, Any]:
     """The prompt of grounded ``kind``: system rule, user message, brainstorm, demonstrations."""
-    path = resources.files("st_synth") / "prompts" / PROMPTS_VERSION / f"grounded_{kind}.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(read_template(spec_id(kind, version), ".json"))
 
 
-def instruction_of(kind: TaskKind, task: str | None) -> str:
+def instruction_of(kind: TaskKind, task: str | None, version: str = DEFAULT_PROMPTS_VERSION) -> str:
     """What a grounded example trains with: its brainstormed task, else the kind's fixed instruction."""
-    if kind.brainstorm and task is not None and load_spec(kind.name).get("brainstorm"):
+    spec = load_spec(kind.name, version)
+    if kind.brainstorm and task is not None and spec.get("brainstorm"):
         return task
-    return load_spec(kind.name).get("instruction") or kind.fixed_instruction or ""
+    return spec.get("instruction") or kind.fixed_instruction or ""
 
 
-def needs_brainstorm(kind: str) -> bool:
-    return bool(load_spec(kind).get("brainstorm"))
+def needs_brainstorm(kind: str, version: str = DEFAULT_PROMPTS_VERSION) -> bool:
+    return bool(load_spec(kind, version).get("brainstorm"))
 
 
 def answer_schema(kind: TaskKind) -> dict:
@@ -102,7 +115,12 @@ def _clip(text: str, words: int) -> str:
 
 
 def brainstorm_request(
-    seed: int, kind: TaskKind, block: int, attempt: int, passages: list[str]
+    seed: int,
+    kind: TaskKind,
+    block: int,
+    attempt: int,
+    passages: list[str],
+    version: str = DEFAULT_PROMPTS_VERSION,
 ) -> ChatRequest:
     """Tasks brainstormed from ``SAMPLES_PER_BRAINSTORM`` passages of the corpus, drawn by the request's
     coordinates (so each block's pool reads its own sample)."""
@@ -112,23 +130,25 @@ def brainstorm_request(
     return ChatRequest(
         kind=kind.name,
         stage="brainstorm",
-        prompt=render(load_spec(kind.name)["brainstorm"], {"samples": samples}),
+        prompt=render(load_spec(kind.name, version)["brainstorm"], {"samples": samples}),
         seed=derive_seed(seed, "grounded-brainstorm", kind.name, block, attempt),
         max_tokens=768,
         schema=BRAINSTORM_SCHEMA,
+        prompts_version=version,
+        template=spec_id(kind.name, version),
     )
 
 
 def example_request(seed: int, plan: ExamplePlan, attempt: int, tasks: list[str] | None,
-                    passage: str) -> ChatRequest:  # fmt: skip
+                    passage: str, version: str = DEFAULT_PROMPTS_VERSION) -> ChatRequest:  # fmt: skip
     """Attempt ``attempt`` of grounded example ``plan`` over ``passage``."""
     kind = TASK_KINDS[plan.kind]
-    spec = load_spec(kind.name)
+    spec = load_spec(kind.name, version)
     rng = seeded_rng(seed, "grounded-attempt", plan.index, attempt)
     values = {name: rng.choice(choices) for name, choices in spec.get("placeholders", {}).items()}
     values["language"] = plan.language
     task = None
-    if needs_brainstorm(kind.name):
+    if needs_brainstorm(kind.name, version):
         if not tasks:
             raise ValueError(f"grounded {kind.name} examples need a brainstormed task pool")
         task = rng.choice(tasks)
@@ -146,7 +166,9 @@ def example_request(seed: int, plan: ExamplePlan, attempt: int, tasks: list[str]
         seed=derive_seed(seed, "grounded-example", plan.index, attempt),
         max_tokens=spec.get("max_tokens", 256),
         schema=answer_schema(kind),
-        instruction=instruction_of(kind, task),
+        instruction=instruction_of(kind, task, version),
+        prompts_version=version,
+        template=spec_id(kind.name, version),
     )
 
 
@@ -160,11 +182,15 @@ def copied_share(answer: str, passage: str, n: int = COPY_NGRAM) -> float:
     return sum(gram in present for gram in grams) / len(grams)
 
 
-def parse_answer(content: str | None, kind: TaskKind, passage: str,
-                 task: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:  # fmt: skip
+def parse_answer(content: str | None, kind: TaskKind, passage: str, task: str | None = None,
+                 version: str = DEFAULT_PROMPTS_VERSION) -> tuple[tuple[str, ...], tuple[str, ...]]:  # fmt: skip
     """The example's texts in the kind's column order (the passage on its side) and their normalised form."""
     answers = answer_fields(content, kind.grounded_keys, clean=lambda text: " ".join(text.split()))
-    demos = {normalize(v) for demo in load_spec(kind.name)["demonstrations"] for v in demo["answer"].values()}
+    demos = {
+        normalize(v)
+        for demo in load_spec(kind.name, version)["demonstrations"]
+        for v in demo["answer"].values()
+    }
     labels = kind.passage_first and not kind.symmetric  # classification: labels, not prose
     for text in answers:
         if not labels and normalize(text) in demos:

@@ -16,17 +16,55 @@ from functools import cache
 from importlib import resources
 
 from st_synth.languages import sample_language
+from st_synth.names import unknown_name
 from st_synth.taxonomy import BRAINSTORM_SCHEMA, TASK_KINDS, TaskKind
 
-PROMPTS_VERSION = "v1"
+# Prompt versions, oldest first. A version folder holds the templates that changed in it; a template it
+# lacks is the latest earlier version's (v2 rewrote the paper's templates, the grounded ones are v1's).
+# Several files ``<name>.<n>.txt`` are variants of one template, one drawn per example from the run seed.
+PROMPT_VERSIONS = ("v1", "v2")
+DEFAULT_PROMPTS_VERSION = "v2"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
+def check_prompts_version(version: str) -> str:
+    if version not in PROMPT_VERSIONS:
+        raise unknown_name("prompts version", version, PROMPT_VERSIONS,
+                           extra="v1 reproduces datasets made before prompt versions could be chosen.")  # fmt: skip
+    return version
+
+
 @cache
-def load_template(name: str) -> str:
-    """Read a prompt template shipped as package data (``st_synth/prompts/<version>/<name>.txt``)."""
-    path = resources.files("st_synth") / "prompts" / PROMPTS_VERSION / f"{name}.txt"
-    return path.read_text(encoding="utf-8")
+def template_variants(version: str, name: str, suffix: str = ".txt") -> tuple[str, ...]:
+    """The ids (``"v2/retrieval_example.1"``) of template ``name``'s variants as ``version`` has them."""
+    check_prompts_version(version)
+    root = resources.files("st_synth") / "prompts"
+    for folder in reversed(PROMPT_VERSIONS[: PROMPT_VERSIONS.index(version) + 1]):
+        found = {}
+        for entry in (root / folder).iterdir():
+            stem = entry.name.removesuffix(suffix)
+            if entry.name.endswith(suffix) and (stem == name or (
+                stem.startswith(name + ".") and stem[len(name) + 1 :].isdigit())):  # fmt: skip
+                found[stem] = int(stem[len(name) + 1 :] or 0)
+        if found:
+            return tuple(f"{folder}/{stem}" for stem in sorted(found, key=found.get))
+    raise FileNotFoundError(f"No prompt template {name!r} in prompt version {version} or before it.")
+
+
+@cache
+def read_template(template_id: str, suffix: str = ".txt") -> str:
+    """The text of a template id from :func:`template_variants` (package data under ``st_synth/prompts``)."""
+    folder, stem = template_id.split("/")
+    return (resources.files("st_synth") / "prompts" / folder / f"{stem}{suffix}").read_text(encoding="utf-8")
+
+
+def pick_template(version: str, name: str, *coordinates: object) -> str:
+    """One variant of ``name``, drawn from ``coordinates`` alone (its own stream: drawing it changes no
+    other draw, so a version with one variant asks exactly what it asked before variants existed)."""
+    variants = template_variants(version, name)
+    if len(variants) == 1:
+        return variants[0]
+    return variants[seeded_rng(*coordinates, "template", name).randrange(len(variants))]
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -75,6 +113,10 @@ class ChatRequest:
     instruction: str | None = None  # what the resulting example trains with; None for brainstorms
     system: str | None = None
     demonstrations: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns: worked examples
+    prompts_version: str = (
+        DEFAULT_PROMPTS_VERSION  # part of the cache key from v2 on (v1 keys predate versions)
+    )
+    template: str = ""  # the template id(s) the prompt was rendered from: the example's provenance
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -102,22 +144,39 @@ def plan_examples(
     return plans
 
 
-def brainstorm_request(seed: int, kind: TaskKind, block: int, attempt: int) -> ChatRequest:
+def brainstorm_template(seed: int, kind: str, block: int, version: str) -> str:
+    """The brainstorm variant of a block: every attempt of that block's brainstorm asks with it."""
+    return pick_template(version, f"{kind}_brainstorm", seed, "brainstorm", kind, block)
+
+
+def brainstorm_request(
+    seed: int, kind: TaskKind, block: int, attempt: int, version: str = DEFAULT_PROMPTS_VERSION
+) -> ChatRequest:
+    template = brainstorm_template(seed, kind.name, block, version)
     return ChatRequest(
         kind=kind.name,
         stage="brainstorm",
-        prompt=load_template(f"{kind.name}_brainstorm"),
+        prompt=read_template(template),
         seed=derive_seed(seed, "brainstorm", kind.name, block, attempt),
         max_tokens=1024,
         schema=BRAINSTORM_SCHEMA,
+        prompts_version=version,
+        template=template,
     )
 
 
-def example_request(seed: int, plan: ExamplePlan, attempt: int, tasks: list[str] | None) -> ChatRequest:
-    """The request for ``attempt`` of example ``plan``; ``tasks`` is its block's brainstormed pool."""
+def example_request(
+    seed: int,
+    plan: ExamplePlan,
+    attempt: int,
+    tasks: list[str] | None,
+    version: str = DEFAULT_PROMPTS_VERSION,
+) -> ChatRequest:
+    """The request for ``attempt`` of example ``plan``; ``tasks`` is its block's brainstormed pool. The
+    template variant is the example's (the same for all its attempts)."""
     kind = TASK_KINDS[plan.kind]
     rng = seeded_rng(seed, "attempt", plan.index, attempt)
-    values = {name: rng.choice(choices) for name, choices in kind.placeholders.items()}
+    values = {name: rng.choice(choices) for name, choices in kind.placeholders_in(version).items()}
     if kind.bilingual:
         values.update(src_lang=plan.language, tgt_lang=plan.target_language or "")
     else:
@@ -126,12 +185,15 @@ def example_request(seed: int, plan: ExamplePlan, attempt: int, tasks: list[str]
         if not tasks:
             raise ValueError(f"{kind.name} examples need a brainstormed task pool")
         values["task"] = rng.choice(tasks)
+    template = pick_template(version, f"{kind.name}_example", seed, "example", plan.index)
     return ChatRequest(
         kind=kind.name,
         stage="example",
-        prompt=render(load_template(f"{kind.name}_example"), values),
+        prompt=render(read_template(template), values),
         seed=derive_seed(seed, "example", plan.index, attempt),
         max_tokens=kind.max_tokens,
         schema=kind.json_schema(),
         instruction=values["task"] if kind.brainstorm else kind.fixed_instruction,
+        prompts_version=version,
+        template=template,
     )

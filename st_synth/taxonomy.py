@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from st_synth.names import unknown_name
 
 CLARITY = ("clear", "understandable with some effort", "ambiguous")
+# Columns after the texts of a generated example: its language(s) and the prompt template(s) it came from.
+PROVENANCE_COLUMNS = ("language", "template")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,17 @@ class TaskKind:
     # passage is the first text (the anchor: sts' S1, classification's input) or the positive. () = refused.
     grounded_keys: tuple[str, ...] = ()
     passage_first: bool = False
+    # Placeholders a prompt version added, drawn after the older ones (so older versions draw as before).
+    added_placeholders: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def placeholders_in(self, version: str) -> dict[str, tuple[str, ...]]:
+        """The placeholders the templates of prompt ``version`` fill (versions compare as v1 < v2 < ...)."""
+        number = int(version.lstrip("v"))
+        merged = dict(self.placeholders)
+        for added_in, names in sorted(self.added_placeholders.items(), key=lambda item: int(item[0][1:])):
+            if int(added_in[1:]) <= number:
+                merged.update(names)
+        return merged
 
     @property
     def groundable(self) -> bool:
@@ -46,7 +59,7 @@ class TaskKind:
     def grounded_columns(self) -> tuple[str, ...]:
         """The dataset columns of a grounded example of this kind."""
         texts = ("query", "positive", "negative")[: len(self.grounded_keys) + 1]
-        return ("instruction", *texts, "language")
+        return ("instruction", *texts, *PROVENANCE_COLUMNS)
 
     @property
     def has_negative(self) -> bool:
@@ -56,7 +69,7 @@ class TaskKind:
     def columns(self) -> tuple[str, ...]:
         """The dataset columns of this kind, in the order sentence-transformers losses read them."""
         texts = ("query", "positive", "negative")[: len(self.keys)]
-        return ("instruction", *texts, "language")
+        return ("instruction", *texts, *PROVENANCE_COLUMNS)
 
     def json_schema(self) -> dict:
         """The exact JSON schema of one example, for endpoints with structured outputs."""
@@ -154,6 +167,8 @@ TASK_KINDS: dict[str, TaskKind] = {
                 "low_score": BITEXT_LOW_SCORES,
                 "unit": ("sentence", "phrase", "passage"),
             },
+            # The paper's bitext prompt sets a reading level too; v1 left it out.
+            added_placeholders={"v2": {"difficulty": ("elementary school", "high school", "college")}},
             fixed_instruction="Retrieve parallel sentences.",
             bilingual=True,
             filterable=False,  # the guide model reads one language
@@ -167,6 +182,13 @@ BRAINSTORM_SCHEMA: dict = {
     "required": ["tasks"],
     "additionalProperties": False,
 }
+
+
+# The paper's mix (its Figure 2: examples per kind in the 500k it generated).
+PAPER_KIND_COUNTS: dict[str, int] = {
+    "retrieval": 167_000, "classification": 122_000, "sts": 99_000, "bitext": 89_000, "long_long": 17_000,
+    "short_short": 13_000,
+}  # fmt: skip
 
 
 def kinds_where(attribute: str, value: bool = True) -> list[str]:
@@ -187,10 +209,13 @@ def get_kind(name: str) -> TaskKind:
 
 
 def resolve_kind_weights(kinds: str | list[str] | Mapping[str, float] | None) -> dict[str, float]:
-    """Parse a kind mix: ``None`` (all six, uniform), ``"retrieval,sts"``, ``"retrieval=3,sts=1"``,
-    a list of names or a mapping of name to weight. Returns normalised weights in taxonomy order."""
+    """Parse a kind mix: ``None`` (all six, uniform), ``"paper"`` (the paper's proportions,
+    :data:`PAPER_KIND_COUNTS`), ``"retrieval,sts"``, ``"retrieval=3,sts=1"``, a list of names or a mapping
+    of name to weight. Returns normalised weights in taxonomy order."""
     if kinds is None:
         raw = dict.fromkeys(TASK_KINDS, 1.0)
+    elif isinstance(kinds, str) and kinds.strip().lower() == "paper":
+        raw = {name: float(count) for name, count in PAPER_KIND_COUNTS.items()}
     elif isinstance(kinds, Mapping):
         raw = {get_kind(name).name: float(weight) for name, weight in kinds.items()}
     else:

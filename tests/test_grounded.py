@@ -85,8 +85,17 @@ def test_each_prompt_carries_its_passage_and_the_passage_is_its_side(fake_server
     # Retrieval's kept positive is exactly the passage drawn for its example.
     retrieval = sorted(i for i, p in plans.items() if p.kind == "retrieval")
     assert data["retrieval"]["positive"] == [passages[plans[i].passage] for i in retrieval]
-    assert data["retrieval"].column_names == ["instruction", "query", "positive", "language"]
-    assert data["sts"].column_names == ["instruction", "query", "positive", "negative", "language"]
+    assert data["retrieval"].column_names == ["instruction", "query", "positive", "language", "template"]
+    assert data["sts"].column_names == [
+        "instruction",
+        "query",
+        "positive",
+        "negative",
+        "language",
+        "template",
+    ]
+    # Provenance: the grounded prompt each row came from (v2 keeps v1's grounded prompts).
+    assert set(data["sts"]["template"]) == {"v1/grounded_sts"}
     for row in data["classification"]:  # labels come from the brainstormed label set of the task
         assert {row["positive"], row["negative"]} <= set(label_set(row["instruction"]))
     report = builder.report

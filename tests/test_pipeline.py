@@ -63,7 +63,14 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     assert mined and set(summary["mining"]) == mined
     data = load_from_disk(str(run / "data"))
     for kind in summary["mining"]:
-        assert data[kind].column_names == ["instruction", "query", "positive", "negative", "language"]
+        assert data[kind].column_names == [
+            "instruction",
+            "query",
+            "positive",
+            "negative",
+            "language",
+            "template",
+        ]
         assert all(row["negative"] != row["positive"] for row in data[kind])
     # Decontaminated against the evaluated tasks without being asked, and said so.
     assert set(summary["training"]["decontamination"]["tasks"]) == set(

@@ -61,6 +61,7 @@ def toy_synthetic(
                 if "negative" in columns:
                     columns["negative"].append(negative)
             columns["language"].append("English-German" if kind == "bitext" else "English")
+            columns["template"].append("toy")
         splits[kind] = columns
     return DatasetDict({kind: Dataset.from_dict(columns) for kind, columns in splits.items()})
 
