@@ -183,7 +183,8 @@ def _add_evaluate(subparsers: Any) -> None:
     subparsers.add_parser(
         "evaluate",
         help="Evaluate a model on mteb tasks, each with its instruction.",
-        description="Retrieval and reranking instruct queries only; other task types instruct every text.",
+        description="Each task with its instruction, by the paper authors' protocol for e5-style models (retrieval "
+        "instructs queries only, other task types every text; classification unnormalised) or st-synth's (--protocol).",
         dataclass_types=(EvaluationArguments, EvaluateTarget),
     ).set_defaults(func=_evaluate)
 
@@ -202,11 +203,11 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
         compared = settings.compared_models(facts.get("base_model"), facts.get("instruction_template"))
         payload = evaluation.evaluate(target.model, tasks, overrides=settings.overrides, output=target.output,
                                       use_instructions=settings.instructions, batch_size=settings.batch_size,
-                                      max_seq_length=settings.max_seq_length)  # fmt: skip
+                                      max_seq_length=settings.max_seq_length, protocol=settings.protocol)  # fmt: skip
         comparison = {
             name: evaluation.evaluate(load(), tasks, overrides=settings.overrides, use_instructions=instructions,
-                                      batch_size=settings.batch_size,
-                                      max_seq_length=settings.max_seq_length)["summary"]["main_score"]
+                                      batch_size=settings.batch_size, max_seq_length=settings.max_seq_length,
+                                      protocol=settings.protocol)["summary"]["main_score"]
             for name, (_, load, instructions) in compared.items()
         }  # fmt: skip
     except ValueError as error:

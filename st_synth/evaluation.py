@@ -1,9 +1,17 @@
 """Evaluation with mteb 2.x, each task encoded with its own instruction, the way the paper evaluated.
 
-Retrieval and reranking put the instruction on queries only; every other task type (STS, classification,
-clustering, pair classification, bitext, summarization) embeds all its texts as instructed queries.
-Instructions come from ``overrides``, else the registry (:func:`st_synth.instructions.get_instruction`,
-by task name, then by task type). They are given per call, so custom tasks mteb does not know get theirs.
+Two protocols (``PROTOCOLS``); they differ only where the authors' scripts (microsoft/unilm, ``e5/``:
+``mteb_beir_eval.py`` for retrieval, ``mteb_except_retrieval_eval.py`` for the rest) differ from st-synth's:
+
+* ``e5`` (the authors'): retrieval instructs queries only; every other task type, reranking included,
+  embeds all its texts with the instruction; classification embeddings are not L2-normalised.
+* ``st-synth``: retrieval and reranking instruct queries only (a reranking candidate is a document);
+  every embedding is normalised as the model normalises it.
+
+``auto`` (the default) takes ``e5`` for an e5-style model (an st-synth embedder, or a model whose prompts
+begin with ``Instruct:``) and ``st-synth`` for any other. Instructions come from ``overrides``, else the
+registry (:func:`st_synth.instructions.get_instruction`, by task name, then by task type); the results say
+which of the three each task's came from. They are given per call, so custom tasks mteb does not know get theirs.
 Embeddings are cached within a run: mteb re-encodes repeated texts (an STS set of 50 documents asks for
 thousands of encodes), and the cache turns that into 50.
 """
@@ -13,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +30,42 @@ from typing import Any
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from st_synth.embedder import format_instruction, instruction_template_of
-from st_synth.instructions import get_instruction
+from st_synth.embedder import DEFAULT_INSTRUCTION_TEMPLATE, format_instruction, instruction_template_of
+from st_synth.instructions import get_instruction, has_instruction
 from st_synth.names import unknown_name
 
 logger = logging.getLogger(__name__)
 
 # The tasks that ship with st-synth and need no network (real data from PyPI packages).
 DEFAULT_TASKS = ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
-QUERY_ONLY_TYPES = {"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"}
+PROTOCOLS = ("auto", "e5", "st-synth")
+# Task types whose documents are embedded without the instruction, per protocol.
+QUERY_ONLY_TYPES = {
+    "st-synth": {"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"},
+    "e5": {"Retrieval", "InstructionRetrieval"},
+}
+# Task types embedded without L2 normalisation, per protocol (the authors: "slightly better results").
+UNNORMALIZED_TYPES = {"st-synth": set(), "e5": {"Classification"}}
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise unknown_name("evaluation protocol", protocol, PROTOCOLS)
+    return protocol
+
+
+@contextmanager
+def _without_normalize(model: SentenceTransformer) -> Iterator[None]:
+    """The model without its final ``Normalize`` module while the block runs (restored after)."""
+    name, last = next(reversed(model._modules.items()))
+    if type(last).__name__ != "Normalize":
+        yield
+        return
+    del model._modules[name]
+    try:
+        yield
+    finally:
+        model._modules[name] = last
 
 
 def _abs_encoder():
@@ -47,6 +84,7 @@ class InstructedEncoder(_abs_encoder()):
         *,
         use_instructions: bool = True,
         batch_size: int = 32,
+        protocol: str = "auto",
     ) -> None:
         self.model = model
         self.overrides = dict(overrides or {})
@@ -57,34 +95,52 @@ class InstructedEncoder(_abs_encoder()):
             self.template: str | None = instruction_template_of(model)
         except ValueError:
             self.template = None
-        self._cache: dict[tuple[str | None, str], np.ndarray] = {}
+        # e5-style models from elsewhere (e5-mistral-7b-instruct's own prompts) read the paper's template.
+        e5_style = self.template is not None or any(
+            str(prompt).startswith("Instruct:") for prompt in (getattr(model, "prompts", None) or {}).values()
+        )
+        if e5_style and self.template is None:
+            self.template = DEFAULT_INSTRUCTION_TEMPLATE
+        check_protocol(protocol)
+        self.protocol = protocol if protocol != "auto" else ("e5" if e5_style else "st-synth")
+        self.instruction_sources: dict[str, str] = {}
+        self._cache: dict[tuple[str | None, bool, str], np.ndarray] = {}
 
     def instruction_for(self, task_name: str, task_type: str | None) -> str | None:
         if not self.use_instructions:
             return None
-        return self.overrides.get(task_name) or get_instruction(task_name, task_type)
+        if task_name in self.overrides:
+            self.instruction_sources[task_name] = "override"
+            return self.overrides[task_name]
+        self.instruction_sources[task_name] = "task" if has_instruction(task_name) else f"{task_type} default"
+        return get_instruction(task_name, task_type)
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
         instruction = self.instruction_for(task_metadata.name, task_metadata.type)
         is_document = getattr(prompt_type, "value", prompt_type) == "document"
-        if task_metadata.type in QUERY_ONLY_TYPES and is_document:
+        if task_metadata.type in QUERY_ONLY_TYPES[self.protocol] and is_document:
             instruction = None
-        missing = list(dict.fromkeys(t for t in texts if (instruction, t) not in self._cache))
+        normalized = task_metadata.type not in UNNORMALIZED_TYPES[self.protocol]
+        missing = list(dict.fromkeys(t for t in texts if (instruction, normalized, t) not in self._cache))
         if missing:
             prompt = (
                 format_instruction(instruction, self.template)
                 if instruction and self.template
                 else instruction
             )
-            vectors = self.model.encode(
-                missing, prompt=prompt, batch_size=self.batch_size, convert_to_numpy=True,
-                show_progress_bar=False,
-            )  # fmt: skip
-            self._cache.update({(instruction, t): v for t, v in zip(missing, vectors, strict=True)})
+            with nullcontext() if normalized else _without_normalize(self.model):
+                vectors = self.model.encode(
+                    missing, prompt=prompt, batch_size=self.batch_size, convert_to_numpy=True,
+                    show_progress_bar=False,
+                )  # fmt: skip
+            self._cache.update(
+                {(instruction, normalized, t): v for t, v in zip(missing, vectors, strict=True)}
+            )
         self.calls.append({"task": task_metadata.name, "side": "document" if is_document else "query",
-                           "instruction": instruction, "texts": len(texts), "encoded": len(missing)})  # fmt: skip
-        return np.stack([self._cache[(instruction, t)] for t in texts])
+                           "instruction": instruction, "normalized": normalized, "texts": len(texts),
+                           "encoded": len(missing)})  # fmt: skip
+        return np.stack([self._cache[(instruction, normalized, t)] for t in texts])
 
 
 OFFLINE_BENCHMARK = "st-synth-offline"
@@ -148,9 +204,11 @@ def evaluate(
     output: str | Path | None = None,
     batch_size: int = 32,
     max_seq_length: int | None = None,
+    protocol: str = "auto",
 ) -> dict[str, Any]:
     """Run mteb on ``tasks``; return (and write to ``output``) mteb's results plus a compact summary.
-    ``max_seq_length`` truncates inputs (at most the model's own limit)."""
+    ``max_seq_length`` truncates inputs (at most the model's own limit); ``protocol``: see the module."""
+    check_protocol(protocol)
     import mteb
 
     load_task_data(tasks)
@@ -161,7 +219,9 @@ def evaluate(
             raise ValueError(f"Cannot load a SentenceTransformer from {model!r}: {error}") from error
     if max_seq_length:
         model.max_seq_length = min(model.max_seq_length or max_seq_length, max_seq_length)
-    encoder = InstructedEncoder(model, overrides, use_instructions=use_instructions, batch_size=batch_size)
+    encoder = InstructedEncoder(
+        model, overrides, use_instructions=use_instructions, batch_size=batch_size, protocol=protocol
+    )
     started = time.perf_counter()
     result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=True,
                            encode_kwargs={"batch_size": batch_size})  # fmt: skip
@@ -169,7 +229,10 @@ def evaluate(
     payload = {
         "summary": {"main_score": scores, "mean": float(np.mean(list(scores.values()))) if scores else None,
                     "wall_time_s": round(time.perf_counter() - started, 3)},
+        "protocol": encoder.protocol,
         "instructions": {call["task"]: call["instruction"] for call in encoder.calls if call["side"] == "query"},
+        "instruction_sources": encoder.instruction_sources,
+        "unnormalized_tasks": sorted({call["task"] for call in encoder.calls if not call["normalized"]}),
         "mteb": [task.to_dict() for task in result.task_results],
     }  # fmt: skip
     if output is not None:
@@ -197,6 +260,16 @@ class EvaluationArguments:
     instructions: bool = field(
         default=True,
         metadata={"help": "Encode with each task's instruction (--no_instructions: plain text)."},
+    )
+    protocol: str = field(
+        default="auto",
+        metadata={
+            "help": "e5: the paper authors' scripts (retrieval instructs queries only, every other type all its "
+            "texts, reranking included; classification embeddings not normalised). st-synth: retrieval and "
+            "reranking instruct queries only, embeddings always normalised. auto: e5 for e5-style models (an "
+            "st-synth embedder, or prompts that begin with 'Instruct:'), st-synth for others.",
+            "choices": list(PROTOCOLS),
+        },
     )
     task_instructions: list[str] = field(
         default_factory=list,
@@ -230,6 +303,7 @@ class EvaluationArguments:
 
     def __post_init__(self) -> None:
         self.tasks = [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
+        check_protocol(self.protocol)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         for item in self.task_instructions:

@@ -63,6 +63,12 @@ INSTRUCTIONS: dict[str, str] = {
     "MSMARCO": "Given a web search query, retrieve relevant passages that answer the query",
     "NFCorpus": "Given a question, retrieve relevant documents that best answer the question",
     "NQ": "Given a question, retrieve Wikipedia passages that answer the question",
+    # Multilingual Wikipedia retrieval (MIRACL, Mr. TyDi): not in the authors' English lists; NQ's instruction,
+    # which describes the same task, rather than the type default.
+    **dict.fromkeys(
+        ("MIRACLRetrieval", "MIRACLRetrievalHardNegatives", "MIRACLReranking", "MrTidyRetrieval"),
+        "Given a question, retrieve Wikipedia passages that answer the question",
+    ),
     "QuoraRetrieval": "Given a question, retrieve questions that are semantically equivalent to the given question",
     "SCIDOCS": "Given a scientific paper title, retrieve paper abstracts that are cited by the given paper",
     "SciFact": "Given a scientific claim, retrieve documents that support or refute the claim",
@@ -95,6 +101,11 @@ TYPE_DEFAULTS: dict[str, str] = {
     "PairClassification": "Retrieve text that is semantically similar to the given text",
     "Summarization": "Given a news summary, retrieve other semantically similar summaries",
 }
+
+
+def has_instruction(task_name: str) -> bool:
+    """Whether ``task_name`` has an instruction of its own (not only its type's default)."""
+    return task_name in INSTRUCTIONS
 
 
 def get_instruction(task_name: str, task_type: str | None = None) -> str:

@@ -392,14 +392,16 @@ def _evaluate_cached(
     folder = plan.output / RUN_EVAL_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.json"
-    key = _fingerprint(fingerprint, plan.tasks, instructions, e.max_seq_length, e.task_instructions)
+    key = _fingerprint(
+        fingerprint, plan.tasks, instructions, e.max_seq_length, e.task_instructions, e.protocol
+    )
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == key:
             echo(f"      {name}: unchanged, scores from {path}")
             return saved["summary"]["main_score"]
     payload = evaluate(load_model(), resolve_tasks(plan.tasks), overrides=e.overrides, use_instructions=instructions,
-                       batch_size=e.batch_size, max_seq_length=e.max_seq_length)  # fmt: skip
+                       batch_size=e.batch_size, max_seq_length=e.max_seq_length, protocol=e.protocol)  # fmt: skip
     payload["fingerprint"] = key
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     scores = payload["summary"]["main_score"]

@@ -201,3 +201,65 @@ def test_cli_needs_tasks_or_a_benchmark_and_names_unknown_benchmarks(tmp_path, c
     assert "give --tasks NAME[,NAME...] or --benchmark NAME" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path), "--benchmark", "st-synth-ofline"]) == 2
     assert "Unknown benchmark 'st-synth-ofline'. Did you mean 'st-synth-offline'" in capsys.readouterr().err
+
+
+def _seen_texts(model, encoder, task_name: str, task_type: str, side: str, text: str) -> tuple[str, float]:
+    """What the backbone receives for one text, and the norm of the embedding the encoder returns."""
+    from types import SimpleNamespace
+
+    seen: list[list[int]] = []
+    handle = model[0].register_forward_pre_hook(lambda _m, args: seen.extend(args[0]["input_ids"].tolist()))
+    try:
+        vector = encoder.encode([{"text": [text]}], task_metadata=SimpleNamespace(name=task_name, type=task_type),
+                                hf_split="test", hf_subset="default", prompt_type=side)[0]  # fmt: skip
+    finally:
+        handle.remove()
+    return model[0].tokenizer.decode(seen[-1]), float((vector**2).sum() ** 0.5)
+
+
+def test_the_authors_protocol_and_st_synths_differ_where_their_scripts_do(model):
+    e5 = InstructedEncoder(model, {"R": "cook it", "C": "eat it", "T": "find it"})
+    assert e5.protocol == "e5"  # auto: an st-synth embedder is e5-style
+    ours = InstructedEncoder(model, {"R": "cook it", "C": "eat it", "T": "find it"}, protocol="st-synth")
+    # Reranking: the authors instruct the candidates too; st-synth reads them as documents.
+    assert (
+        _seen_texts(model, e5, "R", "Reranking", "document", "the cat")[0]
+        == "Instruct : cook it \n Query : the cat </s>"
+    )
+    assert _seen_texts(model, ours, "R", "Reranking", "document", "the cat")[0] == "the cat </s>"
+    # Retrieval: documents plain under both.
+    for encoder in (e5, ours):
+        assert _seen_texts(model, encoder, "T", "Retrieval", "document", "the dog")[0] == "the dog </s>"
+        assert _seen_texts(model, encoder, "T", "Retrieval", "query", "the dog")[0].startswith(
+            "Instruct : find it"
+        )
+    # Classification: the authors do not normalise; the same text, same instruction, other vector length.
+    e5_text, e5_norm = _seen_texts(model, e5, "C", "Classification", "query", "a bird")
+    our_text, our_norm = _seen_texts(model, ours, "C", "Classification", "query", "a bird")
+    assert e5_text == our_text == "Instruct : eat it \n Query : a bird </s>"
+    assert our_norm == pytest.approx(1.0, abs=1e-4) and abs(e5_norm - 1.0) > 1e-2
+    assert type(model[-1]).__name__ == "Normalize"  # the module is back after the unnormalised encode
+    assert _seen_texts(model, e5, "S", "STS", "query", "a fish")[1] == pytest.approx(1.0, abs=1e-4)
+    # A plain encoder (no instruction template, no "Instruct:" prompts) gets st-synth's protocol under auto.
+    from sentence_transformers import SentenceTransformer
+
+    bare = SentenceTransformer(modules=list(model), prompts={})
+    bare[0].tokenizer.chat_template = None
+    assert InstructedEncoder(bare).protocol == "st-synth"
+    bare.prompts = {"query": "Instruct: Given a web search query, retrieve passages\nQuery: "}
+    assert InstructedEncoder(bare).protocol == "e5"
+    with pytest.raises(ValueError, match=r"evaluation protocol 'e6'.*e5"):
+        InstructedEncoder(model, protocol="e6")
+
+
+def test_results_name_the_protocol_and_where_each_instruction_came_from(model):
+    tasks = [mock_tasks.MockClassificationTask(), mock_tasks.MockRerankingTask(), mock_tasks.MockSTSTask()]
+    payload = evaluate(model, tasks, overrides={"MockSTSTask": "similar please"})
+    assert payload["protocol"] == "e5"
+    assert payload["instruction_sources"] == {
+        "MockClassificationTask": "Classification default", "MockRerankingTask": "Reranking default",
+        "MockSTSTask": "override",
+    }  # fmt: skip
+    again = evaluate(model, [mock_tasks.MockClassificationTask()], protocol="st-synth")
+    assert again["protocol"] == "st-synth"
+    assert payload["unnormalized_tasks"] == ["MockClassificationTask"] and again["unnormalized_tasks"] == []
