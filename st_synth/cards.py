@@ -150,12 +150,45 @@ def write_model_card(
         "languages": language_codes((generation_report or {}).get("kept_by_language", {})),
         "evaluation": evaluation or {},
         "decontamination": _decontamination(summary.get("decontamination")),
+        "departures": departures(data_args, loss_args, training_args, summary),
+        "mixed_batches": bool(getattr(data_args, "mix_sources", False)),
         "modules": [m.get("type") for m in modules],
         "query_prompt": prompts.get("query", ""),
         "card_metadata": card_metadata or {},
     }  # fmt: skip
     (folder / CARD_DATA_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
     return render_model_card(folder)
+
+
+def departures(
+    data_args: Any, loss_args: Any, training_args: Any, summary: dict[str, Any]
+) -> list[dict[str, str]]:
+    """The recipe's choices in effect for this model that the paper did not make (or does not state), each
+    with the setting that turns it off: the card and README list them."""
+    from st_synth.sampling import LengthGroupedBatchSampler
+
+    found = []
+    own = [name for name in loss_args.no_in_batch_negatives if name in summary["sources"]]
+    if own:
+        found.append({"choice": f"{', '.join(own)} trained against each row's own negatives only (other rows' labels "
+                      "repeat, so they are not negatives)", "paper": "in-batch and hard negatives for every kind",
+                      "switch": "no_in_batch_negatives: []"})  # fmt: skip
+    if not getattr(data_args, "mix_sources", False):
+        found.append({"choice": "one source (task kind or dataset) per batch", "paper": "not stated",
+                      "switch": "mix_sources: true"})  # fmt: skip
+    if training_args.batch_sampler is LengthGroupedBatchSampler:
+        found.append({"choice": "rows of similar length batched together, no duplicate text in a batch",
+                      "paper": "not stated", "switch": "batch_sampler: no_duplicates"})  # fmt: skip
+    if not data_args.use_instructions:
+        found.append({"choice": "trained without instructions", "paper": "an instruction on every query",
+                      "switch": "use_instructions: true"})  # fmt: skip
+    elif not getattr(data_args, "symmetric_instructions", True):
+        found.append({"choice": "symmetric kinds instructed on the query only", "paper": "both texts instructed",
+                      "switch": "symmetric_instructions: true"})  # fmt: skip
+    if summary.get("decontamination"):
+        found.append({"choice": "training rows that overlap an evaluation task's texts dropped before training",
+                      "paper": "overlap measured after training (its Appendix B)", "switch": "decontaminate: []"})  # fmt: skip
+    return found
 
 
 def _decontamination(report: dict[str, Any] | None) -> dict[str, Any] | None:

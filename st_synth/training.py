@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
@@ -105,6 +105,17 @@ class DataArguments:
         default=True,
         metadata={"help": "Train on the generated hard negatives. Off: in-batch negatives only."},
     )
+    symmetric_instructions: bool = field(
+        default=True,
+        metadata={"help": "Symmetric kinds (sts, bitext) put the instruction on both texts, as the paper does. "
+                  "Off: on the query only, like the other kinds."},
+    )  # fmt: skip
+    mix_sources: bool = field(
+        default=False,
+        metadata={"help": "Train all sources as one, so that a batch mixes tasks (in-batch negatives from other "
+                  "tasks, which are easy). Default off: one source per batch (the recipe's choice; the paper does "
+                  "not say). The sources must have the same columns."},
+    )  # fmt: skip
 
 
 @dataclass
@@ -280,8 +291,9 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
         for kind in wanted:
             _refuse_empty(kind, synthetic[kind])
             sources[kind] = _prepare_synthetic(
-                clean(kind, synthetic[kind]), kind, instruction_template, data.use_instructions
-            )
+                clean(kind, synthetic[kind]), kind, instruction_template, data.use_instructions,
+                data.symmetric_instructions,
+            )  # fmt: skip
     for spec in data.extra_datasets:
         name, dataset = _prepare_extra(spec, instruction_template, data.use_instructions, clean)
         sources[name] = dataset
@@ -298,7 +310,24 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
             sources[name] = dataset.select(range(min(dataset.num_rows, data.max_examples_per_source)))
     if data.decontaminate:
         report = {**report, "decontamination": {"tasks": list(data.decontaminate), "sources": clean.report}}
+    if data.mix_sources:
+        sources = {MIXED_SOURCE: _mixed(sources)}
     return DatasetDict(sources), report
+
+
+MIXED_SOURCE = "mixed"
+
+
+def _mixed(sources: dict[str, Dataset]) -> Dataset:
+    """All sources as one dataset (``mix_sources``): they must have the same columns."""
+    columns = {name: tuple(ds.column_names) for name, ds in sources.items()}
+    if len(set(columns.values())) > 1:
+        listed = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in columns.items())
+        raise ValueError(
+            f"mix_sources needs sources with the same columns, and these differ ({listed}). Drop the negatives "
+            "(--hard_negatives false) or train on sources of one shape (--kinds)."
+        )
+    return concatenate_datasets(list(sources.values()))
 
 
 def _decontaminator(tasks: list[str]) -> Any:
@@ -324,12 +353,13 @@ def _refuse_empty(name: str, dataset: Dataset) -> None:
         raise ValueError(f"Training source {name!r} is empty; drop it or generate examples of that kind.")
 
 
-def _prepare_synthetic(split: Dataset, kind: str, template: str, use_instructions: bool = True) -> Dataset:
+def _prepare_synthetic(split: Dataset, kind: str, template: str, use_instructions: bool = True,
+                       symmetric_instructions: bool = True) -> Dataset:  # fmt: skip
     needed = ["instruction", "query", "positive"]
     missing = [column for column in needed if column not in split.column_names]
     if missing:
         raise ValueError(f"Split {kind!r} lacks columns {missing}; it has {split.column_names}.")
-    symmetric = TASK_KINDS[kind].symmetric
+    symmetric = TASK_KINDS[kind].symmetric and symmetric_instructions
     texts = [column for column in TEXT_COLUMNS if column in split.column_names]
 
     def instruct(row: dict[str, str]) -> dict[str, str]:

@@ -69,6 +69,7 @@ def test_recipe_script_trains_saves_and_writes_the_card(backbone, synthetic, tmp
     card = (final / "README.md").read_text()
     for fact in ("rank 8, alpha 16", "temperature 0.05 (scale 20.0)", "`toy-generator`", "retrieval 48",
                  "own negatives only for classification", "merged into the weights", "arXiv:2401.00368",
+                 "## Departures from the paper", "`no_in_batch_negatives: []`", "`mix_sources: true`",
                  'prompt="Instruct: Given a claim, find documents that refute the claim\\nQuery: "'):  # fmt: skip
         assert fact in card, fact
 
@@ -266,6 +267,34 @@ def test_ablation_switches_drop_instructions_and_hard_negatives(backbone, synthe
     losses = build_losses(model, sources, LossArguments(), no_negatives.hard_negatives)
     assert type(losses["classification"]) is MultipleNegativesRankingLoss  # no own negatives left to use
     assert type(build_losses(model, full, LossArguments())["classification"]) is OwnNegativesLoss
+
+
+def test_departure_switches_mix_sources_and_instruct_symmetric_queries_only(backbone, synthetic, tmp_path):
+    from st_synth.training import run_recipe
+
+    template = "Instruct: {instruction}\nQuery: "
+    paper, _ = load_sources(DataArguments(dataset=synthetic), template)
+    queries_only, _ = load_sources(DataArguments(dataset=synthetic, symmetric_instructions=False), template)
+    assert paper["sts"][0]["positive"].startswith("Instruct: ")
+    assert not any(text.startswith("Instruct:") for text in queries_only["sts"]["positive"])
+    assert all(text.startswith("Instruct: ") for text in queries_only["sts"]["query"])
+    mixed, _ = load_sources(DataArguments(dataset=synthetic, mix_sources=True), template)
+    assert list(mixed) == ["mixed"] and mixed["mixed"].num_rows == sum(ds.num_rows for ds in paper.values())
+    shapes = str(
+        write_toy_synthetic(tmp_path / "shapes", rows_per_kind=8, kinds=("retrieval", "short_short"))
+    )
+    with pytest.raises(
+        ValueError, match=r"same columns.*short_short: query, positive.*--hard_negatives false"
+    ):
+        load_sources(DataArguments(dataset=shapes, mix_sources=True), template)
+    # Trained mixed: one source, batches across tasks, and the card says so (no one-source departure left).
+    config = tmp_path / "mixed.yaml"
+    config.write_text(yaml.safe_dump(small_config(backbone, synthetic, tmp_path / "run", mix_sources=True)))
+    summary = run_recipe([str(config), "--max_steps", "2"])
+    assert summary["sources"] == {"mixed": 144} and summary["global_steps"] == 2
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "all sources mixed" in card and "`mix_sources: true`" not in card
+    assert "`no_in_batch_negatives: []`" not in card  # classification rows are in the mixed source now
 
 
 def test_training_benchmark_smoke_run_on_cpu(tmp_path):
