@@ -36,6 +36,12 @@ class MiningArguments:
             "help": "Prefix of the queries for the mining model (e.g. an instruction, for an instruction model)."
         },
     )
+    corpus_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prefix of the corpus texts for the mining model (e.g. 'passage: ' for the e5 models)."
+        },
+    )
     range_min: int = field(default=0, metadata={"help": "Skip the range_min closest candidates."})
     range_max: int = field(default=30, metadata={"help": "Consider the range_max closest candidates."})
     relative_margin: float | None = field(
@@ -120,7 +126,8 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
         positive_column_name="positive", corpus=list(corpus), range_min=settings.range_min,
         range_max=settings.range_max, relative_margin=settings.relative_margin,
         absolute_margin=settings.absolute_margin, num_negatives=settings.candidates, sampling_strategy="top",
-        query_prompt=settings.query_prompt, output_format="triplet", batch_size=settings.batch_size,
+        query_prompt=settings.query_prompt, corpus_prompt=settings.corpus_prompt, output_format="triplet",
+        batch_size=settings.batch_size,
         verbose=False, cache_folder=str(cache_folder) if cache_folder else None,
     )  # fmt: skip
     found: dict[tuple[str, str], list[str]] = {}
@@ -131,8 +138,8 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
     positives = sorted({positive for _, positive in found})
     if candidates:
         texts = positives + [text for text in candidates if text not in set(positives)]
-        embeddings = model.encode(texts, batch_size=settings.batch_size, normalize_embeddings=True,
-                                  convert_to_tensor=True)  # fmt: skip
+        embeddings = model.encode(texts, prompt=settings.corpus_prompt, batch_size=settings.batch_size,
+                                  normalize_embeddings=True, convert_to_tensor=True)  # fmt: skip
         position = {text: i for i, text in enumerate(texts)}
     report = {"rows": pairs.num_rows, "no_candidate": 0, "near_copy_only": 0, "same_document_skipped": 0}
     negatives: list[str | None] = []

@@ -23,6 +23,7 @@ from sentence_transformers.sentence_transformer.trainer import SentenceTransform
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 from transformers import set_seed
 
+from st_synth.arguments import decode_json
 from st_synth.embedder import (
     DEFAULT_INSTRUCTION_TEMPLATE,
     build_embedder,
@@ -110,12 +111,44 @@ class DataArguments:
         metadata={"help": "Symmetric kinds (sts, bitext) put the instruction on both texts, as the paper does. "
                   "Off: on the query only, like the other kinds."},
     )  # fmt: skip
+    public_datasets: str | list[Any] | None = field(
+        default=None,
+        metadata={"help": "Labelled datasets to mix in, the paper's way (a YAML list: name, path, split, columns, "
+                  "sample_ratio, instructions, symmetric; st_synth.public_data): sampled with public_seed, each "
+                  "query instructed, negatives mined where a dataset has none. recipes/configs/"
+                  "e5-mistral-7b-full.yaml lists the paper's.", "flag_type": str | None, "metavar": "JSON"},
+    )  # fmt: skip
+    public_mining_model: str = field(
+        default="all-MiniLM-L6-v2",
+        metadata={
+            "help": "Mines negatives for public datasets without any (the paper: intfloat/multilingual-e5-base)."
+        },
+    )
+    public_mining_query_prompt: str | None = field(
+        default=None, metadata={"help": "e.g. 'query: ' for e5 models."}
+    )
+    public_mining_corpus_prompt: str | None = field(
+        default=None, metadata={"help": "e.g. 'passage: ' for e5 models."}
+    )
+    public_seed: int = field(
+        default=42, metadata={"help": "Draws the sampled rows and instructions of public data."}
+    )
+    public_cache: str | None = field(
+        default=None, metadata={"help": "Prepared public data (default ~/.cache/st_synth/public)."}
+    )
     mix_sources: bool = field(
         default=False,
         metadata={"help": "Train all sources as one, so that a batch mixes tasks (in-batch negatives from other "
                   "tasks, which are easy). Default off: one source per batch (the recipe's choice; the paper does "
                   "not say). The sources must have the same columns."},
     )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.public_datasets:  # a bad entry fails here, before any data or model is loaded
+            from st_synth.public_data import parse_sources
+
+            self.public_datasets = decode_json(self.public_datasets, "public_datasets")
+            parse_sources(self.public_datasets)
 
 
 @dataclass
@@ -297,6 +330,14 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
     for spec in data.extra_datasets:
         name, dataset = _prepare_extra(spec, instruction_template, data.use_instructions, clean)
         sources[name] = dataset
+    if data.public_datasets:
+        for name, (dataset, symmetric) in _public_sources(data, report).items():
+            if name in sources:
+                raise ValueError(
+                    f"Public dataset {name!r} has the name of another training source; rename it."
+                )
+            sources[name] = _instructed(clean(name, dataset), name, instruction_template, data.use_instructions,
+                                        symmetric and data.symmetric_instructions)  # fmt: skip
     if not data.hard_negatives:
         sources = {name: ds.remove_columns([c for c in ds.column_names if c == "negative"])
                    for name, ds in sources.items()}  # fmt: skip
@@ -316,6 +357,21 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
 
 
 MIXED_SOURCE = "mixed"
+
+
+def _public_sources(data: DataArguments, report: dict[str, Any]) -> dict[str, tuple[Dataset, bool]]:
+    """The public datasets (``public_datasets``), prepared or read from their cache; their report goes in
+    ``report["public_data"]``. Name -> (rows with an instruction column, symmetric)."""
+    from st_synth.mining import MiningArguments
+    from st_synth.public_data import parse_sources, prepare_public
+
+    specs = parse_sources(data.public_datasets)
+    mining = MiningArguments(mining_model=data.public_mining_model, query_prompt=data.public_mining_query_prompt,
+                             corpus_prompt=data.public_mining_corpus_prompt)  # fmt: skip
+    cache = Path(data.public_cache) if data.public_cache else Path.home() / ".cache" / "st_synth" / "public"
+    prepared, report["public_data"] = prepare_public(specs, data.public_seed, mining, cache)
+    symmetric = {spec.name: spec.symmetric for spec in specs}
+    return {name: (prepared[name], symmetric[name]) for name in prepared}
 
 
 def _mixed(sources: dict[str, Dataset]) -> Dataset:
@@ -355,11 +411,17 @@ def _refuse_empty(name: str, dataset: Dataset) -> None:
 
 def _prepare_synthetic(split: Dataset, kind: str, template: str, use_instructions: bool = True,
                        symmetric_instructions: bool = True) -> Dataset:  # fmt: skip
+    symmetric = TASK_KINDS[kind].symmetric and symmetric_instructions
+    return _instructed(split, kind, template, use_instructions, symmetric)
+
+
+def _instructed(split: Dataset, name: str, template: str, use_instructions: bool, symmetric: bool) -> Dataset:
+    """Rows with an ``instruction`` column -> text columns only, the instruction in ``template`` before the
+    query (and before every text where ``symmetric``)."""
     needed = ["instruction", "query", "positive"]
     missing = [column for column in needed if column not in split.column_names]
     if missing:
-        raise ValueError(f"Split {kind!r} lacks columns {missing}; it has {split.column_names}.")
-    symmetric = TASK_KINDS[kind].symmetric and symmetric_instructions
+        raise ValueError(f"Split {name!r} lacks columns {missing}; it has {split.column_names}.")
     texts = [column for column in TEXT_COLUMNS if column in split.column_names]
 
     def instruct(row: dict[str, str]) -> dict[str, str]:

@@ -478,7 +478,7 @@ def test_wikipedia_sections_are_real_clean_and_spread_over_articles():
     assert pairs["positive"][0].startswith("Anarchism is a political philosophy")
 
 
-@pytest.mark.parametrize("config", ["smollm2-cpu.yaml", "e5-mistral-7b.yaml"])
+@pytest.mark.parametrize("config", ["smollm2-cpu.yaml", "e5-mistral-7b.yaml", "e5-mistral-7b-full.yaml"])
 @pytest.mark.parametrize("spelling", ["current", "older"])
 def test_checkpointing_settings_take_the_current_names_without_a_deprecation_warning(config, spelling):
     """transformers renamed gradient_checkpointing* to activation_checkpointing*: the shipped configs and
