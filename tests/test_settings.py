@@ -47,6 +47,7 @@ SPECIAL = {
     "loss": ("own_negatives", {}), "multi_dataset_batch_sampler": ("round_robin", {}),
     "batch_sampler": ("no_duplicates", {}), "max_tokens": (256, {}), "report_to": (["tensorboard"], {}),
     "corpus": (["builtin:wikipedia"], {"kinds": "sts", "languages": "English"}),
+    "public_datasets": ([{"name": "mine", "path": "some/data", "instructions": ["Find it."]}], {}),
 }  # fmt: skip
 
 
