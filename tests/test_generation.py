@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,13 +18,13 @@ from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.builder import REPORT_FILE
-from st_synth.cache import AnswerCache
 from st_synth.client import EndpointError
 from st_synth.languages import XLMR_LANGUAGES, paper_language_weights, resolve_language_weights
 from st_synth.prompting import example_request, plan_examples
 from st_synth.taxonomy import TASK_KINDS
 from st_synth.testing.openai_server import get_json, heavy_tailed_latency
 from st_synth.validation import Rejected, parse_example, parse_tasks
+from tests.helpers import kill_and_resume
 
 
 def make_config(server, tmp_path: Path, **overrides) -> GenerationConfig:
@@ -478,15 +477,9 @@ def test_sigkill_and_resume_gives_the_uninterrupted_dataset(fake_server, tmp_pat
     paid_reference = server.chat_requests
 
     cache = tmp_path / "killed.sqlite"
-    command = cli(server, tmp_path / "out", cache, "--concurrency", "4")
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while AnswerCache.count(cache) < 15 and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists()
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    resumed = kill_and_resume(
+        cli(server, tmp_path / "out", cache, "--concurrency", "4"), cache, env, tmp_path / "out"
+    )
     assert resumed.returncode == 0, resumed.stderr
     paid_resumed = server.chat_requests - paid_reference
     assert paid_resumed <= paid_reference + 4  # at most the requests that were in flight, paid twice

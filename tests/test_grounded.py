@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
-from st_synth.cache import AnswerCache
 from st_synth.corpus import Corpus
 from st_synth.filtering import ConsistencyFilter, filter_folder
 from st_synth.grounding import copied_share, label_set, load_spec, parse_answer
 from st_synth.taxonomy import TASK_KINDS
 from st_synth.validation import Rejected
+from tests.helpers import kill_and_resume
 
 TOPICS = ["river floods", "library books", "school buses", "city budget", "bakery bread", "harbour ships",
           "mountain trails", "solar panels", "football cup", "museum paintings", "train delays", "hospital beds"]  # fmt: skip
@@ -162,15 +160,9 @@ def test_sigkill_and_resume_gives_the_uninterrupted_dataset(fake_server, tmp_pat
                                capture_output=True, text=True)  # fmt: skip
     assert reference.returncode == 0, reference.stderr
     cache = tmp_path / "killed.sqlite"
-    command = cli(server, tmp_path / "out", cache, corpus, "--concurrency", "4")
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while AnswerCache.count(cache) < 15 and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists()
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    resumed = kill_and_resume(
+        cli(server, tmp_path / "out", cache, corpus, "--concurrency", "4"), cache, env, tmp_path / "out"
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert rows(load_from_disk(str(tmp_path / "out"))) == rows(load_from_disk(str(tmp_path / "ref")))
     report = json.loads((tmp_path / "out" / "generation_report.json").read_text())

@@ -1,0 +1,28 @@
+"""Shared test steps that several test modules run the same way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from st_synth.cache import AnswerCache
+
+
+def kill_and_resume(command: list[str], cache: Path, env: dict[str, str], output: Path,
+                    after_answers: int = 15, timeout: float = 60.0) -> subprocess.CompletedProcess:  # fmt: skip
+    """Start ``command``, SIGKILL it once ``cache`` holds ``after_answers`` answers (it must not have written
+    ``output`` by then), run it again to the end and return that second run. The killed run's output goes
+    to a file: a pipe nobody reads can block a chatty process."""
+    with open(cache.with_suffix(".killed.log"), "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while AnswerCache.count(cache) < after_answers and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed ({proc.returncode})"
+    assert not output.exists(), "the killed run wrote its output before it had all its answers"
+    return subprocess.run(command, env=env, capture_output=True, text=True)
