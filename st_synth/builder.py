@@ -110,11 +110,13 @@ class GenerationConfig(CorpusArguments):
     )
     seed: int = field(default=42, metadata=_help("Fixes every request: same seed, same dataset."))
     prompts_version: str = field(
-        default=DEFAULT_PROMPTS_VERSION,
+        default="auto",
         metadata=_help(
             "Prompt templates: v2 (the paper's meaning, several variants per kind, one drawn per example) or v1 "
-            "(one template per kind; reproduces datasets made before v2). Answers of two versions never share a cache entry.",
-            choices=list(PROMPT_VERSIONS),
+            "(one template per kind; reproduces datasets made before v2). auto: v2, except v1 for the packaged "
+            "SmolLM2-135M behind --local, whose brainstorms under v2 came back empty or unusable (README). "
+            "Answers of two versions never share a cache entry.",
+            choices=["auto", *PROMPT_VERSIONS],
         ),
     )
     base_url: str | None = field(
@@ -207,7 +209,8 @@ class GenerationConfig(CorpusArguments):
             decode_json(self.languages, "languages"),
         )
         self.kind_weights = resolve_kind_weights(self.kinds)
-        check_prompts_version(self.prompts_version)
+        if self.prompts_version != "auto":
+            check_prompts_version(self.prompts_version)
         self.language_weights = resolve_language_weights(self.languages)
         checks = [
             (isinstance(self.num_examples, int) and self.num_examples > 0,
@@ -252,6 +255,10 @@ class GenerationConfig(CorpusArguments):
             setattr(self, name, backend.get(name, STANDARD_LIMITS[name]))
         if self.local and self.model is None:
             self.model = SMOLLM2_ALIAS
+        if self.prompts_version == "auto":  # the packaged 135M model cannot follow v2's brainstorms (README)
+            self.prompts_version = (
+                "v1" if self.local and self.model == SMOLLM2_ALIAS else DEFAULT_PROMPTS_VERSION
+            )
 
     @property
     def cache_path(self) -> Path:

@@ -112,6 +112,10 @@ def test_variants_are_drawn_per_example_from_the_seed():
         assert len({example_request(11, plan, a, TASKS, "v2").template for a in range(4)}) == 1
     with pytest.raises(ValueError, match=r"prompts version 'v9'.*v1, v2"):
         GenerationConfig(model="m", prompts_version="v9")
+    # auto: the paper's prompts, except for the packaged 135M model, which cannot follow v2's brainstorms
+    assert GenerationConfig(model="m").prompts_version == "v2"
+    assert GenerationConfig(local=True).prompts_version == "v1"
+    assert GenerationConfig(local=True, prompts_version="v2").prompts_version == "v2"
     assert PROMPT_VERSIONS == ("v1", "v2")
 
 
