@@ -132,6 +132,7 @@ def write_model_card(
             "temperature": loss_args.temperature,
             "scale": round(1 / loss_args.temperature, 4),
             "own_negatives": [n for n in loss_args.no_in_batch_negatives if n in summary["sources"]],
+            "matryoshka_dims": list(getattr(loss_args, "matryoshka_dims", [])),
             "batch_size": training_args.per_device_train_batch_size,
             "world_size": summary.get("world_size", 1),
             "learning_rate": training_args.learning_rate,

@@ -210,8 +210,19 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
                                       protocol=settings.protocol)["summary"]["main_score"]
             for name, (_, load, instructions) in compared.items()
         }  # fmt: skip
+        by_dimension = {
+            dim: evaluation.evaluate(target.model, tasks, overrides=settings.overrides, batch_size=settings.batch_size,
+                                     use_instructions=settings.instructions, max_seq_length=settings.max_seq_length,
+                                     protocol=settings.protocol, truncate_dim=dim)["summary"]["main_score"]
+            for dim in settings.truncate_dim
+        }  # fmt: skip
     except ValueError as error:
         return _fail("evaluate", error)
+    if by_dimension:  # each cut size is a column of the table (and of the card), beside the full embeddings
+        comparison.update({f"{dim} dims": scores for dim, scores in by_dimension.items()})
+        if target.output:
+            payload["by_dimension"] = by_dimension
+            Path(target.output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     scores = payload["summary"]["main_score"]
     if comparison:
         print(evaluation.score_table({"trained": scores, **comparison}))

@@ -205,9 +205,11 @@ def evaluate(
     batch_size: int = 32,
     max_seq_length: int | None = None,
     protocol: str = "auto",
+    truncate_dim: int | None = None,
 ) -> dict[str, Any]:
     """Run mteb on ``tasks``; return (and write to ``output``) mteb's results plus a compact summary.
-    ``max_seq_length`` truncates inputs (at most the model's own limit); ``protocol``: see the module."""
+    ``max_seq_length`` truncates inputs (at most the model's own limit); ``protocol``: see the module;
+    ``truncate_dim``: embeddings cut to their first D dimensions (a Matryoshka-trained model's)."""
     check_protocol(protocol)
     import mteb
 
@@ -219,6 +221,10 @@ def evaluate(
             raise ValueError(f"Cannot load a SentenceTransformer from {model!r}: {error}") from error
     if max_seq_length:
         model.max_seq_length = min(model.max_seq_length or max_seq_length, max_seq_length)
+    full = model.get_embedding_dimension()
+    if truncate_dim is not None and not 0 < truncate_dim <= (full or truncate_dim):
+        raise ValueError(f"truncate_dim must be in 1..{full} (the model's dimensions), got {truncate_dim}")
+    model.truncate_dim = truncate_dim
     encoder = InstructedEncoder(
         model, overrides, use_instructions=use_instructions, batch_size=batch_size, protocol=protocol
     )
@@ -228,6 +234,7 @@ def evaluate(
     scores = {task.task_name: float(task.get_score()) for task in result.task_results}
     payload = {
         "summary": {"main_score": scores, "mean": float(np.mean(list(scores.values()))) if scores else None,
+                    "dimension": model.get_embedding_dimension(),
                     "wall_time_s": round(time.perf_counter() - started, 3)},
         "protocol": encoder.protocol,
         "instructions": {call["task"]: call["instruction"] for call in encoder.calls if call["side"] == "query"},
@@ -287,6 +294,11 @@ class EvaluationArguments:
             "compared model."
         },
     )
+    truncate_dim: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Also score the embeddings cut to these sizes (each a separate evaluation), e.g. 1024 256 64: "
+                  "for a model trained with matryoshka_dims."},
+    )  # fmt: skip
     baseline: bool = field(
         default=False,
         metadata={

@@ -181,6 +181,12 @@ class LossArguments:
     gather_across_devices: bool = field(
         default=True, metadata={"help": "In-batch negatives from every process (in_batch loss)."}
     )
+    matryoshka_dims: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Also train the embeddings cut to these sizes (sentence-transformers' MatryoshkaLoss around "
+                  "every source's loss, cached ones included), e.g. 4096 1024 256 64; give the full size too. "
+                  "Then `encode(..., truncate_dim=D)` or `st-synth evaluate --truncate_dim D` use a cut model."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -189,6 +195,9 @@ class LossArguments:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be at least 1, got {self.mini_batch_size}")
+        if any(not isinstance(d, int) or d < 1 for d in self.matryoshka_dims):
+            raise ValueError(f"matryoshka_dims must be positive integers, got {self.matryoshka_dims}")
+        self.matryoshka_dims = sorted(set(self.matryoshka_dims), reverse=True)
 
     def loss_name(self, source: str) -> str:
         return "own_negatives" if source in self.no_in_batch_negatives else self.loss
@@ -202,6 +211,15 @@ def build_loss(name: str, model: SentenceTransformer, settings: LossArguments) -
     kwargs: dict[str, Any] = {"scale": 1.0 / settings.temperature}
     if spec.in_batch_negatives:
         kwargs["gather_across_devices"] = settings.gather_across_devices
-    if settings.cached_loss:
-        return spec.cached(model, mini_batch_size=settings.mini_batch_size, **kwargs)
-    return spec.plain(model, **kwargs)
+    loss = (spec.cached(model, mini_batch_size=settings.mini_batch_size, **kwargs) if settings.cached_loss
+            else spec.plain(model, **kwargs))  # fmt: skip
+    if settings.matryoshka_dims:
+        from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+        dimension = model.get_embedding_dimension()
+        if dimension and max(settings.matryoshka_dims) > dimension:
+            raise ValueError(
+                f"matryoshka_dims {settings.matryoshka_dims} go beyond the model's {dimension} dimensions."
+            )
+        return MatryoshkaLoss(model, loss, settings.matryoshka_dims)
+    return loss

@@ -384,7 +384,13 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
 
 
 def _evaluate_cached(
-    name: str, fingerprint: str, plan: RunPlan, load_model, echo, instructions: bool
+    name: str,
+    fingerprint: str,
+    plan: RunPlan,
+    load_model,
+    echo,
+    instructions: bool,
+    truncate_dim: int | None = None,
 ) -> dict[str, float]:
     from st_synth.evaluation import evaluate, resolve_tasks
 
@@ -393,7 +399,13 @@ def _evaluate_cached(
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.json"
     key = _fingerprint(
-        fingerprint, plan.tasks, instructions, e.max_seq_length, e.task_instructions, e.protocol
+        fingerprint,
+        plan.tasks,
+        instructions,
+        e.max_seq_length,
+        e.task_instructions,
+        e.protocol,
+        *([truncate_dim] if truncate_dim else []),
     )
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -401,7 +413,8 @@ def _evaluate_cached(
             echo(f"      {name}: unchanged, scores from {path}")
             return saved["summary"]["main_score"]
     payload = evaluate(load_model(), resolve_tasks(plan.tasks), overrides=e.overrides, use_instructions=instructions,
-                       batch_size=e.batch_size, max_seq_length=e.max_seq_length, protocol=e.protocol)  # fmt: skip
+                       batch_size=e.batch_size, max_seq_length=e.max_seq_length, protocol=e.protocol,
+                       truncate_dim=truncate_dim)  # fmt: skip
     payload["fingerprint"] = key
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     scores = payload["summary"]["main_score"]
@@ -428,6 +441,10 @@ def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[
                                           lambda: SentenceTransformer(str(final)), stages.echo, e.instructions)  # fmt: skip
     for name, (fingerprint, load, instructions) in compared.items():
         results[name] = _evaluate_cached("reference", fingerprint, plan, load, stages.echo, instructions)
+    for dim in e.truncate_dim:  # the trained model cut to D dimensions (a Matryoshka-trained one's)
+        results[f"{dim} dims"] = _evaluate_cached(f"trained-{dim}", trained_fingerprint, plan,
+                                                  lambda: SentenceTransformer(str(final)), stages.echo,
+                                                  e.instructions, truncate_dim=dim)  # fmt: skip
     stages.done("evaluate", started, f"results under {plan.output / RUN_EVAL_DIR}")
     return results
 

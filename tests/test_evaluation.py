@@ -263,3 +263,25 @@ def test_results_name_the_protocol_and_where_each_instruction_came_from(model):
     again = evaluate(model, [mock_tasks.MockClassificationTask()], protocol="st-synth")
     assert again["protocol"] == "st-synth"
     assert payload["unnormalized_tasks"] == ["MockClassificationTask"] and again["unnormalized_tasks"] == []
+
+
+def test_truncated_dimensions_are_scored_as_columns(tmp_path, capsys):
+    from st_synth.cli import main
+
+    folder = tmp_path / "model"
+    build_embedder(str(build_tiny_mistral(tmp_path / "tiny", "none")), max_seq_length=64).save(str(folder))
+    full = evaluate(str(folder), [mock_tasks.MockSTSTask()])
+    cut = evaluate(str(folder), [mock_tasks.MockSTSTask()], truncate_dim=16)
+    assert full["summary"]["dimension"] == 32 and cut["summary"]["dimension"] == 16
+    with pytest.raises(ValueError, match=r"truncate_dim must be in 1\.\.32"):
+        evaluate(str(folder), [mock_tasks.MockSTSTask()], truncate_dim=33)
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "--model", str(folder), "--tasks", "LeeDocSTS", "--output", str(out),
+                 "--truncate_dim", "16", "8"]) == 0, capsys.readouterr().err  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| task | trained | 16 dims | 8 dims |" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["by_dimension"]) == {"16", "8"}
+    lee = evaluate(str(folder), resolve_tasks(["LeeDocSTS"]), truncate_dim=16)["summary"]["main_score"]
+    assert saved["by_dimension"]["16"]["LeeDocSTS"] == pytest.approx(lee["LeeDocSTS"])
+    assert saved["by_dimension"]["16"] != saved["by_dimension"]["8"] != saved["summary"]["main_score"]

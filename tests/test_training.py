@@ -506,3 +506,24 @@ def test_checkpointing_settings_take_the_current_names_without_a_deprecation_war
     }
     if hasattr(args, "activation_checkpointing"):
         assert args.activation_checkpointing is True
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_matryoshka_training_trains_every_cut_and_the_card_says_so(backbone, synthetic, tmp_path, cached):
+    from st_synth.training import run_recipe
+
+    config = tmp_path / "m.yaml"
+    settings = small_config(backbone, synthetic, tmp_path / "run", matryoshka_dims=[32, 8], cached_loss=cached,
+                            mini_batch_size=4)  # fmt: skip
+    config.write_text(yaml.safe_dump(settings))
+    summary = run_recipe([str(config), "--max_steps", "2"])
+    assert set(summary["loss"].values()) == {"MatryoshkaLoss"} and summary["global_steps"] == 2
+    assert all(
+        entry["loss"] == entry["loss"] for entry in summary["log_history"] if "loss" in entry
+    )  # no NaN
+    final = tmp_path / "run" / "final"
+    assert "Matryoshka: also trained cut to 32, 8 dimensions" in (final / "README.md").read_text()
+    cut = SentenceTransformer(str(final), truncate_dim=8).encode_query(["cat dog"], convert_to_tensor=True)
+    assert cut.shape == (1, 8)
+    with pytest.raises(ValueError, match=r"matryoshka_dims \[64\] go beyond the model's 32 dimensions"):
+        run_recipe([str(config), "--max_steps", "1", "--matryoshka_dims", "64"])
