@@ -216,12 +216,22 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
                                      protocol=settings.protocol, truncate_dim=dim)["summary"]["main_score"]
             for dim in settings.truncate_dim
         }  # fmt: skip
+        by_precision = {
+            precision: evaluation.evaluate(target.model, tasks, overrides=settings.overrides,
+                                           batch_size=settings.batch_size, use_instructions=settings.instructions,
+                                           max_seq_length=settings.max_seq_length, protocol=settings.protocol,
+                                           precision=precision)["summary"]
+            for precision in settings.precision
+        }  # fmt: skip
     except ValueError as error:
         return _fail("evaluate", error)
-    if by_dimension:  # each cut size is a column of the table (and of the card), beside the full embeddings
+    if by_dimension or by_precision:  # each cut size and precision is a column of the table (and of the card)
         comparison.update({f"{dim} dims": scores for dim, scores in by_dimension.items()})
+        comparison.update({p: summary["main_score"] for p, summary in by_precision.items()})
         if target.output:
             payload["by_dimension"] = by_dimension
+            payload["by_precision"] = {p: {"main_score": summary["main_score"], "bytes_per_vector":
+                                           summary["bytes_per_vector"]} for p, summary in by_precision.items()}  # fmt: skip
             Path(target.output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     scores = payload["summary"]["main_score"]
     if comparison:

@@ -48,6 +48,16 @@ QUERY_ONLY_TYPES = {
 UNNORMALIZED_TYPES = {"st-synth": set(), "e5": {"Classification"}}
 
 
+# Embedding precisions (sentence-transformers' quantize_embeddings) and their bytes per dimension.
+PRECISIONS = {"float32": 4.0, "int8": 1.0, "uint8": 1.0, "binary": 0.125, "ubinary": 0.125}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise unknown_name("embedding precision", precision, PRECISIONS)
+    return precision
+
+
 def check_protocol(protocol: str) -> str:
     if protocol not in PROTOCOLS:
         raise unknown_name("evaluation protocol", protocol, PROTOCOLS)
@@ -85,8 +95,11 @@ class InstructedEncoder(_abs_encoder()):
         use_instructions: bool = True,
         batch_size: int = 32,
         protocol: str = "auto",
+        precision: str = "float32",
     ) -> None:
         self.model = model
+        self.precision = check_precision(precision)
+        self._ranges: dict[str, np.ndarray] = {}  # int8/uint8 calibration per task
         self.overrides = dict(overrides or {})
         self.use_instructions = use_instructions
         self.batch_size = batch_size
@@ -140,7 +153,26 @@ class InstructedEncoder(_abs_encoder()):
         self.calls.append({"task": task_metadata.name, "side": "document" if is_document else "query",
                            "instruction": instruction, "normalized": normalized, "texts": len(texts),
                            "encoded": len(missing)})  # fmt: skip
-        return np.stack([self._cache[(instruction, normalized, t)] for t in texts])
+        return self._quantized(
+            task_metadata.name, np.stack([self._cache[(instruction, normalized, t)] for t in texts])
+        )
+
+    def _quantized(self, task: str, embeddings: np.ndarray) -> np.ndarray:
+        """``embeddings`` at ``self.precision`` (sentence-transformers' ``quantize_embeddings``), as floats mteb
+        can compare: int8/uint8 codes, calibrated per task on the first texts it encodes (mteb indexes a
+        retrieval corpus before its queries, so there: the corpus); binary/ubinary as +1/-1 per bit (cosine on
+        them ranks like the Hamming distance of the packed bits)."""
+        if self.precision == "float32":
+            return embeddings
+        from sentence_transformers.quantization import quantize_embeddings
+
+        if self.precision in ("int8", "uint8"):
+            ranges = self._ranges.setdefault(
+                task, np.vstack([embeddings.min(axis=0), embeddings.max(axis=0)])
+            )
+            return quantize_embeddings(embeddings, self.precision, ranges=ranges).astype(np.float32)
+        bits = np.unpackbits(quantize_embeddings(embeddings, "ubinary"), axis=1)[:, : embeddings.shape[1]]
+        return bits.astype(np.float32) * 2 - 1
 
 
 OFFLINE_BENCHMARK = "st-synth-offline"
@@ -206,6 +238,7 @@ def evaluate(
     max_seq_length: int | None = None,
     protocol: str = "auto",
     truncate_dim: int | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Run mteb on ``tasks``; return (and write to ``output``) mteb's results plus a compact summary.
     ``max_seq_length`` truncates inputs (at most the model's own limit); ``protocol``: see the module;
@@ -226,7 +259,12 @@ def evaluate(
         raise ValueError(f"truncate_dim must be in 1..{full} (the model's dimensions), got {truncate_dim}")
     model.truncate_dim = truncate_dim
     encoder = InstructedEncoder(
-        model, overrides, use_instructions=use_instructions, batch_size=batch_size, protocol=protocol
+        model,
+        overrides,
+        use_instructions=use_instructions,
+        batch_size=batch_size,
+        protocol=protocol,
+        precision=precision,
     )
     started = time.perf_counter()
     result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=True,
@@ -234,7 +272,8 @@ def evaluate(
     scores = {task.task_name: float(task.get_score()) for task in result.task_results}
     payload = {
         "summary": {"main_score": scores, "mean": float(np.mean(list(scores.values()))) if scores else None,
-                    "dimension": model.get_embedding_dimension(),
+                    "dimension": model.get_embedding_dimension(), "precision": precision,
+                    "bytes_per_vector": model.get_embedding_dimension() * PRECISIONS[precision],
                     "wall_time_s": round(time.perf_counter() - started, 3)},
         "protocol": encoder.protocol,
         "instructions": {call["task"]: call["instruction"] for call in encoder.calls if call["side"] == "query"},
@@ -299,6 +338,11 @@ class EvaluationArguments:
         metadata={"help": "Also score the embeddings cut to these sizes (each a separate evaluation), e.g. 1024 256 64: "
                   "for a model trained with matryoshka_dims."},
     )  # fmt: skip
+    precision: list[str] = field(
+        default_factory=list,
+        metadata={"help": f"Also score the embeddings quantized to these precisions ({', '.join(PRECISIONS)}; "
+                  "int8/uint8 calibrated per task on its first texts: a retrieval task's corpus), each a column."},
+    )  # fmt: skip
     baseline: bool = field(
         default=False,
         metadata={
@@ -316,6 +360,8 @@ class EvaluationArguments:
     def __post_init__(self) -> None:
         self.tasks = [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
         check_protocol(self.protocol)
+        for precision in self.precision:
+            check_precision(precision)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         for item in self.task_instructions:

@@ -391,6 +391,7 @@ def _evaluate_cached(
     echo,
     instructions: bool,
     truncate_dim: int | None = None,
+    precision: str = "float32",
 ) -> dict[str, float]:
     from st_synth.evaluation import evaluate, resolve_tasks
 
@@ -406,6 +407,7 @@ def _evaluate_cached(
         e.task_instructions,
         e.protocol,
         *([truncate_dim] if truncate_dim else []),
+        *([precision] if precision != "float32" else []),
     )
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -414,7 +416,7 @@ def _evaluate_cached(
             return saved["summary"]["main_score"]
     payload = evaluate(load_model(), resolve_tasks(plan.tasks), overrides=e.overrides, use_instructions=instructions,
                        batch_size=e.batch_size, max_seq_length=e.max_seq_length, protocol=e.protocol,
-                       truncate_dim=truncate_dim)  # fmt: skip
+                       truncate_dim=truncate_dim, precision=precision)  # fmt: skip
     payload["fingerprint"] = key
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     scores = payload["summary"]["main_score"]
@@ -445,6 +447,10 @@ def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[
         results[f"{dim} dims"] = _evaluate_cached(f"trained-{dim}", trained_fingerprint, plan,
                                                   lambda: SentenceTransformer(str(final)), stages.echo,
                                                   e.instructions, truncate_dim=dim)  # fmt: skip
+    for precision in e.precision:  # the trained model's embeddings quantized
+        results[precision] = _evaluate_cached(f"trained-{precision}", trained_fingerprint, plan,
+                                              lambda: SentenceTransformer(str(final)), stages.echo, e.instructions,
+                                              precision=precision)  # fmt: skip
     stages.done("evaluate", started, f"results under {plan.output / RUN_EVAL_DIR}")
     return results
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from mteb.mocks import mock_tasks
 
@@ -285,3 +286,38 @@ def test_truncated_dimensions_are_scored_as_columns(tmp_path, capsys):
     lee = evaluate(str(folder), resolve_tasks(["LeeDocSTS"]), truncate_dim=16)["summary"]["main_score"]
     assert saved["by_dimension"]["16"]["LeeDocSTS"] == pytest.approx(lee["LeeDocSTS"])
     assert saved["by_dimension"]["16"] != saved["by_dimension"]["8"] != saved["summary"]["main_score"]
+
+
+def test_quantized_precisions_are_calibrated_per_task_and_scored_as_columns(model, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from st_synth.cli import main
+
+    task = SimpleNamespace(name="T", type="Retrieval")
+
+    def encode(encoder, texts, side="document"):
+        return encoder.encode([{"text": texts}], task_metadata=task, hf_split="test", hf_subset="default",
+                              prompt_type=side)  # fmt: skip
+
+    int8 = InstructedEncoder(model, precision="int8")
+    corpus = encode(int8, ["the cat", "a dog", "stock market price", "bread in the oven"])
+    assert corpus.dtype == np.float32 and np.array_equal(corpus, np.round(corpus))
+    assert corpus.min() >= -128 and corpus.max() <= 127
+    # Calibrated once per task, on its first texts (a retrieval corpus): a later call uses the same ranges.
+    assert np.array_equal(encode(int8, ["a dog"]), corpus[1:2])
+    binary = encode(InstructedEncoder(model, precision="binary"), ["the cat", "a dog"])
+    assert set(np.unique(binary)) <= {-1.0, 1.0}
+    plain = encode(InstructedEncoder(model), ["the cat", "a dog"])
+    assert np.array_equal(binary, np.where(plain > 0, 1.0, -1.0))
+    with pytest.raises(ValueError, match=r"embedding precision 'int4'.*int8"):
+        InstructedEncoder(model, precision="int4")
+    summary = evaluate(model, [mock_tasks.MockSTSTask()], precision="binary")["summary"]
+    assert summary["precision"] == "binary" and summary["bytes_per_vector"] == 32 * 0.125
+    folder = tmp_path / "m"
+    model.save(str(folder))
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--model", str(folder), "--tasks", "LeeDocSTS", "--output", str(out),
+                 "--precision", "int8", "ubinary"]) == 0, capsys.readouterr().err  # fmt: skip
+    assert "| task | trained | int8 | ubinary |" in capsys.readouterr().out
+    saved = json.loads(out.read_text())["by_precision"]
+    assert saved["int8"]["bytes_per_vector"] == 32 and saved["ubinary"]["bytes_per_vector"] == 4

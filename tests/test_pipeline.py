@@ -110,13 +110,13 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
 
     # Cut sizes are scored beside the full embeddings, as columns of the table and the card; nothing else reruns.
     assert main(["run", "--config", str(config_file), "--set", "train.learning_rate=1e-3",
-                 "--set", "evaluate.truncate_dim=[16]"]) == 0  # fmt: skip
+                 "--set", "evaluate.truncate_dim=[16]", "--set", "evaluate.precision=[binary]"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "reusing the trained model" in out and out.count("unchanged, scores from") == 3
     cut = json.loads((run / "run_summary.json").read_text())["evaluation"]
-    assert list(cut) == ["untrained", "trained", "all-MiniLM-L6-v2", "16 dims"]
+    assert list(cut) == ["untrained", "trained", "all-MiniLM-L6-v2", "16 dims", "binary"]
     assert (
-        "| task | this model | untrained | all-MiniLM-L6-v2 | 16 dims |"
+        "| task | this model | untrained | all-MiniLM-L6-v2 | 16 dims | binary |"
         in (run / "model" / "final" / "README.md").read_text()
     )
 

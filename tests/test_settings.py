@@ -48,7 +48,7 @@ SPECIAL = {
     "batch_sampler": ("no_duplicates", {}), "max_tokens": (256, {}), "report_to": (["tensorboard"], {}),
     "corpus": (["builtin:wikipedia"], {"kinds": "sts", "languages": "English"}),
     "public_datasets": ([{"name": "mine", "path": "some/data", "instructions": ["Find it."]}], {}),
-    "matryoshka_dims": ([16, 8], {}), "truncate_dim": ([16], {}),
+    "matryoshka_dims": ([16, 8], {}), "truncate_dim": ([16], {}), "precision": (["int8"], {}),
 }  # fmt: skip
 
 
