@@ -151,26 +151,27 @@ def write_model_card(
         "languages": language_codes((generation_report or {}).get("kept_by_language", {})),
         "evaluation": evaluation or {},
         "decontamination": _decontamination(summary.get("decontamination")),
-        "departures": departures(data_args, loss_args, training_args, summary),
+
         "mixed_batches": bool(getattr(data_args, "mix_sources", False)),
         "modules": [m.get("type") for m in modules],
         "query_prompt": prompts.get("query", ""),
         "card_metadata": card_metadata or {},
     }  # fmt: skip
+    facts["departures"] = departures(data_args, training_args, summary, facts["training"]["own_negatives"])
     (folder / CARD_DATA_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
     return render_model_card(folder)
 
 
 def departures(
-    data_args: Any, loss_args: Any, training_args: Any, summary: dict[str, Any]
+    data_args: Any, training_args: Any, summary: dict[str, Any], own_negatives: list[str]
 ) -> list[dict[str, str]]:
     """The recipe's choices in effect for this model that the paper did not make (or does not state), each
-    with the setting that turns it off: the card and README list them."""
+    with the setting that turns it off: the card and README list them. ``own_negatives``: the sources trained
+    with the own-negatives loss."""
     from st_synth.sampling import LengthGroupedBatchSampler
 
     found = []
-    own = [name for name in loss_args.no_in_batch_negatives if name in summary["sources"]]
-    if own:
+    if own := own_negatives:
         found.append({"choice": f"{', '.join(own)} trained against each row's own negatives only (other rows' labels "
                       "repeat, so they are not negatives)", "paper": "in-batch and hard negatives for every kind",
                       "switch": "no_in_batch_negatives: []"})  # fmt: skip

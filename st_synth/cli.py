@@ -201,37 +201,28 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
     try:
         tasks = settings.resolve()
         compared = settings.compared_models(facts.get("base_model"), facts.get("instruction_template"))
-        payload = evaluation.evaluate(target.model, tasks, overrides=settings.overrides, output=target.output,
-                                      use_instructions=settings.instructions, batch_size=settings.batch_size,
-                                      max_seq_length=settings.max_seq_length, protocol=settings.protocol)  # fmt: skip
-        comparison = {
-            name: evaluation.evaluate(load(), tasks, overrides=settings.overrides, use_instructions=instructions,
-                                      batch_size=settings.batch_size, max_seq_length=settings.max_seq_length,
-                                      protocol=settings.protocol)["summary"]["main_score"]
-            for name, (_, load, instructions) in compared.items()
-        }  # fmt: skip
-        by_dimension = {
-            dim: evaluation.evaluate(target.model, tasks, overrides=settings.overrides, batch_size=settings.batch_size,
-                                     use_instructions=settings.instructions, max_seq_length=settings.max_seq_length,
-                                     protocol=settings.protocol, truncate_dim=dim)["summary"]["main_score"]
-            for dim in settings.truncate_dim
-        }  # fmt: skip
-        by_precision = {
-            precision: evaluation.evaluate(target.model, tasks, overrides=settings.overrides,
-                                           batch_size=settings.batch_size, use_instructions=settings.instructions,
-                                           max_seq_length=settings.max_seq_length, protocol=settings.protocol,
-                                           precision=precision)["summary"]
-            for precision in settings.precision
-        }  # fmt: skip
+
+        def scored(model: Any, instructions: bool = settings.instructions, **extra: Any) -> dict[str, Any]:
+            return evaluation.evaluate(model, tasks, overrides=settings.overrides, use_instructions=instructions,
+                                       batch_size=settings.batch_size, max_seq_length=settings.max_seq_length,
+                                       protocol=settings.protocol, **extra)  # fmt: skip
+
+        payload = scored(target.model, output=target.output)
+        comparison = {name: scored(load(), instructions)["summary"]["main_score"]
+                      for name, (_, load, instructions) in compared.items()}  # fmt: skip
+        variants = {
+            name: scored(target.model, **extra)["summary"] for name, extra in settings.variants().items()
+        }
     except ValueError as error:
         return _fail("evaluate", error)
-    if by_dimension or by_precision:  # each cut size and precision is a column of the table (and of the card)
-        comparison.update({f"{dim} dims": scores for dim, scores in by_dimension.items()})
-        comparison.update({p: summary["main_score"] for p, summary in by_precision.items()})
+    if variants:  # each cut size and precision is a column of the table (and of the card)
+        comparison.update({name: summary["main_score"] for name, summary in variants.items()})
         if target.output:
-            payload["by_dimension"] = by_dimension
-            payload["by_precision"] = {p: {"main_score": summary["main_score"], "bytes_per_vector":
-                                           summary["bytes_per_vector"]} for p, summary in by_precision.items()}  # fmt: skip
+            payload["by_dimension"] = {
+                dim: variants[f"{dim} dims"]["main_score"] for dim in settings.truncate_dim
+            }
+            payload["by_precision"] = {p: {"main_score": variants[p]["main_score"], "bytes_per_vector":
+                                           variants[p]["bytes_per_vector"]} for p in settings.precision}  # fmt: skip
             Path(target.output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     scores = payload["summary"]["main_score"]
     if comparison:

@@ -368,6 +368,12 @@ class EvaluationArguments:
             if "=" not in item or not item.partition("=")[0].strip():
                 raise ValueError(f"task_instructions takes TASK=TEXT, got {item!r}")
 
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """The trained model's other readings scored beside it, as column name -> :func:`evaluate` keywords:
+        each cut size (``truncate_dim``), then each quantized precision (``precision``)."""
+        return {**{f"{dim} dims": {"truncate_dim": dim} for dim in self.truncate_dim},
+                **{precision: {"precision": precision} for precision in self.precision}}  # fmt: skip
+
     @property
     def overrides(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.task_instructions)

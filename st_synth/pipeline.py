@@ -439,18 +439,17 @@ def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[
             "untrained", fingerprint, plan, load, stages.echo, instructions
         )
     final = plan.final_model
-    results["trained"] = _evaluate_cached("trained", trained_fingerprint, plan,
-                                          lambda: SentenceTransformer(str(final)), stages.echo, e.instructions)  # fmt: skip
+
+    def load_trained() -> SentenceTransformer:
+        return SentenceTransformer(str(final))
+
+    results["trained"] = _evaluate_cached("trained", trained_fingerprint, plan, load_trained, stages.echo,
+                                          e.instructions)  # fmt: skip
     for name, (fingerprint, load, instructions) in compared.items():
         results[name] = _evaluate_cached("reference", fingerprint, plan, load, stages.echo, instructions)
-    for dim in e.truncate_dim:  # the trained model cut to D dimensions (a Matryoshka-trained one's)
-        results[f"{dim} dims"] = _evaluate_cached(f"trained-{dim}", trained_fingerprint, plan,
-                                                  lambda: SentenceTransformer(str(final)), stages.echo,
-                                                  e.instructions, truncate_dim=dim)  # fmt: skip
-    for precision in e.precision:  # the trained model's embeddings quantized
-        results[precision] = _evaluate_cached(f"trained-{precision}", trained_fingerprint, plan,
-                                              lambda: SentenceTransformer(str(final)), stages.echo, e.instructions,
-                                              precision=precision)  # fmt: skip
+    for name, extra in e.variants().items():  # cut sizes (Matryoshka) and quantized precisions
+        results[name] = _evaluate_cached(f"trained-{next(iter(extra.values()))}", trained_fingerprint, plan,
+                                         load_trained, stages.echo, e.instructions, **extra)  # fmt: skip
     stages.done("evaluate", started, f"results under {plan.output / RUN_EVAL_DIR}")
     return results
 
