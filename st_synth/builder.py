@@ -30,6 +30,7 @@ from st_synth.cache import AnswerCache
 from st_synth.client import (
     RESPONSE_FORMATS,
     ChatClient,
+    Deferred,
     RequestRefused,
     RetryPolicy,
     is_loopback,
@@ -364,12 +365,22 @@ class SyntheticDatasetBuilder:
         health_check: Callable[[], None] | None = None,
         report_extra: dict[str, Any] | None = None,
         corpus: Corpus | None = None,
+        deferred: bool = False,
     ) -> None:
         """``health_check``: called after a failed connection, raises when the endpoint's server has died
         (a managed local server's ``check_alive``); ``report_extra``: added to the report (the server);
-        ``corpus``: ``config.corpus`` already loaded (else loaded here, before any request)."""
+        ``corpus``: ``config.corpus`` already loaded (else loaded here, before any request); ``deferred``:
+        the batch route (:mod:`st_synth.batch`): send nothing, collect the requests the cache cannot answer
+        in ``pending`` (cache key -> Batch API line), needing no endpoint and no key."""
         self.config = config
-        config.validate_endpoint_settings()
+        self.deferred = deferred
+        self.pending: dict[str, dict[str, Any]] = {}
+        if deferred and not config.model:
+            raise ValueError(
+                "No generator model given; pass --model NAME (the name the batch engine serves)."
+            )
+        if not deferred:
+            config.validate_endpoint_settings()
         self.corpus = corpus if corpus is not None or not config.corpus else Corpus.load(config)
         self._client = client
         self.health_check = health_check
@@ -398,7 +409,8 @@ class SyntheticDatasetBuilder:
                 self.report = {**run.report(time.perf_counter() - started), **self.report_extra}
         finally:
             cache.close()
-        self.dataset = run.to_dataset()
+        # A batch round with requests still pending has no dataset yet (st_synth.batch).
+        self.dataset = DatasetDict() if self.pending else run.to_dataset()
         return self.dataset
 
     def save(self, output: str | Path) -> Path:
@@ -428,6 +440,9 @@ def make_clients(config: GenerationConfig) -> list[openai.AsyncOpenAI]:
         return [openai.AsyncOpenAI(**kwargs) for _ in range(-(-config.concurrency // CONNECTIONS_PER_CLIENT))]
 
 
+DEFERRED = object()  # an answer that waits for a batch (st_synth.batch): neither kept nor dropped
+
+
 class _Run:
     """The mutable state of one build: workers, brainstorm pools, kept examples, drops."""
 
@@ -440,7 +455,7 @@ class _Run:
         self.plans = builder.shard_plans()
         self.by_index = {plan.index: plan for plan in self.plans}
         self._owns_clients = builder._client is None
-        api = builder._client or make_clients(c)
+        api = builder._client or ([] if builder.deferred else make_clients(c))
         self.chat = ChatClient(
             api,
             c.model or "",
@@ -451,12 +466,14 @@ class _Run:
             response_format=c.response_format,
             retry=RetryPolicy(max_retries=c.max_retries, base_delay=c.retry_base_delay),
             health_check=builder.health_check,
+            deferred=builder.pending if builder.deferred else None,
         )
         self.budget = c.failure_budget if c.failure_budget is not None else 2 * len(self.plans) + 20
         self.kept: dict[int, _Kept] = {}
         # Dedup key -> the lowest index whose FIRST kept answer has that key (see _claim).
         self.first_owner: dict[tuple[str, ...], int] = {}
         self.abandoned: set[int] = set()
+        self.waiting: set[int] = set()  # examples whose next request waits for a batch
         self.drops: Counter = Counter()
         self.drops_by_kind: Counter = Counter()
         self.failures = 0
@@ -541,7 +558,7 @@ class _Run:
             )
             result = await self._answer(request, parse)
             if not isinstance(result, str):
-                return result
+                return result  # the tasks, or DEFERRED
             self._drop(f"brainstorm:{result}", kind)
         return None
 
@@ -555,6 +572,8 @@ class _Run:
             answer = await self.chat.complete(request)
         except RequestRefused as refused:
             return refused.reason
+        except Deferred:
+            return DEFERRED
         if answer.finish_reason == "length":
             return "truncated"
         try:
@@ -570,6 +589,9 @@ class _Run:
                 return None
             brainstorms = self._brainstorms(plan.kind)
             tasks = await self._tasks_for(plan) if brainstorms else None
+            if tasks is DEFERRED:
+                self.waiting.add(plan.index)
+                return None
             if brainstorms and tasks is None:
                 break
             if self.corpus is not None and plan.passage is not None:
@@ -585,6 +607,9 @@ class _Run:
                     return parse_example_keyed(content, kind)
 
             result = await self._answer(self._capped(request), parse)
+            if result is DEFERRED:
+                self.waiting.add(plan.index)
+                return None
             if isinstance(result, str):
                 self._drop(result, plan.kind)
                 continue
@@ -657,7 +682,14 @@ class _Run:
             "num_examples_requested": len(self.plans),
             "num_examples_kept": len(self.kept),
             "complete": complete,
-            "stop_reason": None if complete else self.stop_reason or "some examples used up their attempts",
+            "stop_reason": None
+            if complete
+            else self.stop_reason
+            or (
+                f"{len(self.waiting)} examples wait for a batch of {len(self.chat.deferred)} requests"
+                if self.waiting
+                else "some examples used up their attempts"
+            ),
             "requests_sent": s.requests_sent,
             "answers_stored": s.answers_stored,
             "cache_hits": s.cache_hits,
@@ -673,6 +705,16 @@ class _Run:
             "drops": dict(sorted(self.drops.items())),
             "drops_by_kind": {k: self.drops_by_kind[k] for k in c.kind_weights},
             "abandoned_examples": len(self.abandoned),
+            **(
+                {
+                    "batch": {
+                        "pending_requests": len(self.chat.deferred),
+                        "waiting_examples": len(self.waiting),
+                    }
+                }
+                if self.chat.deferred is not None
+                else {}
+            ),
             "kept_by_kind": {k: kept_kind[k] for k in c.kind_weights},
             "kept_by_language": dict(kept_language.most_common()),
             "kept_by_template": dict(sorted(kept_template.items())),

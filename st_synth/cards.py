@@ -63,7 +63,23 @@ def _languages_summary(report: dict[str, Any]) -> str:
     return f"{len(kept)} ({top}{', ...' if len(kept) > 8 else ''})"
 
 
-def render_dataset_card(dataset: DatasetDict, report: dict[str, Any], repo_id: str) -> str:
+def write_dataset_card(
+    folder: str | Path, dataset: DatasetDict, report: dict[str, Any], repo_id: str
+) -> Path:
+    """README.md for ``dataset`` in ``folder``, with its images (kinds, languages, text lengths, drops)
+    under ``folder/images``."""
+    from st_synth.plots import dataset_images
+
+    folder = Path(folder)
+    images = dataset_images(folder, dataset, report)
+    readme = folder / "README.md"
+    readme.write_text(render_dataset_card(dataset, report, repo_id, images=images), encoding="utf-8")
+    return readme
+
+
+def render_dataset_card(
+    dataset: DatasetDict, report: dict[str, Any], repo_id: str, images: list[dict[str, str]] | None = None
+) -> str:
     splits = [
         {
             "name": name,
@@ -83,6 +99,7 @@ def render_dataset_card(dataset: DatasetDict, report: dict[str, Any], repo_id: s
         languages=language_codes(kept_languages),
         languages_summary=summary,
         size_category=_size_category(sum(s["rows"] for s in splits)),
+        images=images or [],
     )
 
 
@@ -150,6 +167,8 @@ def write_model_card(
                       if generation_report else None),
         "languages": language_codes((generation_report or {}).get("kept_by_language", {})),
         "evaluation": evaluation or {},
+        "loss_curve": [[entry["step"], entry["loss"]] for entry in summary.get("log_history", [])
+                       if "loss" in entry and "step" in entry],
         "decontamination": _decontamination(summary.get("decontamination")),
 
         "mixed_batches": bool(getattr(data_args, "mix_sources", False)),
@@ -206,9 +225,12 @@ def render_model_card(
     *,
     comparison: dict[str, dict[str, float]] | None = None,
     consistency_filter: dict[str, Any] | None = None,
+    variants: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """(Re)render README.md from the saved card facts, optionally with new evaluation results, the scores
-    of other models on the same tasks (e.g. the untrained backbone) and the consistency filter's report."""
+    """(Re)render README.md (and its images) from the saved card facts, optionally with new evaluation
+    results, the scores of other columns on the same tasks (other models, e.g. the untrained backbone, and
+    ``variants``: this model cut or quantized, name -> ``truncate_dim`` / ``precision``, as
+    ``EvaluationArguments.variants()``) and the consistency filter's report."""
     folder = Path(folder)
     facts_path = folder / CARD_DATA_FILE
     if not facts_path.is_file():
@@ -220,15 +242,45 @@ def render_model_card(
         facts["comparison"] = comparison
     if consistency_filter is not None:
         facts["consistency_filter"] = consistency_filter
-    if evaluation is not None or comparison is not None or consistency_filter is not None:
+    if variants is not None:
+        facts["variants"] = variants
+    if any(given is not None for given in (evaluation, comparison, consistency_filter, variants)):
         facts_path.write_text(json.dumps(facts, indent=2) + "\n")
     readme = folder / "README.md"
     defaults = {"comparison": {}, "consistency_filter": None, "query_prompt": True, "card_metadata": {}}
     facts = {**defaults, **facts}
-    body = _template("model_card.md").render(**facts)
+    facts["storage"] = storage_rows(facts)
+    from st_synth.plots import model_images
+
+    body = _template("model_card.md").render(**facts, images=model_images(folder, facts))
     metadata = hub_metadata(facts)
     readme.write_text(f"---\n{metadata.to_yaml()}\n---\n\n{body}", encoding="utf-8")
     return readme
+
+
+def storage_rows(facts: dict[str, Any]) -> list[dict[str, Any]]:
+    """The full embedding and each evaluated cut size / precision: dimensions, bytes per vector, mean score
+    over the evaluated tasks and the share of the full float32 embedding's mean it keeps."""
+    from st_synth.evaluation import PRECISIONS
+
+    evaluation, comparison = facts.get("evaluation") or {}, facts.get("comparison") or {}
+    variants, dimension = facts.get("variants") or {}, facts.get("dimension")
+    if not evaluation or not variants or not isinstance(dimension, int):
+        return []
+
+    def row(name: str, scores: dict[str, float], dims: int, precision: str) -> dict[str, Any]:
+        shared = [task for task in evaluation if task in scores]
+        mean = sum(scores[task] for task in shared) / len(shared)
+        full = sum(evaluation[task] for task in shared) / len(shared)
+        return {"name": name, "dimension": dims, "precision": precision, "bytes_per_vector": dims * PRECISIONS[precision],
+                "mean": mean, "retained": mean / full if full > 0 else None}  # fmt: skip
+
+    rows = [row("full", evaluation, dimension, "float32")]
+    for name, extra in variants.items():
+        if any(task in evaluation for task in comparison.get(name, {})):
+            rows.append(row(name, comparison[name], extra.get("truncate_dim") or dimension,
+                            extra.get("precision", "float32")))  # fmt: skip
+    return rows
 
 
 TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "st-synth", "e5-mistral"]

@@ -24,6 +24,14 @@ class GenerateOutput:
     push_to_hub: str | None = field(default=None, metadata={"help": "Also push the dataset to this Hub repo.",
                                                             "metavar": "REPO"})  # fmt: skip
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    batch_export: str | None = field(default=None, metadata={
+        "help": "Send nothing: write the requests the answer cache cannot answer to this file as OpenAI Batch "
+        "API lines (for vLLM's run_batch, OpenAI's Batch API, ...) and exit with status 4; no endpoint or key "
+        "needed. Rerun with --batch_import RESULTS (and --batch_export for the next round) until it saves "
+        "the dataset.", "metavar": "REQUESTS.jsonl"})  # fmt: skip
+    batch_import: str | None = field(default=None, metadata={
+        "help": "First put the answers of a Batch API results file (answering a --batch_export file) into the "
+        "answer cache.", "metavar": "RESULTS.jsonl"})  # fmt: skip
 
 
 @dataclass
@@ -72,17 +80,29 @@ def _generate(config: Any, target: GenerateOutput) -> int:
     from st_synth.cache import AnswerCache, CacheError
     from st_synth.client import EndpointError
 
+    batch = bool(target.batch_export or target.batch_import)
     try:
+        if batch and config.local:
+            raise ValueError("--batch_export / --batch_import go through files, without a server: drop --local "
+                             "and run the engine on the exported file yourself.")  # fmt: skip
         # Everything is validated before the local server starts or any request is sent.
-        SyntheticDatasetBuilder(config)
+        SyntheticDatasetBuilder(config, deferred=batch)
         output = check_output_folder(target.output)
         AnswerCache.check(config.cache_path)
     except (ValueError, RuntimeError) as error:
         return _fail("generate", error)
     builder = None
+    if batch:
+        try:
+            builder, code = _batch_round(config, target)
+        except (CacheError, ValueError) as error:
+            return _fail("generate", error, 1)
+        if code is not None:
+            return code
     try:
-        with served_builder(config) as builder:
-            builder.build()
+        if builder is None:
+            with served_builder(config) as builder:
+                builder.build()
     except (CacheError, ValueError) as error:
         return _fail("generate", error, 1)
     except EndpointError as error:
@@ -108,6 +128,42 @@ def _generate(config: Any, target: GenerateOutput) -> int:
         url = push_dataset(builder.dataset, report, target.push_to_hub, private=target.private or None)
         print(f"pushed to {url}")
     return 0 if report.get("complete") else 3
+
+
+def _batch_round(config: Any, target: GenerateOutput) -> tuple[Any, int | None]:
+    """Import results (if given), replay the plan from the cache, export what it still needs. Returns the
+    finished builder and None when nothing is pending (the caller saves the dataset), else an exit code."""
+    from st_synth.batch import export_requests, import_results
+    from st_synth.builder import SyntheticDatasetBuilder
+    from st_synth.cache import AnswerCache
+    from st_synth.client import starting_mode
+
+    cache = AnswerCache(config.cache_path)
+    try:
+        if target.batch_import:
+            counts = import_results(cache, target.batch_import,
+                                    starting_mode(config.response_format, cache, config.model))  # fmt: skip
+            print(f"imported {target.batch_import}: {counts['answered']} answers, {counts['refused']} refused "
+                  f"(dropped), {counts['to_retry']} failed transiently (exported again), {counts['already']} "
+                  "already in the cache")  # fmt: skip
+        builder = SyntheticDatasetBuilder(config, deferred=True)
+        builder.build()
+        if not builder.pending:
+            return builder, None
+        waiting = builder.report["batch"]["waiting_examples"]
+        if not target.batch_export:
+            print(f"st-synth generate: {waiting} examples still wait for {len(builder.pending)} requests: add "
+                  "--batch_export FILE to write them.", file=sys.stderr)  # fmt: skip
+            return builder, 4
+        round_number = export_requests(cache, builder.pending, target.batch_export)
+    finally:
+        cache.close()
+    print(f"round {round_number}: {len(builder.pending)} requests for {waiting} examples written to "
+          f"{target.batch_export} ({builder.report['num_examples_kept']}/{builder.report['num_examples_requested']} "
+          "kept so far). Answer them with a batch engine (e.g. python -m vllm.entrypoints.openai.run_batch -i "
+          f"{target.batch_export} -o results.jsonl), then run this command again with --batch_import results.jsonl "
+          "(and --batch_export for the next round).")  # fmt: skip
+    return builder, 4
 
 
 # -- filter -----------------------------------------------------------------------------------------------
@@ -237,7 +293,8 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
         from st_synth.cards import render_model_card
 
         try:
-            readme = render_model_card(target.model, evaluation=scores, comparison=comparison or None)
+            readme = render_model_card(target.model, evaluation=scores, comparison=comparison or None,
+                                       variants=settings.variants() or None)  # fmt: skip
         except FileNotFoundError as error:
             return _fail("evaluate", error)
         print(f"updated {readme}")
@@ -298,6 +355,37 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export -----------------------------------------------------------------------------------------------
+def _add_export(subparsers: Any) -> None:
+    from st_synth.export import ExportArguments
+
+    subparsers.add_parser(
+        "export",
+        help="Export a model to ONNX Runtime (optionally with int8 weights), checked against the original.",
+        description="The folder loads with SentenceTransformer(folder, trust_remote_code=True) wherever "
+        "onnxruntime is installed; prompts, EOS handling and last-token pooling are the model's own.",
+        dataclass_types=(ExportArguments,),
+    ).set_defaults(func=_export)
+
+
+def _export(settings: Any) -> int:
+    from st_synth.export import export_onnx
+
+    try:
+        report = export_onnx(settings.model, settings.output, quantize=settings.quantize, opset=settings.opset,
+                             verify=settings.verify)  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:
+        return _fail("export", error)
+    except RuntimeError as error:
+        return _fail("export", error, code=1)
+    for name, graph in report["graphs"].items():
+        checked = graph.get("agreement")
+        agreement = f", min cosine with torch {checked['min_cosine']:.4f}" if checked else ""
+        print(f"{name}: {graph['file']} ({graph['bytes'] / 2**20:,.1f} MiB{agreement})")
+    print(f"-> {settings.output} (default graph {report['default_graph']})")
+    return 0
+
+
 # -- push -------------------------------------------------------------------------------------------------
 def _add_push(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -337,6 +425,10 @@ COMMANDS: dict[str, tuple[str, Any]] = {
     "run": (
         "The whole path from one YAML file: generate, filter, train, evaluate, card (and push).",
         _add_run,
+    ),
+    "export": (
+        "Export a model to ONNX Runtime (optionally int8), checked against the original.",
+        _add_export,
     ),
     "push": ("Upload a trained model folder to the Hugging Face Hub.", _add_push),
 }

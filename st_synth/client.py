@@ -40,6 +40,10 @@ class EndpointError(RuntimeError):
     """The endpoint refused the run as a whole (bad key, unknown model, unreachable, outage)."""
 
 
+class Deferred(Exception):
+    """A request not answered yet that waits for a batch (a client with ``deferred`` set); not a failure."""
+
+
 class RequestRefused(RuntimeError):
     """The endpoint refused this one request for a reason that a retry cannot fix."""
 
@@ -159,7 +163,7 @@ def _mentions_format(error: openai.APIStatusError) -> bool:
     return any(word in text for word in _FORMAT_WORDS)
 
 
-def _answer_from(response: object, mode: str) -> Answer:
+def answer_from(response: object, mode: str) -> Answer:
     """Read content, finish reason and usage from a raw chat-completion JSON body, defensively."""
     response = response if isinstance(response, dict) else {}
     choices = response.get("choices") or [{}]
@@ -177,6 +181,18 @@ def _answer_from(response: object, mode: str) -> Answer:
     )
 
 
+def _mode_key(model: str) -> str:
+    return f"response_format:{model}"
+
+
+def starting_mode(response_format: str, cache: AnswerCache, model: str) -> str:
+    """The response format a run starts in: the one asked for, or under "auto" the one an earlier run
+    settled on with this model (kept in the cache), else the strictest."""
+    if response_format != "auto":
+        return response_format
+    return cache.get_meta(_mode_key(model)) or RESPONSE_FORMATS[0]
+
+
 class ChatClient:
     def __init__(
         self,
@@ -191,7 +207,11 @@ class ChatClient:
         retry: RetryPolicy | None = None,
         extra_body: dict[str, Any] | None = None,
         health_check: Callable[[], None] | None = None,
+        deferred: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """``deferred``: the batch route (``st_synth.batch``): a request not in the cache is not sent but
+        put in this mapping (cache key -> Batch API request line) and :class:`Deferred` is raised; one a
+        batch refused (HTTP 4xx) is refused again without a request."""
         if response_format != "auto" and response_format not in RESPONSE_FORMATS:
             raise ValueError(
                 f"Unknown response format {response_format!r}; choose 'auto' or one of: "
@@ -200,7 +220,8 @@ class ChatClient:
         # Several clients, each with a small connection pool: httpx scans its whole pool on every
         # request, so one pool of 64 connections costs more CPU per request than eight pools of eight.
         self.clients = [client] if isinstance(client, openai.AsyncOpenAI) else list(client)
-        self.client = self.clients[0]
+        self.client = self.clients[0] if self.clients else None
+        self.deferred = deferred
         self.model = model
         self.cache = cache
         self.temperature = temperature
@@ -211,10 +232,8 @@ class ChatClient:
         # run stops at once instead of retrying a dead port until the retry budget runs out.
         self.health_check = health_check
         self.negotiate = response_format == "auto"
-        self._mode_key = f"response_format:{model}"
-        self.mode = (
-            response_format if not self.negotiate else cache.get_meta(self._mode_key) or RESPONSE_FORMATS[0]
-        )
+        self._mode_key = _mode_key(model)
+        self.mode = starting_mode(response_format, cache, model)
         self.stats = ClientStats()
         self._slots: asyncio.Queue[int] = asyncio.Queue()
         for slot in range(concurrency):
@@ -277,6 +296,13 @@ class ChatClient:
             self.stats.cached_prompt_tokens += hit["prompt_tokens"]
             self.stats.cached_completion_tokens += hit["completion_tokens"]
             return Answer(**hit, cached=True)
+        if self.deferred is not None:
+            from st_synth.batch import deferred_line, refused_reason
+
+            if reason := refused_reason(self.cache, key):
+                raise RequestRefused(reason)
+            self.deferred[key] = deferred_line(key, self.request_body(request, self.mode))
+            raise Deferred(key)
         await self._check_endpoint()
         if not self._format_confirmed:
             # Until one answer confirms the response format, send one request at a time, so that an
@@ -314,23 +340,28 @@ class ChatClient:
             return {"type": "json_object"}
         return {}
 
+    def request_body(self, request: ChatRequest, mode: str) -> dict[str, Any]:
+        """The chat-completions JSON body sent for ``request`` in response-format ``mode``."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": request.messages,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": request.max_tokens,
+            "seed": request.seed,
+            **self.extra_body,
+        }
+        if response_format := self._format_argument(mode, request):
+            body["response_format"] = response_format
+        return body
+
     async def _send(self, request: ChatRequest, client: openai.AsyncOpenAI) -> Answer:
         retries = 0
         failures: Counter = Counter()
         started = time.monotonic()
         while True:
             mode = self.mode
-            body: dict[str, Any] = {
-                "model": self.model,
-                "messages": request.messages,
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "max_tokens": request.max_tokens,
-                "seed": request.seed,
-                **self.extra_body,
-            }
-            if response_format := self._format_argument(mode, request):
-                body["response_format"] = response_format
+            body = self.request_body(request, mode)
             self.stats.requests_sent += 1
             try:
                 # The raw JSON route of the same client: the typed ``chat.completions.create`` spends
@@ -365,7 +396,7 @@ class ChatClient:
                     await asyncio.to_thread(self.health_check)
                 retries = await self._backoff(retries, label, failures, started, None)
                 continue
-            return _answer_from(response, mode)
+            return answer_from(response, mode)
 
     def _can_downgrade(self, error: openai.APIStatusError, mode: str) -> bool:
         """Step down to a weaker response format when the endpoint rejects the current one."""

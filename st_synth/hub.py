@@ -11,7 +11,7 @@ from typing import Any
 from datasets import DatasetDict
 from huggingface_hub import HfApi
 
-from st_synth.cards import render_dataset_card
+from st_synth.cards import write_dataset_card
 from st_synth.names import REPORT_FILE
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def push_dataset(
         (folder / "data").mkdir()
         for split, data in dataset.items():
             data.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
-        (folder / "README.md").write_text(render_dataset_card(dataset, report, repo_id), encoding="utf-8")
+        write_dataset_card(folder, dataset, report, repo_id)
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         return _upload(folder, repo_id, "dataset", "Upload synthetic embedding data generated with st-synth",
                        token=token, private=private)  # fmt: skip

@@ -462,7 +462,7 @@ def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
     evaluation = summary["evaluation"]
     comparison = {name: scores for name, scores in evaluation.items() if name != "trained"}
     readme = render_model_card(final, evaluation=evaluation["trained"], comparison=comparison,
-                               consistency_filter=summary["filter"])  # fmt: skip
+                               consistency_filter=summary["filter"], variants=plan.evaluation.variants())  # fmt: skip
     detail = f"{readme}"
     if plan.run.push_to_hub:
         from st_synth.hub import push_model

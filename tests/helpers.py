@@ -10,6 +10,24 @@ from pathlib import Path
 
 from st_synth.cache import AnswerCache
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_images_linked(card: str, files: dict[str, bytes], names: list[str]) -> None:
+    """Each ``images/NAME.png`` is in ``files`` (path -> bytes, as saved or uploaded), is a PNG that
+    decodes to a picture of some size, and is linked from ``card`` as a Markdown image."""
+    import io
+
+    from PIL import Image
+
+    for name in names:
+        path = f"images/{name}.png"
+        assert f"]({path})" in card, f"{path} is not linked from the card"
+        assert files.get(path, b"").startswith(PNG_MAGIC), f"{path} is missing or not a PNG"
+        with Image.open(io.BytesIO(files[path])) as image:
+            image.verify()
+            assert image.width > 100 and image.height > 100, image.size
+
 
 def kill_and_resume(command: list[str], cache: Path, env: dict[str, str], output: Path,
                     after_answers: int = 15, timeout: float = 60.0) -> subprocess.CompletedProcess:  # fmt: skip

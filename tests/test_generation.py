@@ -24,7 +24,7 @@ from st_synth.prompting import example_request, plan_examples
 from st_synth.taxonomy import TASK_KINDS
 from st_synth.testing.openai_server import get_json, heavy_tailed_latency
 from st_synth.validation import Rejected, parse_example, parse_tasks
-from tests.helpers import kill_and_resume
+from tests.helpers import assert_images_linked, kill_and_resume
 
 
 def make_config(server, tmp_path: Path, **overrides) -> GenerationConfig:
@@ -449,11 +449,14 @@ def test_push_to_hub_uploads_data_and_card(fake_server, tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     push_dataset(dataset, builder.report, "me/synthetic", token="hf_SECRET_TOKEN")
     assert calls[0][:2] == ("create", "me/synthetic") and calls[1] == ("upload", "me/synthetic", "dataset")
+    images = ["kinds", "languages", "lengths"] + (["drops"] if builder.report["drops"] else [])
     assert set(uploaded) == {
         "README.md", "generation_report.json",
         "data/retrieval-00000-of-00001.parquet", "data/sts-00000-of-00001.parquet",
+        *(f"images/{name}.png" for name in images),
     }  # fmt: skip
     card = uploaded["README.md"].decode()
+    assert_images_linked(card, uploaded, images)
     assert "`fake-llm`" in card and "| `retrieval` |" in card and "path: data/sts-*" in card
     assert all(b"hf_SECRET_TOKEN" not in blob for blob in uploaded.values())
 

@@ -14,6 +14,7 @@ from datasets import load_from_disk
 
 from st_synth.cli import main
 from st_synth.pipeline import load_config, plan_run, score_table
+from tests.helpers import assert_images_linked
 
 
 def _corpus(folder) -> str:
@@ -115,10 +116,21 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     assert "reusing the trained model" in out and out.count("unchanged, scores from") == 3
     cut = json.loads((run / "run_summary.json").read_text())["evaluation"]
     assert list(cut) == ["untrained", "trained", "all-MiniLM-L6-v2", "16 dims", "binary"]
-    assert (
-        "| task | this model | untrained | all-MiniLM-L6-v2 | 16 dims | binary |"
-        in (run / "model" / "final" / "README.md").read_text()
+    card = (run / "model" / "final" / "README.md").read_text()
+    assert "| task | this model | untrained | all-MiniLM-L6-v2 | 16 dims | binary |" in card
+    # The card's storage table: bytes per vector and the share of the full embedding's mean score kept.
+    full, cut16, binary = (
+        line for line in card.splitlines() if line.startswith(("| full |", "| 16 dims |", "| binary |"))
     )
+    assert full.startswith("| full | 32 | float32 | 128 |") and full.endswith("| 100.0% |")
+    assert cut16.startswith("| 16 dims | 16 | float32 | 64 |") and binary.startswith(
+        "| binary | 32 | binary | 4 |"
+    )
+    means = {row: float(row.split(" | ")[4]) for row in (full, cut16)}
+    assert cut16.endswith(f"| {100 * means[cut16] / means[full]:.1f}% |")
+    final = run / "model" / "final"
+    saved = {str(p.relative_to(final)): p.read_bytes() for p in (final / "images").glob("*.png")}
+    assert_images_linked(card, saved, ["loss", "scores", "storage"])
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from st_synth.training import (
     load_sources,
     train,
 )
+from tests.helpers import assert_images_linked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,7 +166,7 @@ def test_push_uploads_weights_configs_and_card(backbone, synthetic, tmp_path, mo
 
     model_args = ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, lora_alpha=8)
     args = RecipeTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
-                                      max_steps=2, use_cpu=True, save_strategy="no", push_to_hub=True,
+                                      max_steps=2, logging_steps=1, use_cpu=True, save_strategy="no", push_to_hub=True,
                                       hub_model_id="me/tiny-e5", hub_token="hf_SECRET")  # fmt: skip
     uploaded: dict[str, bytes] = {}
 
@@ -184,6 +185,7 @@ def test_push_uploads_weights_configs_and_card(backbone, synthetic, tmp_path, mo
     prompts = json.loads(uploaded["config_sentence_transformers.json"])["prompts"]
     assert prompts["document"] == "" and prompts["query"]
     assert b"me/tiny-e5" in uploaded["README.md"]
+    assert_images_linked(uploaded["README.md"].decode(), uploaded, ["loss"])
     assert all(b"hf_SECRET" not in blob for blob in uploaded.values())
 
     from st_synth.cli import main as cli_main

@@ -24,6 +24,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 KNOWN_KEYS = (
     "user_query", "positive_document", "hard_negative_document", "input_text", "label",
@@ -373,6 +374,43 @@ def heavy_tailed_latency(mean: float, sigma: float = 1.0) -> Callable[[random.Ra
     return lambda rng: rng.lognormvariate(mu, sigma)
 
 
+def answer_batch(
+    server: FakeOpenAIServer, requests: str | Path, results: str | Path, fail: dict[str, int] | None = None
+) -> int:
+    """A batch engine for tests: answer each OpenAI Batch API request line of ``requests`` with the server's
+    answer (no HTTP), writing result lines to ``results`` in reverse order (engines do not keep the order).
+    ``fail``: custom_id -> HTTP status to answer instead (0: an expired line, with no response). Returns
+    the lines answered."""
+    lines = [
+        json.loads(line) for line in Path(requests).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    out = []
+    for number, line in enumerate(lines):
+        status = (fail or {}).get(line["custom_id"])
+        if status == 0:
+            response, error = (
+                None,
+                {"code": "batch_expired", "message": "This request could not be executed."},
+            )
+        elif status is not None:
+            response = {"status_code": status, "request_id": f"req-{number}",
+                        "body": {"error": {"message": f"injected {status}"}}}  # fmt: skip
+            error = None
+        else:
+            code, payload, _, _ = server.respond(line["body"])
+            response, error = {"status_code": code, "request_id": f"req-{number}", "body": payload}, None
+        out.append(
+            {
+                "id": f"batch_req_{number}",
+                "custom_id": line["custom_id"],
+                "response": response,
+                "error": error,
+            }
+        )
+    Path(results).write_text("".join(json.dumps(entry) + "\n" for entry in reversed(out)), encoding="utf-8")
+    return len(out)
+
+
 def main() -> None:
     """Serve until killed: ``python -m st_synth.testing --port 8000 --mean-latency 0.2``."""
     import argparse
@@ -388,7 +426,14 @@ def main() -> None:
     parser.add_argument("--die-after", type=int, default=None, help="Kill this process at the chat request "
                         "after this many answers (a crashing local server).")  # fmt: skip
     parser.add_argument("--die-signal", default="SIGSEGV", help="The signal it dies by.")
+    parser.add_argument("--answer-batch", nargs=2, metavar=("REQUESTS", "RESULTS"), help="Serve nothing: answer "
+                        "an OpenAI Batch API requests file into a results file, as a batch engine would.")  # fmt: skip
     args = parser.parse_args()
+    if args.answer_batch:
+        answered = answer_batch(FakeOpenAIServer(model=args.model, fence_text_answers=not args.no_fence),
+                                *args.answer_batch)  # fmt: skip
+        print(f"answered {answered} requests -> {args.answer_batch[1]}")
+        return
     latency = heavy_tailed_latency(args.mean_latency) if args.mean_latency > 0 else 0.0
     server = FakeOpenAIServer(
         model=args.model, latency=latency, port=0 if args.asyncio else args.port,
