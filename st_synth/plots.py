@@ -110,7 +110,7 @@ def model_images(folder: str | Path, facts: dict[str, Any]) -> list[dict[str, st
         return []
     folder, images = Path(folder), []
     curve = facts.get("loss_curve") or []
-    if curve:
+    if len(curve) > 1:  # a run shorter than logging_steps logs no step losses, only their mean
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.plot([step for step, _ in curve], [loss for _, loss in curve], marker="o" if len(curve) < 30 else None,
                 color="#C44E52")  # fmt: skip

@@ -84,7 +84,7 @@ def test_cli_generate_takes_the_backend_limits_unless_given(monkeypatch, tmp_pat
     _hide(monkeypatch, "llama_cpp")
     seen = []
 
-    def capture(config):
+    def capture(config, **kwargs):
         seen.append(config)
         raise ValueError("captured before any server starts")
 
