@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from st_synth.cache import AnswerCache
-from st_synth.client import answer_from
+from st_synth.client import answer_from, is_transient
 
 URL = "/v1/chat/completions"
 _EXPORTED = "batch:exported:"
@@ -93,10 +93,9 @@ def import_results(cache: AnswerCache, path: str | Path, mode: str) -> dict[str,
         response = entry.get("response") or {}
         status = response.get("status_code")
         if status == 200 and isinstance(response.get("body"), dict):
-            answer = answer_from(response["body"], mode)
-            cache.put(key, {name: value for name, value in answer.__dict__.items() if name != "cached"})
+            cache.put(key, answer_from(response["body"], mode).cache_value())
             counts["answered"] += 1
-        elif isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):
+        elif isinstance(status, int) and status >= 400 and not is_transient(status):
             cache.set_meta(_REFUSED + key, f"http_{status}")
             counts["refused"] += 1
         else:

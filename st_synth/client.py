@@ -61,6 +61,15 @@ class Answer:
     mode: str
     cached: bool
 
+    def cache_value(self) -> dict[str, Any]:
+        """What the answer cache keeps of it (``cached`` is where this copy came from, not part of it)."""
+        return {name: value for name, value in self.__dict__.items() if name != "cached"}
+
+
+def is_transient(status: int) -> bool:
+    """An HTTP status worth asking again for (timeout, conflict, rate limit, server error)."""
+    return status in (408, 409, 429) or status >= 500
+
 
 @dataclass
 class ClientStats:
@@ -321,7 +330,7 @@ class ChatClient:
         return self._store(key, request, answer)
 
     def _store(self, key: str, request: ChatRequest, answer: Answer) -> Answer:
-        self.cache.put(key, {k: v for k, v in answer.__dict__.items() if k != "cached"})
+        self.cache.put(key, answer.cache_value())
         self.stats.answers_stored += 1
         self.stats.add_usage(request.kind, answer.prompt_tokens, answer.completion_tokens)
         self.stats.modes[answer.mode] += 1
@@ -381,8 +390,7 @@ class ChatClient:
             except openai.APIStatusError as error:
                 if self._can_downgrade(error, mode):
                     continue
-                transient = error.status_code in (408, 409, 429) or error.status_code >= 500
-                if not transient:
+                if not is_transient(error.status_code):
                     self.stats.errors[f"http_{error.status_code}"] += 1
                     raise RequestRefused(f"http_{error.status_code}") from None
                 label = f"http_{error.status_code}"

@@ -147,8 +147,9 @@ def export_onnx(
         "export_seconds": round(exported_s, 1),
     }
     if verify:
+        reference = probe_embeddings(source)  # the torch model's, once for every graph
         for name, entry in report["graphs"].items():
-            entry["agreement"] = agreement(source, staging, entry["file"])
+            entry["agreement"] = agreement(source, reference, staging, entry["file"])
             floor = FLOAT_FLOOR if name == "float32" else INT8_FLOOR
             if entry["agreement"]["min_cosine"] < floor:
                 if name == "float32":
@@ -228,21 +229,29 @@ def probe_texts(max_seq_length: int) -> tuple[list[str], list[str]]:
     return PROBE_QUERIES, [*PROBE_DOCUMENTS, long_document]
 
 
-def agreement(source: Any, folder: str | Path, file_name: str) -> dict[str, Any]:
-    """Cosine of each probe's embedding from the export (graph ``file_name``) with the torch model's."""
+def probe_embeddings(model: Any) -> dict[str, Any]:
+    """``model``'s normalised embeddings of the probes: ``encode_query`` of the queries, ``encode_document``
+    of the documents (cut at the model's max_seq_length)."""
+    queries, documents = probe_texts(model.max_seq_length)
+    return {
+        "encode_query": model.encode_query(queries, normalize_embeddings=True, convert_to_numpy=True),
+        "encode_document": model.encode_document(documents, normalize_embeddings=True, convert_to_numpy=True),
+    }
+
+
+def agreement(source: Any, reference: dict[str, Any], folder: str | Path, file_name: str) -> dict[str, Any]:
+    """Cosine of each probe's embedding from the export (graph ``file_name``) with the torch model's
+    (``reference``: :func:`probe_embeddings` of ``source``)."""
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
     onnx_model = SentenceTransformer(
         str(folder), trust_remote_code=True, device="cpu", model_kwargs={"file_name": file_name}
     )
-    queries, documents = probe_texts(source.max_seq_length)
-    pairs = []
-    for encode in ("encode_query", "encode_document"):
-        texts = queries if encode == "encode_query" else documents
-        ours = getattr(onnx_model, encode)(texts, normalize_embeddings=True, convert_to_numpy=True)
-        theirs = getattr(source, encode)(texts, normalize_embeddings=True, convert_to_numpy=True)
-        pairs += [float(np.dot(a, b)) for a, b in zip(ours, theirs, strict=True)]
+    ours = probe_embeddings(onnx_model)
+    pairs = [float(np.dot(a, b)) for method, theirs in reference.items()
+             for a, b in zip(ours[method], theirs, strict=True)]  # fmt: skip
+    _, documents = probe_texts(source.max_seq_length)
     cut = len(source[0].preprocess([documents[-1]])["input_ids"][0])
     return {
         "probes": len(pairs),
