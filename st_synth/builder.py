@@ -195,6 +195,19 @@ class GenerationConfig(CorpusArguments):
     price_completion_per_million: float | None = field(
         default=None, metadata=_help("Price per million completion tokens, for the report's cost.")
     )
+    batch_price_prompt_per_million: float | None = field(
+        default=None,
+        metadata=_help(
+            "Price per million prompt tokens of answers from a batch engine (OpenAI's Batch API: half the online "
+            "price); default: the online price."
+        ),
+    )
+    batch_price_completion_per_million: float | None = field(
+        default=None,
+        metadata=_help(
+            "Price per million completion tokens of answers from a batch engine; default: the online price."
+        ),
+    )
     show_progress: bool = field(default=True, metadata=_help("A progress bar (--no_show_progress hides it)."))
     kind_weights: dict[str, float] = field(init=False, repr=False)
     language_weights: dict[str, float] = field(init=False, repr=False)
@@ -239,6 +252,9 @@ class GenerationConfig(CorpusArguments):
              or len(self.language_weights) >= 2,
              f"{' and '.join(bilingual)} examples pair two different languages; give at least two languages "
              f"or drop {', '.join(map(repr, bilingual))}"),
+            *((getattr(self, name) is None or getattr(self, name) >= 0, f"{name} must not be negative, got "
+               f"{getattr(self, name)}") for name in ("price_prompt_per_million", "price_completion_per_million",
+              "batch_price_prompt_per_million", "batch_price_completion_per_million")),
         ]  # fmt: skip
         if self.corpus:  # first: with a corpus, a kind that cannot be grounded is the problem to name
             check_groundable(list(self.kind_weights))
@@ -268,6 +284,30 @@ class GenerationConfig(CorpusArguments):
     @property
     def resolved_base_url(self) -> str:
         return self.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+    @property
+    def priced(self) -> bool:
+        """Whether any price was given (the report then has a cost)."""
+        return any(
+            price is not None
+            for price in (self.price_prompt_per_million, self.price_completion_per_million,
+                          self.batch_price_prompt_per_million, self.batch_price_completion_per_million)
+        )  # fmt: skip
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        """US dollars for these tokens, online or through a batch engine (at the online price where no batch
+        price was given)."""
+        p_in, p_out = self.price_prompt_per_million or 0.0, self.price_completion_per_million or 0.0
+        if batch:
+            p_in = (
+                p_in if self.batch_price_prompt_per_million is None else self.batch_price_prompt_per_million
+            )
+            p_out = (
+                p_out
+                if self.batch_price_completion_per_million is None
+                else self.batch_price_completion_per_million
+            )
+        return round((prompt_tokens * p_in + completion_tokens * p_out) / 1e6, 6)
 
     def api_key(self) -> str:
         """The key from the environment; a local endpoint may go without one, a remote one may not."""
@@ -730,11 +770,17 @@ class _Run:
                                           for k in c.kind_weights},
                 "passages_used_by_source": dict(Counter(self.corpus.passage_sources[p] for p in set(used.values()))),
             }  # fmt: skip
-        if c.price_prompt_per_million is not None or c.price_completion_per_million is not None:
-            p_in, p_out = c.price_prompt_per_million or 0.0, c.price_completion_per_million or 0.0
-            report["cost_usd"] = round((s.prompt_tokens * p_in + s.completion_tokens * p_out) / 1e6, 6)
+        if s.batch_prompt_tokens or s.batch_completion_tokens:
+            report["batch_prompt_tokens"] = s.batch_prompt_tokens
+            report["batch_completion_tokens"] = s.batch_completion_tokens
+        if c.priced:
+            report["cost_usd"] = c.cost(s.prompt_tokens, s.completion_tokens)
+            online_in = report["total_prompt_tokens"] - s.batch_prompt_tokens
+            online_out = report["total_completion_tokens"] - s.batch_completion_tokens
             report["total_cost_usd"] = round(
-                (report["total_prompt_tokens"] * p_in + report["total_completion_tokens"] * p_out) / 1e6, 6
+                c.cost(online_in, online_out)
+                + c.cost(s.batch_prompt_tokens, s.batch_completion_tokens, batch=True),
+                6,
             )
         return report
 
@@ -787,6 +833,9 @@ def generation_report_summary(report: dict[str, Any]) -> str:
         f"tokens this run: {report['prompt_tokens']} prompt + {report['completion_tokens']} completion",
         f"drops: {report['drops'] or 'none'}",
     ]
+    if imported := report.get("batch", {}).get("imported_this_run"):
+        lines.insert(3, f"from batches this run: {imported['answered']} answers, {imported['prompt_tokens']} prompt + "
+                        f"{imported['completion_tokens']} completion tokens")  # fmt: skip
     if "cost_usd" in report:
         lines.append(
             f"cost this run: ${report['cost_usd']:.4f} (dataset total ${report['total_cost_usd']:.4f})"

@@ -86,6 +86,14 @@ class AnswerCache:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def meta_items(self, prefix: str) -> dict[str, str]:
+        """Every meta entry whose key starts with ``prefix`` (the prefix cut off)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ? ORDER BY key", (len(prefix), prefix)
+            ).fetchall()
+        return {key[len(prefix) :]: value for key, value in rows}
+
     def __len__(self) -> int:
         with self._lock:
             return self._count()

@@ -32,6 +32,13 @@ class GenerateOutput:
     batch_import: str | None = field(default=None, metadata={
         "help": "First put the answers of a Batch API results file (answering a --batch_export file) into the "
         "answer cache.", "metavar": "RESULTS.jsonl"})  # fmt: skip
+    batch: bool = field(default=False, metadata={
+        "help": "Send the requests through the endpoint's Batch API (OpenAI files + batches: half the price, "
+        "answers within 24 h) instead of one by one: each round one batch, polled until it ends, its answers "
+        "put in the answer cache. Interrupted, the same command polls the batches already submitted instead "
+        "of paying for them again."})  # fmt: skip
+    batch_poll_interval: float = field(default=30.0, metadata={
+        "help": "Seconds between two looks at a running batch (--batch)."})  # fmt: skip
 
 
 @dataclass
@@ -82,11 +89,18 @@ def _generate(config: Any, target: GenerateOutput) -> int:
 
     batch = bool(target.batch_export or target.batch_import)
     try:
-        if batch and config.local:
-            raise ValueError("--batch_export / --batch_import go through files, without a server: drop --local "
-                             "and run the engine on the exported file yourself.")  # fmt: skip
+        if (batch or target.batch) and config.local:
+            raise ValueError("--batch, --batch_export and --batch_import need no local server: drop --local (for "
+                             "files, run the engine on the exported file yourself).")  # fmt: skip
+        if target.batch and batch:
+            raise ValueError("Choose one batch route: --batch (the endpoint's Batch API) or --batch_export / "
+                             "--batch_import (files for an engine you run).")  # fmt: skip
+        if target.batch_poll_interval <= 0:
+            raise ValueError(f"batch_poll_interval must be positive, got {target.batch_poll_interval}")
         # Everything is validated before the local server starts or any request is sent.
-        SyntheticDatasetBuilder(config, deferred=batch)
+        SyntheticDatasetBuilder(config, deferred=batch or target.batch)
+        if target.batch:
+            config.validate_endpoint_settings()
         output = check_output_folder(target.output)
         AnswerCache.check(config.cache_path)
     except (ValueError, RuntimeError) as error:
@@ -100,14 +114,23 @@ def _generate(config: Any, target: GenerateOutput) -> int:
         if code is not None:
             return code
     try:
-        if builder is None:
+        if target.batch:
+            builder = _batch_api(config, target)
+        elif builder is None:
             with served_builder(config) as builder:
                 builder.build()
     except (CacheError, ValueError) as error:
         return _fail("generate", error, 1)
     except EndpointError as error:
         return _fail("generate", error, 1, "endpoint error")
+    except RuntimeError as error:  # BatchAPIError, openai.APIError
+        return _fail("generate", error, 1, "batch error" if target.batch else "error")
     except KeyboardInterrupt:
+        if target.batch:
+            print("st-synth generate: interrupted. The batches already submitted keep running at the endpoint "
+                  f"and are recorded in the cache {config.cache_path}: run the same command again to collect "
+                  "them (nothing is submitted or paid twice).", file=sys.stderr)  # fmt: skip
+            return 130
         stored = ((builder and builder.report) or {}).get("answers_stored", 0)
         print(f"st-synth generate: interrupted. {stored} answers from this run are safe in the cache "
               f"{config.cache_path}; run the same command again to resume from them.", file=sys.stderr)  # fmt: skip
@@ -130,6 +153,28 @@ def _generate(config: Any, target: GenerateOutput) -> int:
     return 0 if report.get("complete") else 3
 
 
+def _batch_api(config: Any, target: GenerateOutput) -> Any:
+    """``--batch``: rounds of Batch API batches until the plan is settled; the report says what they cost."""
+    import openai
+
+    from st_synth.batch import BatchAPIRun
+    from st_synth.cache import AnswerCache
+
+    cache = AnswerCache(config.cache_path)
+    try:
+        run = BatchAPIRun(config, cache, poll_interval=target.batch_poll_interval)
+        try:
+            builder = run.run()
+        except openai.APIError as error:
+            raise RuntimeError(f"the Batch API answered {error.__class__.__name__}: {error}") from None
+        builder.report["batch"].update(run.describe())
+        if config.priced:
+            builder.report["cost_usd"] = run.describe()["imported_cost_usd"]
+        return builder
+    finally:
+        cache.close()
+
+
 def _batch_round(config: Any, target: GenerateOutput) -> tuple[Any, int | None]:
     """Import results (if given), replay the plan from the cache, export what it still needs. Returns the
     finished builder and None when nothing is pending (the caller saves the dataset), else an exit code."""
@@ -139,6 +184,7 @@ def _batch_round(config: Any, target: GenerateOutput) -> tuple[Any, int | None]:
     from st_synth.client import starting_mode
 
     cache = AnswerCache(config.cache_path)
+    counts = None
     try:
         if target.batch_import:
             counts = import_results(cache, target.batch_import,
@@ -149,6 +195,11 @@ def _batch_round(config: Any, target: GenerateOutput) -> tuple[Any, int | None]:
         builder = SyntheticDatasetBuilder(config, deferred=True)
         builder.build()
         if not builder.pending:
+            if counts is not None:
+                builder.report["batch"].update(route="files", imported_this_run=counts)
+                if config.priced:
+                    builder.report["cost_usd"] = config.cost(counts["prompt_tokens"], counts["completion_tokens"],
+                                                             batch=True)  # fmt: skip
             return builder, None
         waiting = builder.report["batch"]["waiting_examples"]
         if not target.batch_export:

@@ -60,6 +60,7 @@ class Answer:
     completion_tokens: int
     mode: str
     cached: bool
+    via: str = "online"  # "batch": answered by a batch engine (st_synth.batch), priced at the batch rate
 
     def cache_value(self) -> dict[str, Any]:
         """What the answer cache keeps of it (``cached`` is where this copy came from, not part of it)."""
@@ -82,6 +83,9 @@ class ClientStats:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+    # Of all the tokens (this run's and cached), those of answers a batch engine gave.
+    batch_prompt_tokens: int = 0
+    batch_completion_tokens: int = 0
     tokens_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     modes: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
@@ -304,6 +308,9 @@ class ChatClient:
             self.stats.cache_hits += 1
             self.stats.cached_prompt_tokens += hit["prompt_tokens"]
             self.stats.cached_completion_tokens += hit["completion_tokens"]
+            if hit.get("via") == "batch":
+                self.stats.batch_prompt_tokens += hit["prompt_tokens"]
+                self.stats.batch_completion_tokens += hit["completion_tokens"]
             return Answer(**hit, cached=True)
         if self.deferred is not None:
             from st_synth.batch import deferred_line, refused_reason

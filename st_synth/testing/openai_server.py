@@ -7,6 +7,9 @@ same answer, like a seeded sampler. Faults come two ways:
   ``"503"``, ``"slow"``, ``"drop"``, ``"malformed"``, ``"truncated"``, ``"duplicate"``);
 * ``bad_answer_rate``: a share of requests, chosen by a hash of the request itself (so the same requests
   every run), answered with one of ``bad_answers`` (by default ``malformed``, ``truncated`` or ``duplicate``).
+
+It also serves the files and batches API (``server.batch_api``, :mod:`st_synth.testing.batch_api`): batches
+whose lines get the same answers, with scripted outcomes (expired, cancelled, failed) and failed lines.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from st_synth.testing.batch_api import FakeBatchAPI
 
 KNOWN_KEYS = (
     "user_query", "positive_document", "hard_negative_document", "input_text", "label",
@@ -103,6 +108,7 @@ class FakeOpenAIServer:
         self._inflight_since = time.perf_counter()
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
+        self.batch_api = FakeBatchAPI(self._answer_line)
         self._httpd = _Server(("127.0.0.1", port), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -195,6 +201,11 @@ class FakeOpenAIServer:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }, {}, delay  # fmt: skip
+
+    def _answer_line(self, body: dict) -> tuple[int, dict]:
+        """A batch line's answer: the chat answer, without the latency (a dropped connection is a 500)."""
+        status, payload, _, _ = self.respond(body)
+        return (500, {"error": {"message": "injected drop"}}) if status is None else (status, payload)
 
     def respond_get(self, path: str) -> tuple[int, dict]:
         """``(status, payload)`` for a GET: the model list, or, not OpenAI's but for benchmarks, ``/timing``
@@ -291,13 +302,31 @@ class FakeOpenAIServer:
                 self._send_json(401, UNAUTHORIZED)
                 return False
 
+            def _send_bytes(self, data: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_GET(self) -> None:
-                if self._authorized():
-                    self._send_json(*server.respond_get(self.path))
+                if not self._authorized():
+                    return
+                if server.batch_api.handles(self.path):
+                    status, payload = server.batch_api.get(self.path)
+                    if isinstance(payload, bytes):
+                        self._send_bytes(payload)
+                    else:
+                        self._send_json(status, payload)
+                    return
+                self._send_json(*server.respond_get(self.path))
 
             def do_POST(self) -> None:
                 data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 headers = self.headers
+                if server.batch_api.handles(self.path) and self._authorized():
+                    self._send_json(*server.batch_api.post(self.path, headers.get("Content-Type"), data))
+                    return
                 if refusal := server.refuse_post(
                     headers.get("Authorization"), self.path, headers.get("Content-Type")
                 ):
