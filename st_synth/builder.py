@@ -9,9 +9,13 @@ on how the examples were split into shards.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -41,6 +45,7 @@ from st_synth.grounding import check_groundable
 from st_synth.languages import resolve_language_weights
 from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults, serving
 from st_synth.names import REPORT_FILE
+from st_synth.neardup import NearDuplicateIndex, check_threshold, signature
 from st_synth.prompting import (
     DEFAULT_PROMPTS_VERSION,
     PROMPT_VERSIONS,
@@ -208,6 +213,18 @@ class GenerationConfig(CorpusArguments):
             "Price per million completion tokens of answers from a batch engine; default: the online price."
         ),
     )
+    near_duplicates: bool = field(
+        default=True,
+        metadata=_help(
+            "Replace near-duplicate examples, not only exact ones: an example whose texts share at least "
+            "near_duplicate_threshold of their character 5-grams (MinHash Jaccard) with a lower-index example of "
+            "its kind is asked again (--no_near_duplicates keeps them)."
+        ),
+    )
+    near_duplicate_threshold: float = field(
+        default=0.8,
+        metadata=_help("Jaccard similarity (0.8 to 1.0) from which two examples are near-duplicates."),
+    )
     show_progress: bool = field(default=True, metadata=_help("A progress bar (--no_show_progress hides it)."))
     kind_weights: dict[str, float] = field(init=False, repr=False)
     language_weights: dict[str, float] = field(init=False, repr=False)
@@ -256,6 +273,8 @@ class GenerationConfig(CorpusArguments):
                f"{getattr(self, name)}") for name in ("price_prompt_per_million", "price_completion_per_million",
               "batch_price_prompt_per_million", "batch_price_completion_per_million")),
         ]  # fmt: skip
+        if self.near_duplicates:
+            check_threshold(self.near_duplicate_threshold)
         if self.corpus:  # first: with a corpus, a kind that cannot be grounded is the problem to name
             check_groundable(list(self.kind_weights))
         for ok, message in checks:
@@ -344,6 +363,7 @@ class GenerationConfig(CorpusArguments):
             "num_shards": self.num_shards,
             "shard_index": self.shard_index,
             "block_size": self.block_size,
+            "near_duplicate_threshold": self.near_duplicate_threshold if self.near_duplicates else None,
             **({"corpus": {"sources": self.corpus, "text_column": self.text_column,
                            "passage_tokens": self.passage_tokens, "min_tokens": self.min_tokens,
                            "passage_tokenizer": self.passage_tokenizer}} if self.corpus else {}),
@@ -379,7 +399,7 @@ class _Kept:
     attempt: int
     instruction: str
     texts: tuple[str, ...]
-    key: tuple[str, ...]  # the kind and the normalised texts: what duplicates are judged on
+    key: bytes  # a 16-byte digest of the kind and the normalised texts: what exact duplicates are judged on
     template: str = ""  # the template ids its prompts came from ("+"-joined: brainstorm, then example)
 
 
@@ -509,9 +529,27 @@ class _Run:
             deferred=builder.pending if builder.deferred else None,
         )
         self.budget = c.failure_budget if c.failure_budget is not None else 2 * len(self.plans) + 20
+        # Kept answers not settled yet: the walk (_walk) settles them in index order and spools them to disk.
         self.kept: dict[int, _Kept] = {}
         # Dedup key -> the lowest index whose FIRST kept answer has that key (see _claim).
-        self.first_owner: dict[tuple[str, ...], int] = {}
+        self.first_owner: dict[bytes, int] = {}
+        self.done: set[int] = set()  # examples whose worker has finished, not yet walked
+        self.order = sorted(self.by_index)
+        self.position = 0  # the walk's place in self.order: every example below it is settled
+        self.finished = False
+        self.seen: set[bytes] = set()  # the keys of settled examples
+        self.near = (
+            {kind: NearDuplicateIndex(c.near_duplicate_threshold) for kind in c.kind_weights}
+            if c.near_duplicates
+            else None
+        )
+        self.spool = _Spool(c.cache_path.parent, self.corpus is not None)
+        self.settled = 0
+        self.kept_kind: Counter = Counter()
+        self.kept_language: Counter = Counter()
+        self.kept_template: Counter = Counter()
+        self.near_by_kind: Counter = Counter()
+        self.passages_used: dict[str, set[int]] = {kind: set() for kind in c.kind_weights}
         self.abandoned: set[int] = set()
         self.waiting: set[int] = set()  # examples whose next request waits for a batch
         self.drops: Counter = Counter()
@@ -547,20 +585,41 @@ class _Run:
         for plan in self.plans:
             queue.put_nowait(plan)
 
+        wake = asyncio.Event()
+
         async def worker() -> None:
             while self.stop_reason is None and not queue.empty():
                 plan = queue.get_nowait()
                 if (kept := await self._example(plan, 0)) is not None and self.eager_duplicates:
                     await self._claim(plan.index, kept)
+                self.done.add(plan.index)
+                wake.set()
+
+        async def walker() -> None:
+            """Settle examples in index order as soon as every example below them is settled."""
+            while not self.finished:
+                wake.clear()
+                position = self.position
+                await self._walk(final=False)
+                if self.position == position and not self.finished:
+                    await wake.wait()
 
         workers = [asyncio.ensure_future(worker()) for _ in range(self.num_workers)]
+        walking = asyncio.ensure_future(walker())
+        running = asyncio.gather(*workers)
         try:
-            await asyncio.gather(*workers)
-            await self._resolve_duplicates()
+            await asyncio.wait([running, walking], return_when=asyncio.FIRST_COMPLETED)
+            if walking.done():
+                walking.result()  # the walker only ends early by an error: raise it
+            await running
+            self.finished = True
+            wake.set()
+            await walking
+            await self._walk(final=True)  # after a stop: the examples never finished are skipped
         except BaseException:
-            for task in workers:
+            for task in [*workers, walking]:
                 task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(running, walking, return_exceptions=True)  # their errors are retrieved here
             raise
         finally:
             self.progress.close()
@@ -660,8 +719,8 @@ class _Run:
                 brainstorm = brainstorm_template(self.config.seed, plan.kind, plan.index // self.config.block_size,
                                                  version)  # fmt: skip
                 template = f"{brainstorm}+{template}"
-            kept = _Kept(attempt=attempt, instruction=instruction, texts=texts, key=(plan.kind, *normalized),
-                         template=template)  # fmt: skip
+            key = hashlib.blake2b(json.dumps([plan.kind, *normalized]).encode(), digest_size=16).digest()
+            kept = _Kept(attempt=attempt, instruction=instruction, texts=texts, key=key, template=template)
             self.kept[plan.index] = kept
             self.progress.update(1)
             return kept
@@ -689,38 +748,68 @@ class _Run:
         while kept is not None and self.first_owner.get(kept.key, index) < index:
             kept = await self._replace(index)
 
-    async def _replace(self, index: int) -> _Kept | None:
-        """Drop ``index``'s kept answer as a duplicate; return its next valid, not yet judged answer."""
+    async def _replace(self, index: int, reason: str = "duplicate") -> _Kept | None:
+        """Drop ``index``'s kept answer as a (near-)duplicate; return its next valid, not yet judged answer."""
         plan = self.by_index[index]
         kept = self.kept.pop(index)
-        self._drop("duplicate", plan.kind)
+        self._drop(reason, plan.kind)
+        if reason == "near_duplicate":
+            self.near_by_kind[plan.kind] += 1
         self.progress.update(-1)
         return await self._example(plan, kept.attempt + 1)
 
-    async def _resolve_duplicates(self) -> None:
-        """Walk kept examples in index order; a repeat of an earlier one moves on to its next attempt.
+    async def _walk(self, final: bool) -> None:
+        """Settle examples in index order: one that repeats a settled example (exactly, or nearly) moves on to
+        its next attempt; one that does not is final and goes to the spool.
 
-        Sequential by design: whether example i repeats depends only on examples below i, which are
-        final by the time the walk reaches i, so the outcome is the same for every schedule.
+        Sequential by design: whether example i repeats depends only on examples below i, which are settled
+        by the time the walk reaches i, so the outcome is the same for every schedule. During the run the
+        walk stops at the first example whose worker has not finished (``final``: after the workers, it
+        skips them), so kept examples leave memory about as fast as they arrive.
         """
-        seen: set[tuple[str, ...]] = set()
-        for index in sorted(self.kept):
-            kept: _Kept | None = self.kept[index]
-            while kept is not None and kept.key in seen:
-                kept = await self._replace(index)
-            if kept is not None:
-                seen.add(kept.key)
+        while self.position < len(self.order):
+            index = self.order[self.position]
+            if not final and index not in self.done:
+                return
+            await self._settle_final(index)
+            self.done.discard(index)
+            self.position += 1
+
+    async def _settle_final(self, index: int) -> None:
+        plan = self.by_index[index]
+        kept = self.kept.get(index)
+        near = self.near[plan.kind] if self.near is not None else None
+        while kept is not None:
+            if kept.key in self.seen:
+                kept = await self._replace(index, "duplicate")
+                continue
+            sig = signature(kept.texts) if near is not None else None
+            if near is not None and near.find(sig) is not None:
+                kept = await self._replace(index, "near_duplicate")
+                continue
+            break
+        if kept is None:
+            return
+        self.seen.add(kept.key)
+        if near is not None:
+            near.add(sig, index)
+        del self.kept[index]
+        self.spool.add(plan, kept)
+        self.settled += 1
+        self.kept_kind[plan.kind] += 1
+        self.kept_language[plan.language_label] += 1
+        self.kept_template.update(t for t in kept.template.split("+") if t)
+        if plan.passage is not None:
+            self.passages_used[plan.kind].add(plan.passage)
 
     def report(self, wall_time: float) -> dict[str, Any]:
         c, s = self.config, self.chat.stats
-        kept_kind = Counter(self.by_index[i].kind for i in self.kept)
-        kept_language = Counter(self.by_index[i].language_label for i in self.kept)
-        kept_template = Counter(t for kept in self.kept.values() for t in kept.template.split("+") if t)
-        complete = len(self.kept) == len(self.plans)
+        kept_kind, kept_language, kept_template = self.kept_kind, self.kept_language, self.kept_template
+        complete = self.settled == len(self.plans)
         report: dict[str, Any] = {
             **c.public_settings(),
             "num_examples_requested": len(self.plans),
-            "num_examples_kept": len(self.kept),
+            "num_examples_kept": self.settled,
             "complete": complete,
             "stop_reason": None
             if complete
@@ -744,6 +833,7 @@ class _Run:
             "tokens_by_kind": s.tokens_by_kind,
             "drops": dict(sorted(self.drops.items())),
             "drops_by_kind": {k: self.drops_by_kind[k] for k in c.kind_weights},
+            "near_duplicates_by_kind": {k: self.near_by_kind[k] for k in c.kind_weights},
             "abandoned_examples": len(self.abandoned),
             **(
                 {
@@ -761,15 +851,14 @@ class _Run:
             "wall_time_s": round(wall_time, 3),
         }
         if self.corpus is not None:
-            used = {i: self.by_index[i].passage for i in self.kept}
+            used = set().union(*self.passages_used.values())
             report["corpus"] = {
                 **report["corpus"],
                 **self.corpus.describe(),
-                "passages_used": len(set(used.values())),
-                "passages_used_by_kind": {k: len({p for i, p in used.items() if self.by_index[i].kind == k})
-                                          for k in c.kind_weights},
-                "passages_used_by_source": dict(Counter(self.corpus.passage_sources[p] for p in set(used.values()))),
-            }  # fmt: skip
+                "passages_used": len(used),
+                "passages_used_by_kind": {k: len(self.passages_used[k]) for k in c.kind_weights},
+                "passages_used_by_source": dict(Counter(self.corpus.passage_sources[p] for p in used)),
+            }
         if s.batch_prompt_tokens or s.batch_completion_tokens:
             report["batch_prompt_tokens"] = s.batch_prompt_tokens
             report["batch_completion_tokens"] = s.batch_completion_tokens
@@ -785,25 +874,64 @@ class _Run:
         return report
 
     def to_dataset(self) -> DatasetDict:
-        """One split per kind that kept examples (``datasets`` cannot reload a saved empty split)."""
+        """One split per kind that kept examples (``datasets`` cannot reload a saved empty split), read from
+        the spool's Arrow files (memory-mapped)."""
+        return self.spool.finish(self.config.kind_weights)
+
+
+class _Spool:
+    """Settled examples, written to Arrow files (one per kind, in index order) as they are settled, so that
+    a run of any size holds only the examples not settled yet. The files live in a temporary folder beside
+    the answer cache until the process ends (the dataset returned is memory-mapped from them)."""
+
+    FLUSH = 4096  # rows per kind buffered before they are written
+
+    def __init__(self, where: Path, grounded: bool) -> None:
+        self.where = where
+        self.grounded = grounded
+        self.folder: Path | None = None
+        self.buffers: dict[str, dict[str, list[str]]] = {}
+        self.writers: dict[str, Any] = {}
+
+    def columns(self, kind: str) -> tuple[str, ...]:
+        return TASK_KINDS[kind].grounded_columns() if self.grounded else TASK_KINDS[kind].columns
+
+    def add(self, plan: ExamplePlan, kept: _Kept) -> None:
+        columns = self.columns(plan.kind)
+        rows = self.buffers.setdefault(plan.kind, {column: [] for column in columns})
+        rows["instruction"].append(kept.instruction)
+        for column, text in zip(columns[1 : -len(PROVENANCE_COLUMNS)], kept.texts, strict=True):
+            rows[column].append(text)
+        rows["language"].append(plan.language_label)
+        rows["template"].append(kept.template)
+        if len(rows["instruction"]) >= self.FLUSH:
+            self._flush(plan.kind)
+
+    def _flush(self, kind: str) -> None:
+        from datasets.arrow_writer import ArrowWriter
+
+        rows = self.buffers.pop(kind, None)
+        if not rows or not rows["instruction"]:
+            return
+        if kind not in self.writers:
+            if self.folder is None:
+                self.where.mkdir(parents=True, exist_ok=True)
+                self.folder = Path(tempfile.mkdtemp(prefix=".st-synth-spool-", dir=self.where))
+                atexit.register(shutil.rmtree, self.folder, True)
+            features = Features({column: Value("string") for column in self.columns(kind)})
+            self.writers[kind] = ArrowWriter(features=features, path=str(self.folder / f"{kind}.arrow"))
+        self.writers[kind].write_batch(rows)
+
+    def finish(self, kinds: Any) -> DatasetDict:
         splits = {}
-        for kind_name in self.config.kind_weights:
-            kind = TASK_KINDS[kind_name]
-            indices = sorted(i for i in self.kept if self.by_index[i].kind == kind_name)
-            if not indices:
-                logger.warning("No %s examples were kept; the dataset has no %s split.", kind_name, kind_name)
+        for kind in kinds:
+            self._flush(kind)
+            writer = self.writers.pop(kind, None)
+            if writer is None:
+                logger.warning("No %s examples were kept; the dataset has no %s split.", kind, kind)
                 continue
-            columns = kind.grounded_columns() if self.corpus is not None else kind.columns
-            rows: dict[str, list[str]] = {column: [] for column in columns}
-            for index in indices:
-                kept = self.kept[index]
-                rows["instruction"].append(kept.instruction)
-                for column, text in zip(columns[1 : -len(PROVENANCE_COLUMNS)], kept.texts, strict=True):
-                    rows[column].append(text)
-                rows["language"].append(self.by_index[index].language_label)
-                rows["template"].append(kept.template)
-            features = Features({column: Value("string") for column in columns})
-            splits[kind_name] = Dataset.from_dict(rows, features=features)
+            writer.finalize()
+            splits[kind] = Dataset.from_file(str(self.folder / f"{kind}.arrow"))
         return DatasetDict(splits)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -461,6 +462,46 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dedup ------------------------------------------------------------------------------------------------
+def _add_dedup(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "dedup",
+        help="Join the shards of a generation into one dataset without repeats across shards.",
+        description="Walk the shards in shard_index order and drop every example that repeats an earlier one "
+        "(the same texts, or a near-duplicate by the generator's MinHash rule). Nothing is asked again: "
+        "dedup_report.json counts what was removed, per kind.",
+    )
+    p.add_argument("inputs", nargs="+", help="The `st-synth generate` folders of the shards.")
+    p.add_argument("--output", required=True, help="Folder for the joined DatasetDict and dedup_report.json.")
+    p.add_argument("--no_near_duplicates", action="store_true", help="Remove exact repeats only.")
+    p.add_argument("--near_duplicate_threshold", type=float, default=0.8,
+                   help="Jaccard similarity of character 5-grams (0.8 to 1.0) from which two examples are "
+                   "near-duplicates.")  # fmt: skip
+    p.set_defaults(func=_dedup)
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from st_synth.builder import check_output_folder
+    from st_synth.dedup import DEDUP_REPORT, dedup_shards
+
+    try:
+        output = check_output_folder(args.output)
+        dataset, report = dedup_shards(
+            args.inputs, not args.no_near_duplicates, args.near_duplicate_threshold
+        )
+    except (ValueError, FileNotFoundError) as error:
+        return _fail("dedup", error)
+    dataset.save_to_disk(str(output))
+    (output / DEDUP_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    removed = ", ".join(
+        f"{kind} {c['duplicate']} + {c['near_duplicate']}" for kind, c in report["removed_by_kind"].items()
+    )
+    print(f"kept {report['num_examples_kept']}/{report['num_examples_in']} examples of {len(args.inputs)} shards; "
+          f"removed (exact + near-duplicates): {removed}")  # fmt: skip
+    print(f"saved to {output}")
+    return 0
+
+
 # name -> (one-line help, adds the full subparser). A command's parser (and its imports: mteb for evaluate)
 # is built only when that command runs, so `st-synth generate` starts fast. `train` has none here: main()
 # passes its arguments to the recipe's parser (st_synth.training.make_train_parser).
@@ -469,6 +510,7 @@ COMMANDS: dict[str, tuple[str, Any]] = {
         "Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.",
         _add_generate,
     ),
+    "dedup": ("Join the shards of a generation into one dataset without repeats across shards.", _add_dedup),
     "filter": ("Keep the generated examples a guide encoder agrees with.", _add_filter),
     "mine": ("Give (query, positive) pairs hard negatives mined from a corpus.", _add_mine),
     "train": ("Train with the recipe: LoRA, InfoNCE (as recipes/train_mistral.py).", None),

@@ -307,22 +307,25 @@ def test_result_does_not_depend_on_concurrency_or_faults(fake_server, tmp_path):
 
 def test_duplicates_are_replaced_during_the_run_as_the_final_walk_would(fake_server, tmp_path, monkeypatch):
     """A first answer repeating a lower index's first answer is a certain duplicate: it moves on to its
-    next attempt during the run, concurrently, instead of one request at a time after the run in the
-    final walk. Same requests, same drops, same dataset as leaving everything to the walk."""
+    next attempt at once, concurrently, instead of one request at a time when the in-order walk reaches it.
+    Same requests, same drops, same dataset as leaving everything to the walk."""
+    import sys
+
     from st_synth.builder import _Run
 
     server = fake_server(bad_answer_rate=0.3, bad_answers=("duplicate",))
     walk_requests: list[int] = []
-    walk = _Run._resolve_duplicates
+    replace = _Run._replace
 
-    async def counted_walk(self) -> None:
-        before = server.chat_requests
-        await walk(self)
-        walk_requests.append(server.chat_requests - before)
+    async def counted_replace(self, index, reason="duplicate"):
+        if sys._getframe(1).f_code.co_name == "_settle_final":  # asked again by the walk
+            walk_requests[-1] += 1
+        return await replace(self, index, reason)
 
-    monkeypatch.setattr(_Run, "_resolve_duplicates", counted_walk)
+    monkeypatch.setattr(_Run, "_replace", counted_replace)
     results = {}
     for eager in (False, True):
+        walk_requests.append(0)
         monkeypatch.setattr(_Run, "eager_duplicates", eager)
         config = make_config(server, tmp_path, num_examples=60, concurrency=8, kinds="sts,retrieval",
                              cache=str(tmp_path / f"{eager}.sqlite"))  # fmt: skip
@@ -332,7 +335,7 @@ def test_duplicates_are_replaced_during_the_run_as_the_final_walk_would(fake_ser
     assert eager_rows == walked and sum(map(len, walked.values())) == 60
     for key in ("requests_sent", "drops", "kept_by_kind"):
         assert eager_report[key] == walk_report[key], key
-    assert walk_requests[0] >= walk_report["drops"]["duplicate"] > 5
+    assert walk_requests[0] == walk_report["drops"]["duplicate"] > 5
     assert walk_requests[1] < walk_requests[0] / 2, walk_requests
 
 
@@ -430,9 +433,11 @@ def test_push_to_hub_uploads_data_and_card(fake_server, tmp_path, monkeypatch):
 
     from st_synth.hub import push_dataset
 
-    server = fake_server()
+    server = fake_server(bad_answer_rate=0.3, bad_answers=("near_duplicate",))
     builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, kinds="retrieval,sts"))
     dataset = builder.build()
+    near = builder.report["near_duplicates_by_kind"]
+    assert sum(near.values()) > 0
     uploaded: dict[str, bytes] = {}
     calls = []
     monkeypatch.setattr(
@@ -458,6 +463,7 @@ def test_push_to_hub_uploads_data_and_card(fake_server, tmp_path, monkeypatch):
     card = uploaded["README.md"].decode()
     assert_images_linked(card, uploaded, images)
     assert "`fake-llm`" in card and "| `retrieval` |" in card and "path: data/sts-*" in card
+    assert f"near-duplicate\n(retrieval {near['retrieval']}, sts {near['sts']})" in card
     assert all(b"hf_SECRET_TOKEN" not in blob for blob in uploaded.values())
 
 

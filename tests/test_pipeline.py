@@ -128,7 +128,8 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
         "| binary | 32 | binary | 4 |"
     )
     means = {row: float(row.split(" | ")[4]) for row in (full, cut16)}
-    assert cut16.endswith(f"| {100 * means[cut16] / means[full]:.1f}% |")
+    # (from the card's rounded means: within a tenth of a point of the exact share the card prints)
+    assert abs(float(cut16.split(" | ")[-1].rstrip("% |")) - 100 * means[cut16] / means[full]) <= 0.11
     final = run / "model" / "final"
     saved = {str(p.relative_to(final)): p.read_bytes() for p in (final / "images").glob("*.png")}
     # Two training steps log no step losses (logging_steps 5): no loss plot; scores and storage plots.

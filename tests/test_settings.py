@@ -39,7 +39,7 @@ STAGES = {
 # A value other than the default for fields a generic rule cannot guess, and what else it needs.
 SPECIAL = {
     "GenerationConfig.kinds": ("sts", {}), "languages": ("English,French", {}), "shard_index": (1, {"num_shards": 2}),
-    "top_p": (0.5, {}), "base_url": ("http://127.0.0.1:9/v1", {}), "response_format": ("text", {}),
+    "top_p": (0.5, {}), "near_duplicate_threshold": (0.9, {}), "base_url": ("http://127.0.0.1:9/v1", {}), "response_format": ("text", {}),
     "lora_target_modules": (["q_proj"], {}), "extra_datasets": (["mine=some/data|Find it."], {}),
     "no_in_batch_negatives": (["sts"], {}), "tasks": (["LeeDocSTS"], {}), "task_instructions": (["A=do"], {}),
     "torch_dtype": ("bfloat16", {}), "fused_kernels": ("off", {}), "packed_sequences": ("off", {}),

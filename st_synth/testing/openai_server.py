@@ -4,7 +4,8 @@ Answers are a pure function of the request (messages, seed, schema), so a repeat
 same answer, like a seeded sampler. Faults come two ways:
 
 * ``faults``: a queue of fault names applied to the next requests in arrival order (``"429"``, ``"500"``,
-  ``"503"``, ``"slow"``, ``"drop"``, ``"malformed"``, ``"truncated"``, ``"duplicate"``);
+  ``"503"``, ``"slow"``, ``"drop"``, ``"malformed"``, ``"truncated"``, ``"duplicate"``, ``"near_duplicate"``:
+  the same long text with a few characters changed);
 * ``bad_answer_rate``: a share of requests, chosen by a hash of the request itself (so the same requests
   every run), answered with one of ``bad_answers`` (by default ``malformed``, ``truncated`` or ``duplicate``).
 
@@ -35,6 +36,11 @@ KNOWN_KEYS = (
     "user_query", "positive_document", "hard_negative_document", "input_text", "label",
     "misleading_label", "input", "S1", "S2", "S3",
 )  # fmt: skip
+REPEATED_TEXT = (
+    "The committee reviewed the quarterly figures in detail and agreed that the new distribution centre had "
+    "reduced delivery times across the northern region, although costs rose faster than expected during the "
+    "winter months because of fuel prices and overtime."
+)
 # "slow" answers 503 after sleeping past the client's timeout: the client has gone by then, and the
 # server's usage counter stays equal to what clients received.
 TRANSIENT = {"429": 429, "500": 500, "503": 503, "slow": 503}
@@ -60,6 +66,13 @@ class _Server(ThreadingHTTPServer):
 
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _words(digest: str) -> str:
+    """Eight made-up words spelt from a digest: answers that share no more than their frame, as two real
+    answers would (near-duplicate removal must not take them for repeats)."""
+    letters = "".join("etaoinshrdlucmfw"[int(c, 16)] for c in digest)
+    return " ".join(letters[i : i + 3 + int(digest[i], 16) % 5] for i in range(0, 64, 8))
 
 
 class FakeOpenAIServer:
@@ -151,7 +164,9 @@ class FakeOpenAIServer:
             return json.dumps({"tasks": tasks} if properties == ["tasks"] else tasks), "stop"
         keys = properties or [key for key in KNOWN_KEYS if f'"{key}"' in prompt]
         salt = "constant" if fault == "duplicate" else digest
-        example = {key: f"{key} text {_digest(salt, key)[:16]} {n} words" for n, key in enumerate(keys)}
+        example = {key: f"{key} {n}: {_words(_digest(salt, key))}" for n, key in enumerate(keys)}
+        if fault == "near_duplicate":  # one long text said again with a few characters changed
+            example = {key: f"{key} {n}: {REPEATED_TEXT} ({digest[:4]})" for n, key in enumerate(keys)}
         if "label" in keys and (labels := re.search(r"^Task: [^\n]*: ([^\n]+)$", prompt, re.MULTILINE)):
             # A grounded classification request names its label set: answer with two of its labels.
             names = [name.strip(" .") for name in labels.group(1).split(",")]
