@@ -879,6 +879,23 @@ class _Run:
         return self.spool.finish(self.config.kind_weights)
 
 
+SPOOL_PREFIX = ".st-synth-spool-"
+
+
+def _remove_orphaned_spools(where: Path) -> None:
+    """Remove the spools of processes that no longer run (killed before their exit handler could)."""
+    for folder in where.glob(f"{SPOOL_PREFIX}*"):
+        pid = folder.name[len(SPOOL_PREFIX) :].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's process: alive
+            pass
+
+
 class _Spool:
     """Settled examples, written to Arrow files (one per kind, in index order) as they are settled, so that
     a run of any size holds only the examples not settled yet. The files live in a temporary folder beside
@@ -916,7 +933,8 @@ class _Spool:
         if kind not in self.writers:
             if self.folder is None:
                 self.where.mkdir(parents=True, exist_ok=True)
-                self.folder = Path(tempfile.mkdtemp(prefix=".st-synth-spool-", dir=self.where))
+                _remove_orphaned_spools(self.where)
+                self.folder = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=self.where))
                 atexit.register(shutil.rmtree, self.folder, True)
             features = Features({column: Value("string") for column in self.columns(kind)})
             self.writers[kind] = ArrowWriter(features=features, path=str(self.folder / f"{kind}.arrow"))

@@ -507,3 +507,29 @@ def test_cli_exit_codes(fake_server, tmp_path):
     assert bad.returncode == 2 and "Choose one of: retrieval" in bad.stderr
     failing = run("--failure-budget", "5")
     assert failing.returncode == 3 and "INCOMPLETE" in failing.stdout
+
+
+def test_kept_examples_are_spooled_to_arrow_files_and_orphaned_spools_removed(
+    fake_server, tmp_path, monkeypatch
+):
+    """Settled examples leave memory for Arrow files beside the cache (flushed every FLUSH rows); the dataset
+    is read back from them; a spool left by a killed process is removed, the live process's kept."""
+    from st_synth import builder as builder_module
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    orphan = tmp_path / f"{builder_module.SPOOL_PREFIX}{gone.stdout.strip()}-x"
+    alive = tmp_path / f"{builder_module.SPOOL_PREFIX}{os.getppid()}-y"
+    orphan.mkdir()
+    alive.mkdir()
+    monkeypatch.setattr(builder_module._Spool, "FLUSH", 5)
+    server = fake_server()
+    builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=40, kinds="retrieval,sts"))
+    dataset = builder.build()
+    assert not orphan.exists() and alive.exists()
+    spools = [p for p in tmp_path.glob(f"{builder_module.SPOOL_PREFIX}{os.getpid()}-*")]
+    assert len(spools) == 1 and {p.name for p in spools[0].iterdir()} == {"retrieval.arrow", "sts.arrow"}
+    assert {kind: Path(data.cache_files[0]["filename"]).parent for kind, data in dataset.items()} == {
+        "retrieval": spools[0], "sts": spools[0]}  # fmt: skip
+    assert sum(len(d) for d in dataset.values()) == 40 == builder.report["num_examples_kept"]
