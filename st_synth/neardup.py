@@ -37,7 +37,7 @@ MIN_THRESHOLD = 0.8
 _SPACE = re.compile(r"\s+")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_CHUNK = 1 << 16
+_CHUNK = 1024  # signatures held at first; the array doubles as it fills
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -148,3 +148,13 @@ def test_dedup_joins_shards_and_removes_repeats_across_them(fake_server, tmp_pat
     assert "is not a saved DatasetDict" in capsys.readouterr().err
     assert main(["dedup", *folders, "--output", str(tmp_path / "bad"), "--near_duplicate_threshold=0.3"]) == 2
     assert "from 0.8 to 1.0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_the_index_grows_past_its_first_allocation():
+    rng = random.Random(1)
+    index = NearDuplicateIndex(0.9)
+    texts = [" ".join(rng.choice(WORDS) + str(rng.randint(0, 999)) for _ in range(12)) for _ in range(2100)]
+    for n, text in enumerate(texts):
+        index.add(signature((text,)), n)
+    assert len(index) == 2100
+    assert [index.find(signature((texts[n],))) for n in (0, 1023, 1024, 2099)] == [0, 1023, 1024, 2099]
