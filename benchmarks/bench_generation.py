@@ -23,17 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from functools import partial
 from pathlib import Path
 
-from st_synth.testing.openai_server import get_json
+from st_synth.testing.openai_server import get_json, start_server_process
 
 RESULTS = Path(__file__).parent / "results"
 MEAN_LATENCY = 0.2
@@ -42,28 +39,6 @@ MEAN_LATENCY = 0.2
 def cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     return own.ru_utime + own.ru_stime
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "st_synth.testing", "--port", str(port),
-               "--mean-latency", str(MEAN_LATENCY), "--no-fence", "--asyncio"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{base_url}/models", timeout=1)
-            return process, base_url
-        except OSError:
-            time.sleep(0.1)
-    process.terminate()
-    raise RuntimeError("fake server did not start within 60 s")
 
 
 def measured(base_url: str, seed: int, run, *args) -> dict:
@@ -204,7 +179,7 @@ def main() -> None:
     )
     parser.add_argument("--results-name", default="generation", help="benchmarks/results/NAME.json and .md")
     args = parser.parse_args()
-    process, base_url = start_server()
+    process, base_url = start_server_process(MEAN_LATENCY)
     rows = []
     try:
         cases = [(int(c), int(seed)) for c in args.concurrency.split(",") for seed in args.seeds.split(",")]

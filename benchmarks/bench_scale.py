@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from st_synth.testing.openai_server import start_server_process
+
 RESULTS = Path(__file__).parent / "results"
 MEAN_LATENCY = 0.005
 CONCURRENCY = 64
@@ -97,27 +99,6 @@ def child(base_url: str, num_examples: int, workdir: Path) -> dict:
     }
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    import socket
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "st_synth.testing", "--port", str(port), "--mean-latency", str(MEAN_LATENCY),
-               "--no-fence", "--asyncio"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{base_url}/models", timeout=1)
-            return process, base_url
-        except OSError:
-            time.sleep(0.1)
-    process.terminate()
-    raise RuntimeError("fake server did not start within 60 s")
-
-
 def run_child(base_url: str, num_examples: int, workdir: Path, kill_after: int | None = None) -> dict | None:
     command = [sys.executable, __file__, "--child", base_url, str(num_examples), str(workdir)]
     if kill_after is None:
@@ -160,7 +141,7 @@ def main() -> None:
     parser.add_argument("--results-name", default="scale")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    server, base_url = start_server()
+    server, base_url = start_server_process(MEAN_LATENCY)
     rows: list[dict] = []
     try:
         for size in sizes:

@@ -21,6 +21,7 @@ import math
 import random
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -403,6 +404,28 @@ def serve_asyncio(server: FakeOpenAIServer, port: int) -> None:
     app.router.add_route("GET", "/{path:.*}", get)
     app.router.add_route("POST", "/{path:.*}", post)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def start_server_process(mean_latency: float) -> tuple[subprocess.Popen, str]:
+    """For benchmarks: the asyncio fake server in its own process on a free loopback port, log-normal latency
+    of ``mean_latency`` seconds, bare JSON answers; returns the process and its base URL once it answers."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "st_synth.testing", "--port", str(port), "--mean-latency", str(mean_latency),
+               "--no-fence", "--asyncio"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{base_url}/models", timeout=1)
+            return process, base_url
+        except OSError:
+            time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError("fake server did not start within 60 s")
 
 
 def get_json(base_url: str, path: str, timeout: float = 5.0) -> dict:
