@@ -168,9 +168,10 @@ def _batch_api(config: Any, target: GenerateOutput) -> Any:
             builder = run.run()
         except openai.APIError as error:
             raise RuntimeError(f"the Batch API answered {error.__class__.__name__}: {error}") from None
-        builder.report["batch"].update(run.describe())
+        account = run.describe()
+        builder.report["batch"].update(account)
         if config.priced:
-            builder.report["cost_usd"] = run.describe()["imported_cost_usd"]
+            builder.report["cost_usd"] = account["imported_cost_usd"]
         return builder
     finally:
         cache.close()
