@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,7 +45,7 @@ from st_synth.grounding import check_groundable
 from st_synth.languages import resolve_language_weights
 from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults, serving
 from st_synth.names import REPORT_FILE
-from st_synth.neardup import NearDuplicateIndex, check_threshold, signature
+from st_synth.neardup import ExactKeys, NearDuplicateIndex, check_threshold, signature
 from st_synth.prompting import (
     DEFAULT_PROMPTS_VERSION,
     PROMPT_VERSIONS,
@@ -55,7 +55,7 @@ from st_synth.prompting import (
     brainstorm_template,
     check_prompts_version,
     example_request,
-    plan_examples,
+    plan_example,
 )
 from st_synth.taxonomy import (
     BITEXT_LOW_SCORES,
@@ -394,6 +394,34 @@ def check_output_folder(output: str | Path) -> Path:
     return output
 
 
+class ShardIndices(Sequence[int]):
+    """The example indices of one shard, ascending, computed rather than held: the blocks of ``block_size``
+    examples whose number is ``shard_index`` modulo ``num_shards`` (the last block may be short)."""
+
+    def __init__(self, num_examples: int, block_size: int, num_shards: int = 1, shard_index: int = 0) -> None:
+        self.num_examples, self.block_size = num_examples, block_size
+        self.blocks = range(shard_index, -(-num_examples // block_size), num_shards)
+        # every block is whole but the last one of all, which may be this shard's
+        short = self.blocks and self.blocks[-1] == -(-num_examples // block_size) - 1
+        self._len = len(self.blocks) * block_size - ((-num_examples) % block_size if short else 0)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, position):  # type: ignore[override]
+        if isinstance(position, slice):
+            return [self[i] for i in range(*position.indices(self._len))]
+        if position < 0:
+            position += self._len
+        if not 0 <= position < self._len:
+            raise IndexError(f"position {position} of {self._len} examples")
+        return self.blocks[position // self.block_size] * self.block_size + position % self.block_size
+
+    def __iter__(self) -> Iterator[int]:
+        for block in self.blocks:
+            yield from range(block * self.block_size, min((block + 1) * self.block_size, self.num_examples))
+
+
 @dataclass
 class _Kept:
     attempt: int
@@ -449,13 +477,18 @@ class SyntheticDatasetBuilder:
         self.report: dict[str, Any] | None = None
         self.server: Any = None  # the managed local server answering this build, if any (served_builder)
 
-    def shard_plans(self) -> list[ExamplePlan]:
+    def shard_indices(self) -> ShardIndices:
         c = self.config
-        plans = plan_examples(c.seed, c.num_examples, c.kind_weights, c.language_weights)
-        plans = [p for p in plans if (p.index // c.block_size) % c.num_shards == c.shard_index]
-        if self.corpus is not None:
-            plans = [replace(p, passage=self.corpus.draw(c.seed, p.index)) for p in plans]
-        return plans
+        return ShardIndices(c.num_examples, c.block_size, c.num_shards, c.shard_index)
+
+    def plan(self, index: int) -> ExamplePlan:
+        """What example ``index`` is (kind, languages, passage): drawn from the seed alone."""
+        c = self.config
+        plan = plan_example(c.seed, index, c.kind_weights, c.language_weights)
+        return plan if self.corpus is None else replace(plan, passage=self.corpus.draw(c.seed, index))
+
+    def shard_plans(self) -> list[ExamplePlan]:
+        return [self.plan(index) for index in self.shard_indices()]
 
     def build(self) -> DatasetDict:
         started = time.perf_counter()
@@ -512,8 +545,11 @@ class _Run:
         c = builder.config
         self.config = c
         self.corpus = builder.corpus
-        self.plans = builder.shard_plans()
-        self.by_index = {plan.index: plan for plan in self.plans}
+        # Plans are drawn when a worker reaches them and forgotten once settled: nothing per example is held
+        # for the whole run but the settled examples' fixed-size keys (ExactKeys, NearDuplicateIndex).
+        self.builder = builder
+        self.indices = builder.shard_indices()
+        self.live: dict[int, ExamplePlan] = {}  # plans taken by a worker, not settled yet
         self._owns_clients = builder._client is None
         api = builder._client or ([] if builder.deferred else make_clients(c))
         self.chat = ChatClient(
@@ -528,18 +564,23 @@ class _Run:
             health_check=builder.health_check,
             deferred=builder.pending if builder.deferred else None,
         )
-        self.budget = c.failure_budget if c.failure_budget is not None else 2 * len(self.plans) + 20
+        self.budget = c.failure_budget if c.failure_budget is not None else 2 * len(self.indices) + 20
         # Kept answers not settled yet: the walk (_walk) settles them in index order and spools them to disk.
         self.kept: dict[int, _Kept] = {}
-        # Dedup key -> the lowest index whose FIRST kept answer has that key (see _claim).
+        # Dedup key -> the lowest index whose FIRST kept answer has that key, among examples not settled yet
+        # (see _claim); first_keys: each such index's first key, to forget the entry when it is settled.
         self.first_owner: dict[bytes, int] = {}
+        self.first_keys: dict[int, bytes] = {}
         self.done: set[int] = set()  # examples whose worker has finished, not yet walked
-        self.order = sorted(self.by_index)
-        self.position = 0  # the walk's place in self.order: every example below it is settled
+        self.position = 0  # the walk's place in self.indices: every example below it is settled
         self.finished = False
-        self.seen: set[bytes] = set()  # the keys of settled examples
+        # The keys of settled examples and of answers dropped as near-duplicates (see _settle_final).
+        self.seen = ExactKeys()
         self.near = (
-            {kind: NearDuplicateIndex(c.near_duplicate_threshold) for kind in c.kind_weights}
+            {
+                kind: NearDuplicateIndex(c.near_duplicate_threshold, c.cache_path.parent)
+                for kind in c.kind_weights
+            }
             if c.near_duplicates
             else None
         )
@@ -556,16 +597,16 @@ class _Run:
         self.drops_by_kind: Counter = Counter()
         self.failures = 0
         self.stop_reason: str | None = None
-        self.pools: dict[tuple[str, int], asyncio.Future] = {}
-        self.needed_pools = {
-            (p.kind, p.index // c.block_size) for p in self.plans if self._brainstorms(p.kind)
-        }
+        self.pools: dict[tuple[str, int], asyncio.Future] = {}  # blocks the walk has not passed
+        self.block_kinds: dict[
+            int, set[str]
+        ] = {}  # the kinds that brainstorm in a block, as pools are started
         # Twice as many workers as request slots keep every slot busy, plus two blocks' worth, so that
         # the examples of a block whose brainstorm answer is slow (the heavy tail) can wait for it
         # without leaving slots idle. Brainstorms are started as far ahead as the workers span.
         self.num_workers = 2 * c.concurrency + 2 * c.block_size
         self._lookahead = -(-self.num_workers // c.block_size) * c.num_shards + 1
-        self.progress = tqdm(total=len(self.plans), desc="examples", disable=not c.show_progress, unit="ex")
+        self.progress = tqdm(total=len(self.indices), desc="examples", disable=not c.show_progress, unit="ex")
 
     def _brainstorms(self, kind: str) -> bool:
         if self.corpus is not None:
@@ -581,15 +622,12 @@ class _Run:
             logger.error("Stopping: %s. Drops so far: %s", self.stop_reason, dict(self.drops))
 
     async def execute(self) -> None:
-        queue: asyncio.Queue[ExamplePlan] = asyncio.Queue()
-        for plan in self.plans:
-            queue.put_nowait(plan)
-
+        pending = iter(self.indices)
         wake = asyncio.Event()
 
         async def worker() -> None:
-            while self.stop_reason is None and not queue.empty():
-                plan = queue.get_nowait()
+            while self.stop_reason is None and (index := next(pending, None)) is not None:
+                plan = self.live[index] = self.builder.plan(index)
                 if (kept := await self._example(plan, 0)) is not None and self.eager_duplicates:
                     await self._claim(plan.index, kept)
                 self.done.add(plan.index)
@@ -623,6 +661,8 @@ class _Run:
             raise
         finally:
             self.progress.close()
+            for index in (self.near or {}).values():
+                index.close()
             if self._owns_clients:
                 await self.chat.close()
 
@@ -632,9 +672,32 @@ class _Run:
         # task pools ready instead of all waiting on one request.
         for ahead in range(block, block + self._lookahead + 1):
             key = (plan.kind, ahead)
-            if key not in self.pools and key in self.needed_pools:
+            if key not in self.pools and plan.kind in self._brainstorming_kinds(ahead):
                 self.pools[key] = asyncio.ensure_future(self._brainstorm(*key))
         return await asyncio.shield(self.pools[(plan.kind, block)])
+
+    def _brainstorming_kinds(self, block: int) -> set[str]:
+        """The kinds of block ``block``'s examples whose prompts need a brainstormed task pool (none for a
+        block of another shard or past the end)."""
+        if block not in self.block_kinds:
+            c = self.config
+            first = block * c.block_size
+            if block % c.num_shards != c.shard_index or first >= c.num_examples:
+                self.block_kinds[block] = set()
+            else:
+                kinds = {
+                    self.builder.plan(i).kind for i in range(first, min(first + c.block_size, c.num_examples))
+                }
+                self.block_kinds[block] = {kind for kind in kinds if self._brainstorms(kind)}
+        return self.block_kinds[block]
+
+    def _forget_blocks_below(self, block: int) -> None:
+        """The walk has settled every example of the blocks below ``block``: their task pools are no longer
+        asked for."""
+        for key in [key for key, pool in self.pools.items() if key[1] < block and pool.done()]:
+            del self.pools[key]
+        for old in [old for old in self.block_kinds if old < block]:
+            del self.block_kinds[old]
 
     async def _brainstorm(self, kind: str, block: int) -> list[str] | None:
         for attempt in range(self.config.max_attempts):
@@ -737,20 +800,27 @@ class _Run:
         instead of one request at a time after it. ``kept`` is ``index``'s first answer; only first
         answers are recorded, replacements are checked against them and otherwise left to the walk.
         """
+        if kept.key in self.seen:  # a settled example has it (or had it and was dropped as a near-duplicate)
+            await self._settle(index)
+            return
+        self.first_keys[index] = kept.key
         owner = self.first_owner.setdefault(kept.key, index)
         if owner != index:
             self.first_owner[kept.key] = min(owner, index)
             await self._settle(max(owner, index))
 
+    def _taken(self, key: bytes, index: int) -> bool:
+        return key in self.seen or self.first_owner.get(key, index) < index
+
     async def _settle(self, index: int) -> None:
         """``index``'s answer is a certain duplicate: move on until one is not (or attempts run out)."""
         kept = await self._replace(index)
-        while kept is not None and self.first_owner.get(kept.key, index) < index:
+        while kept is not None and self._taken(kept.key, index):
             kept = await self._replace(index)
 
     async def _replace(self, index: int, reason: str = "duplicate") -> _Kept | None:
         """Drop ``index``'s kept answer as a (near-)duplicate; return its next valid, not yet judged answer."""
-        plan = self.by_index[index]
+        plan = self.live[index]
         kept = self.kept.pop(index)
         self._drop(reason, plan.kind)
         if reason == "near_duplicate":
@@ -767,17 +837,26 @@ class _Run:
         walk stops at the first example whose worker has not finished (``final``: after the workers, it
         skips them), so kept examples leave memory about as fast as they arrive.
         """
-        while self.position < len(self.order):
-            index = self.order[self.position]
+        block_size = self.config.block_size
+        while self.position < len(self.indices):
+            index = self.indices[self.position]
             if not final and index not in self.done:
                 return
+            if index % block_size == 0:
+                self._forget_blocks_below(index // block_size)
             await self._settle_final(index)
             self.done.discard(index)
+            self.live.pop(index, None)
+            first_key = self.first_keys.pop(index, None)
+            if first_key is not None and self.first_owner.get(first_key) == index:
+                del self.first_owner[first_key]  # from now on self.seen answers for it (see _claim)
             self.position += 1
 
     async def _settle_final(self, index: int) -> None:
-        plan = self.by_index[index]
         kept = self.kept.get(index)
+        if kept is None:
+            return
+        plan = self.live[index]
         near = self.near[plan.kind] if self.near is not None else None
         while kept is not None:
             if kept.key in self.seen:
@@ -785,6 +864,9 @@ class _Run:
                 continue
             sig = signature(kept.texts) if near is not None else None
             if near is not None and near.find(sig) is not None:
+                # Its key is marked too, so that the same answer elsewhere is an exact duplicate: then "a lower
+                # index's first answer had this key" always means "the key is taken" (_claim).
+                self.seen.add(kept.key)
                 kept = await self._replace(index, "near_duplicate")
                 continue
             break
@@ -805,10 +887,10 @@ class _Run:
     def report(self, wall_time: float) -> dict[str, Any]:
         c, s = self.config, self.chat.stats
         kept_kind, kept_language, kept_template = self.kept_kind, self.kept_language, self.kept_template
-        complete = self.settled == len(self.plans)
+        complete = self.settled == len(self.indices)
         report: dict[str, Any] = {
             **c.public_settings(),
-            "num_examples_requested": len(self.plans),
+            "num_examples_requested": len(self.indices),
             "num_examples_kept": self.settled,
             "complete": complete,
             "stop_reason": None

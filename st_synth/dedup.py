@@ -19,7 +19,7 @@ from typing import Any
 from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
 from st_synth.names import REPORT_FILE
-from st_synth.neardup import NearDuplicateIndex, check_threshold, normalise, signature
+from st_synth.neardup import ExactKeys, NearDuplicateIndex, check_threshold, normalise, signature
 from st_synth.taxonomy import PROVENANCE_COLUMNS
 
 DEDUP_REPORT = "dedup_report.json"
@@ -53,7 +53,7 @@ def dedup_shards(
         parts = [data[kind] for _, data, _, _ in loaded if kind in data]
         union = concatenate_datasets(parts)
         text_columns = [c for c in union.column_names if c != "instruction" and c not in PROVENANCE_COLUMNS]
-        seen: set[bytes] = set()
+        seen = ExactKeys()
         near = NearDuplicateIndex(threshold) if near_duplicates else None
         keep: list[int] = []
         counts = {"duplicate": 0, "near_duplicate": 0}
@@ -71,6 +71,8 @@ def dedup_shards(
                 near.add(sig, row_number)
             seen.add(key)
             keep.append(row_number)
+        if near is not None:
+            near.close()
         splits[kind] = union.select(keep) if len(keep) < len(union) else union
         removed[kind] = counts
         kept_by_kind[kind] = len(keep)

@@ -130,18 +130,23 @@ def plan_examples(
     seed: int, num_examples: int, kind_weights: dict[str, float], language_weights: dict[str, float]
 ) -> list[ExamplePlan]:
     """Draw kind and language(s) for examples ``0 .. num_examples-1``."""
+    return [plan_example(seed, index, kind_weights, language_weights) for index in range(num_examples)]
+
+
+def plan_example(
+    seed: int, index: int, kind_weights: dict[str, float], language_weights: dict[str, float]
+) -> ExamplePlan:
+    """Kind and language(s) of example ``index``: a pure function of ``(seed, index)`` and the weights, so
+    that a run can draw each plan when it reaches it instead of holding them all."""
     kinds = list(kind_weights)
-    plans = []
-    for index in range(num_examples):
-        rng = seeded_rng(seed, "example", index)
-        kind = rng.choices(kinds, weights=[kind_weights[k] for k in kinds], k=1)[0]
-        language = sample_language(rng, language_weights)
-        target = None
-        if TASK_KINDS[kind].bilingual:
-            others = {lang: w for lang, w in language_weights.items() if lang != language}
-            target = sample_language(rng, others)
-        plans.append(ExamplePlan(index=index, kind=kind, language=language, target_language=target))
-    return plans
+    rng = seeded_rng(seed, "example", index)
+    kind = rng.choices(kinds, weights=[kind_weights[k] for k in kinds], k=1)[0]
+    language = sample_language(rng, language_weights)
+    target = None
+    if TASK_KINDS[kind].bilingual:
+        others = {lang: w for lang, w in language_weights.items() if lang != language}
+        target = sample_language(rng, others)
+    return ExamplePlan(index=index, kind=kind, language=language, target_language=target)
 
 
 def brainstorm_template(seed: int, kind: str, block: int, version: str) -> str:

@@ -1,4 +1,4 @@
-"""Near-duplicate removal: the MinHash rule, its faiss LSH index against brute force, the builder's walk (lower
+"""Near-duplicate removal: the MinHash rule, its LSH index against brute force, the builder's walk (lower
 index wins, counted per kind, the same for any concurrency) and `st-synth dedup` over the union of shards."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.cli import main
-from st_synth.neardup import NearDuplicateIndex, signature, similarity
+from st_synth.neardup import ExactKeys, NearDuplicateIndex, signature, similarity
 from st_synth.testing.openai_server import REPEATED_TEXT
 
 DOC = (
@@ -36,7 +36,12 @@ def test_the_rule_catches_small_edits_and_leaves_shared_frames_apart():
     assert similarity(*framed) < 0.5
 
 
-def test_the_index_finds_what_brute_force_finds():
+@pytest.mark.parametrize("buffer", [1024, 7])
+def test_the_index_finds_what_brute_force_finds(buffer, monkeypatch, tmp_path):
+    """Whether a candidate comes from the in-memory buffer or from the sorted array and the file on disk
+    (a buffer of 7 merges every 7 entries), the answer is brute force's: the lowest-index signature at or
+    above the threshold."""
+    monkeypatch.setattr(NearDuplicateIndex, "BUFFER", buffer)
     rng = random.Random(0)
     texts = []
     for n in range(300):
@@ -48,7 +53,7 @@ def test_the_index_finds_what_brute_force_finds():
         else:
             texts.append(" ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(40)))
     signatures = [signature((t,)) for t in texts]
-    index = NearDuplicateIndex(0.8)
+    index = NearDuplicateIndex(0.8, tmp_path)
     found, expected = [], []
     for n, sig in enumerate(signatures):
         found.append(index.find(sig))
@@ -56,6 +61,23 @@ def test_the_index_finds_what_brute_force_finds():
         expected.append(next((m for m in range(n) if similarity(signatures[m], sig) >= 0.8), None))
     assert found == expected
     assert sum(f is not None for f in found) >= 50  # the repeats were found, not a lucky empty match
+    assert len(index) == 300
+    index.close()
+    assert not list(tmp_path.iterdir())  # the signatures' file has no name: nothing is left behind
+
+
+def test_exact_keys_are_a_set_of_digests():
+    monkey = ExactKeys()
+    monkey.MERGE = 5  # merged into the sorted array every 5 keys
+    rng = random.Random(2)
+    keys = [rng.randbytes(16) for _ in range(200)]
+    reference: set[bytes] = set()
+    for key in keys + keys[:50]:  # every key added once more
+        assert (key in monkey) == (key in reference)
+        monkey.add(key)
+        reference.add(key)
+        assert key in monkey and len(monkey) == len(reference)
+    assert all(key in monkey for key in keys) and not any(rng.randbytes(16) in monkey for _ in range(200))
 
 
 def test_bad_thresholds_are_named():
