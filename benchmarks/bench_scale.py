@@ -183,6 +183,13 @@ def main() -> None:
             f"{r['cpu_ms_per_kept']:.2f} | {r['peak_rss_mib']:,.0f} | {r['cache_mib']:,.0f} | {r['dataset_mib']:,.1f} | "
             f"{r['save_s']:.1f} |"
         )
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        examples = last["num_examples"] - first["num_examples"]
+        lines += ["", f"From {first['num_examples']:,} to {last['num_examples']:,} examples peak RSS grows "
+                  f"{(last['peak_rss_mib'] - first['peak_rss_mib']) * 2**20 / examples:,.0f} bytes per example "
+                  f"(after the build, before saving: {(last['rss_after_build_mib'] - first['rss_after_build_mib']) * 2**20 / examples:,.0f}); "
+                  f"the saved dataset {(last['dataset_mib'] - first['dataset_mib']) * 2**20 / examples:,.0f} bytes per example."]  # fmt: skip
     if resume:
         lines += ["", f"SIGKILL at {resume['killed_after_answers']:,} answers of a {resume['num_examples']:,} run, "
                   f"then the same command: {resume['requests_sent']:,} requests sent by the restart, "

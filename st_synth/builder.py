@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from st_synth.grounding import check_groundable
 from st_synth.languages import resolve_language_weights
 from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults, serving
 from st_synth.names import REPORT_FILE
-from st_synth.neardup import ExactKeys, NearDuplicateIndex, check_threshold, signature
+from st_synth.neardup import ExactKeys, NearDuplicateIndex, check_threshold, exact_key, signature
 from st_synth.prompting import (
     DEFAULT_PROMPTS_VERSION,
     PROMPT_VERSIONS,
@@ -782,7 +781,7 @@ class _Run:
                 brainstorm = brainstorm_template(self.config.seed, plan.kind, plan.index // self.config.block_size,
                                                  version)  # fmt: skip
                 template = f"{brainstorm}+{template}"
-            key = hashlib.blake2b(json.dumps([plan.kind, *normalized]).encode(), digest_size=16).digest()
+            key = exact_key(plan.kind, normalized)
             kept = _Kept(attempt=attempt, instruction=instruction, texts=texts, key=key, template=template)
             self.kept[plan.index] = kept
             self.progress.update(1)

@@ -4,14 +4,13 @@ Each shard removes exact and near-duplicates among its own examples while it gen
 it keeps its N); two shards cannot see each other's examples. This step walks the union, shard by shard in
 ``shard_index`` order and each shard's rows in order (so the lower shard, then the earlier row, wins, for
 any order the folders are given in), and drops every example that repeats one before it: the same
-normalised texts, or (unless turned off) a near-duplicate by the generator's rule (:mod:`st_synth.neardup`).
+normalised texts (the generator's key, :func:`st_synth.neardup.exact_key`), or (unless turned off) a near-duplicate by the generator's rule (:mod:`st_synth.neardup`).
 Nothing is asked again (there is no endpoint here), so the union may keep a little less than the sum of the
 shards; ``dedup_report.json`` says how much, per kind and reason.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from typing import Any
 from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
 from st_synth.names import REPORT_FILE
-from st_synth.neardup import ExactKeys, NearDuplicateIndex, check_threshold, normalise, signature
+from st_synth.neardup import ExactKeys, NearDuplicateIndex, check_threshold, exact_key, signature
 from st_synth.taxonomy import PROVENANCE_COLUMNS
+from st_synth.validation import normalize
 
 DEDUP_REPORT = "dedup_report.json"
 
@@ -59,7 +59,7 @@ def dedup_shards(
         counts = {"duplicate": 0, "near_duplicate": 0}
         for row_number, row in enumerate(union.select_columns(text_columns)):
             texts = [row[c] for c in text_columns]
-            key = hashlib.blake2b(json.dumps([normalise(t) for t in texts]).encode(), digest_size=16).digest()
+            key = exact_key(kind, [normalize(t) for t in texts])
             if key in seen:
                 counts["duplicate"] += 1
                 continue

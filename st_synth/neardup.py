@@ -35,6 +35,8 @@ while generating; MinHash costs about a tenth of a millisecond per example here 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tempfile
@@ -107,6 +109,12 @@ def check_threshold(threshold: float) -> None:
             f"near_duplicate_threshold must be a Jaccard similarity from {MIN_THRESHOLD} to 1.0 (character "
             f"5-grams), got {threshold!r}; turn near-duplicate removal off with --no_near_duplicates"
         )
+
+
+def exact_key(kind: str, normalized: tuple[str, ...] | list[str]) -> bytes:
+    """What exact duplicates are judged on: a 16-byte digest of the kind and the texts in the validator's
+    normalised form (``st_synth.validation.normalize``), the same in the builder and in ``st-synth dedup``."""
+    return hashlib.blake2b(json.dumps([kind, *normalized]).encode(), digest_size=16).digest()
 
 
 _POSITION = np.uint64(0xFFFFFFFF)

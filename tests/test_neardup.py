@@ -180,3 +180,34 @@ def test_the_index_grows_past_its_first_allocation():
         index.add(signature((text,)), n)
     assert len(index) == 2100
     assert [index.find(signature((texts[n],))) for n in (0, 1023, 1024, 2099)] == [0, 1023, 1024, 2099]
+
+
+def test_dedup_judges_exact_repeats_as_the_generator_does(tmp_path):
+    """`st-synth dedup` keys rows like the builder (kind + the validator's NFKC/casefold normalisation): a
+    row that differs from an earlier one only in case folding or compatibility forms is a repeat."""
+    from datasets import Dataset, DatasetDict
+
+    from st_synth.dedup import dedup_shards
+    from st_synth.names import REPORT_FILE
+    from st_synth.neardup import exact_key
+    from st_synth.validation import normalize
+
+    rows = [
+        [("Wo liegt die Straße?", "Die Straße liegt im Norden der Stadt.")],
+        [("WO LIEGT DIE STRASSE?", "Die Strasse liegt im Norden der Stadt."), ("ﬁnd it", "the ﬁle")],
+    ]
+    folders = []
+    for shard, pairs in enumerate(rows):
+        folder = tmp_path / f"shard{shard}"
+        columns = {"instruction": ["i"] * len(pairs), "query": [q for q, _ in pairs],
+                   "positive": [d for _, d in pairs], "language": ["German"] * len(pairs),
+                   "template": ["t"] * len(pairs)}  # fmt: skip
+        DatasetDict({"retrieval": Dataset.from_dict(columns)}).save_to_disk(str(folder))
+        (folder / REPORT_FILE).write_text(json.dumps({"shard_index": shard}))
+        folders.append(folder)
+    assert exact_key("retrieval", [normalize(t) for t in rows[0][0]]) == exact_key(
+        "retrieval", [normalize(t) for t in rows[1][0]]
+    )
+    data, report = dedup_shards(folders, near_duplicates=False)
+    assert data["retrieval"]["query"] == ["Wo liegt die Straße?", "ﬁnd it"]
+    assert report["removed_by_kind"]["retrieval"] == {"duplicate": 1, "near_duplicate": 0}
