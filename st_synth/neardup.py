@@ -140,21 +140,33 @@ class NearDuplicateIndex:
         self._file = tempfile.TemporaryFile(dir=directory, prefix=".st-synth-minhash-")  # noqa: SIM115
         self._recent_words = np.empty((self.BUFFER, BANDS), dtype=np.uint32)
         self._recent = np.empty(self.BUFFER, dtype=_RECORD)
+        self._recent_map: dict[int, list[int]] = {}  # the buffer's band words -> their positions
         self._count = 0  # entries held in the buffer
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # the last signature found and its words
 
     def __len__(self) -> int:
         return self._merged + self._count
 
-    def _candidates(self, words: np.ndarray) -> np.ndarray:
+    def _words(self, sig: np.ndarray) -> np.ndarray:
+        if self._last is not None and self._last[0] is sig:  # add() right after find(): hashed once
+            return self._last[1]
+        words = band_words(sig)
+        self._last = (sig, words)
+        return words
+
+    def _candidates(self, words: np.ndarray) -> list[int]:
         """Positions (ascending) of the entries that share a band hash with ``words``."""
-        wide = words.astype(np.uint64) << np.uint64(32)
-        lows = np.searchsorted(self._keys, wide, side="left")
-        highs = np.searchsorted(self._keys, wide | _POSITION, side="right")
-        found = [self._keys[lo:hi] & _POSITION for lo, hi in zip(lows, highs, strict=True) if hi > lo]
-        recent = np.nonzero((self._recent_words[: self._count] == words[None, :]).any(axis=1))[0]
-        if len(recent):
-            found.append(recent.astype(np.uint64) + np.uint64(self._merged))
-        return np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.uint64)
+        found: set[int] = set()
+        if len(self._keys):
+            wide = words.astype(np.uint64) << np.uint64(32)
+            lows = np.searchsorted(self._keys, wide, side="left")
+            highs = np.searchsorted(self._keys, wide | _POSITION, side="right")
+            for band in np.flatnonzero(highs > lows):
+                found.update((self._keys[lows[band] : highs[band]] & _POSITION).tolist())
+        if self._recent_map:
+            for word in words.tolist():
+                found.update(self._recent_map.get(word, ()))
+        return sorted(found)
 
     def _record(self, position: int) -> np.void:
         if position >= self._merged:
@@ -164,15 +176,19 @@ class NearDuplicateIndex:
 
     def find(self, sig: np.ndarray) -> int | None:
         """The id (as added) of the first added signature at or above the threshold, or None."""
-        for position in self._candidates(band_words(sig)):
-            record = self._record(int(position))
+        for position in self._candidates(self._words(sig)):
+            record = self._record(position)
             if np.mean(record["signature"] == sig) >= self.threshold:
                 return int(record["id"])
         return None
 
     def add(self, sig: np.ndarray, ident: int) -> None:
-        self._recent_words[self._count] = band_words(sig)
+        words = self._words(sig)
+        position = self._merged + self._count
+        self._recent_words[self._count] = words
         self._recent[self._count] = (sig, ident)
+        for word in words.tolist():
+            self._recent_map.setdefault(word, []).append(position)
         self._count += 1
         if self._count == self.BUFFER:
             self._merge()
@@ -191,6 +207,7 @@ class NearDuplicateIndex:
         self._keys = np.insert(self._keys, np.searchsorted(self._keys, new), new)
         self._merged += self._count
         self._count = 0
+        self._recent_map.clear()
 
     def close(self) -> None:
         self._file.close()
