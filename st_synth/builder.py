@@ -418,7 +418,13 @@ class ShardIndices(Sequence[int]):
 
     def __iter__(self) -> Iterator[int]:
         for block in self.blocks:
-            yield from range(block * self.block_size, min((block + 1) * self.block_size, self.num_examples))
+            yield from self.block(block)
+
+    def block(self, block: int) -> range:
+        """The indices of block ``block`` (none for a block of another shard or past the end)."""
+        if block not in self.blocks:
+            return range(0)
+        return range(block * self.block_size, min((block + 1) * self.block_size, self.num_examples))
 
 
 @dataclass
@@ -597,9 +603,8 @@ class _Run:
         self.failures = 0
         self.stop_reason: str | None = None
         self.pools: dict[tuple[str, int], asyncio.Future] = {}  # blocks the walk has not passed
-        self.block_kinds: dict[
-            int, set[str]
-        ] = {}  # the kinds that brainstorm in a block, as pools are started
+        # The kinds that brainstorm in a block, as pools are started.
+        self.block_kinds: dict[int, set[str]] = {}
         # Twice as many workers as request slots keep every slot busy, plus two blocks' worth, so that
         # the examples of a block whose brainstorm answer is slow (the heavy tail) can wait for it
         # without leaving slots idle. Brainstorms are started as far ahead as the workers span.
@@ -679,15 +684,8 @@ class _Run:
         """The kinds of block ``block``'s examples whose prompts need a brainstormed task pool (none for a
         block of another shard or past the end)."""
         if block not in self.block_kinds:
-            c = self.config
-            first = block * c.block_size
-            if block % c.num_shards != c.shard_index or first >= c.num_examples:
-                self.block_kinds[block] = set()
-            else:
-                kinds = {
-                    self.builder.plan(i).kind for i in range(first, min(first + c.block_size, c.num_examples))
-                }
-                self.block_kinds[block] = {kind for kind in kinds if self._brainstorms(kind)}
+            kinds = {self.builder.plan(i).kind for i in self.indices.block(block)}
+            self.block_kinds[block] = {kind for kind in kinds if self._brainstorms(kind)}
         return self.block_kinds[block]
 
     def _forget_blocks_below(self, block: int) -> None:

@@ -178,7 +178,7 @@ class NearDuplicateIndex:
         """The id (as added) of the first added signature at or above the threshold, or None."""
         for position in self._candidates(self._words(sig)):
             record = self._record(position)
-            if np.mean(record["signature"] == sig) >= self.threshold:
+            if similarity(record["signature"], sig) >= self.threshold:
                 return int(record["id"])
         return None
 
