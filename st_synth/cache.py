@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
 import threading
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -27,22 +29,57 @@ def request_key(model: str, body: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+BUSY_WAIT_S = 60.0
+"""How long a run waits for another process that holds the cache file before giving up."""
+
+
 class AnswerCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db = sqlite3.connect(
+                self.path, timeout=BUSY_WAIT_S, check_same_thread=False, isolation_level=None
+            )
+            self._set_up()
         except (sqlite3.Error, OSError) as error:
             raise CacheError(
                 f"Cannot use {self.path} as the answer cache ({error}). Pass another cache path (--cache, or "
                 "generate.cache in a run config), or move that file away."
             ) from None
+
+    def _set_up(self) -> None:
+        """WAL journal and the two tables, retried while another process holds the file.
+
+        Several runs may open one fresh cache at the same moment. SQLite's busy timeout covers most waits,
+        but switching the journal mode and a transaction whose snapshot went stale answer "database is
+        locked" at once, without waiting, so those are retried here until ``BUSY_WAIT_S`` has passed.
+        """
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                )
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                )
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                busy = getattr(error, "sqlite_errorcode", 0) & 0xFF in (
+                    sqlite3.SQLITE_BUSY,
+                    sqlite3.SQLITE_LOCKED,
+                )
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.01, 0.1))
 
     @staticmethod
     def count(path: str | Path) -> int:

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -271,6 +272,26 @@ def test_two_runs_sharing_one_cache_at_once_agree(fake_server, tmp_path):
 
     a, b = (load_from_disk(str(tmp_path / name)) for name in ("a", "b"))
     assert {k: list(v) for k, v in a.items()} == {k: list(v) for k, v in b.items()}
+
+
+def test_a_cache_another_process_is_creating_is_waited_for_not_refused(tmp_path):
+    # Another run holds a write transaction on the fresh file (it is creating the tables): switching the
+    # journal to WAL answers "database is locked" at once, without SQLite's busy wait. The stop-28 CI
+    # failure of the test above, made deterministic.
+    path = tmp_path / "answers.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    other.execute("INSERT INTO answers VALUES ('k', '{\"from\": \"other\"}')")
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    cache = AnswerCache(path)
+    release.join()
+    other.close()
+    assert cache.get("k") == {"from": "other"}
+    cache.put("mine", {"a": 1})
+    assert len(cache) == 2
+    cache.close()
 
 
 def test_the_install_script_and_the_rebuild_hint_use_the_same_flags():
