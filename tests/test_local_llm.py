@@ -101,3 +101,46 @@ def test_cli_generate_takes_the_backend_limits_unless_given(monkeypatch, tmp_pat
     )
     limits = [(config.max_tokens, config.request_timeout, config.response_format) for config in seen]
     assert limits == [(384, 600.0, "text"), (100, 30.0, "json_object"), (None, 120.0, "auto")]
+
+
+def _llama_cpp_missing() -> bool:
+    try:
+        resolve_backend("llama.cpp")
+    except RuntimeError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(_llama_cpp_missing(), reason="llama-cpp-python[server] is not installed")
+def test_the_prompt_cache_setting_reaches_a_real_llama_cpp_server_that_then_answers():
+    """`llm_prompt_cache_mb` turns llama-cpp-python's RAM prompt cache on, sized in bytes, and the real
+    server still answers prompts that share their beginnings, interleaved (kept states are loaded back)."""
+    import openai
+
+    from st_synth import GenerationConfig
+
+    assert "--cache" not in LocalLLMServer(backend="llama.cpp", prompt_cache_mb=0).command()
+    config = GenerationConfig(local=True, llm_backend="llama.cpp", llm_threads=1, llm_prompt_cache_mb=64)
+    with local_llm.serving(config) as (endpoint, server):
+        command = server.command()
+        assert command[command.index("--cache") : command.index("--cache") + 4] == [
+            "--cache", "true", "--cache_size", str(64 << 20)
+        ]  # fmt: skip
+        client = openai.OpenAI(base_url=endpoint.base_url, api_key="none")
+        rules = {"a": "You write titles of news passages. " * 20, "b": "You write search queries. " * 20}
+        answers = []
+        for rule, passage in [
+            ("a", "Rain fell in Sydney."),
+            ("b", "A dog ran home."),
+            ("a", "Oil prices rose."),
+        ]:
+            reply = client.chat.completions.create(
+                model=endpoint.model, max_tokens=8, seed=1, temperature=0,
+                messages=[{"role": "system", "content": rules[rule]}, {"role": "user", "content": passage}],
+            )  # fmt: skip
+            answers.append(reply.choices[0].message.content)
+            assert reply.usage.prompt_tokens > 100
+        server.check_alive()
+    assert all(answer.strip() for answer in answers)
+    with pytest.raises(ValueError, match=r"llm_prompt_cache_mb must be 0 \(off\) or more, got -1"):
+        GenerationConfig(local=True, llm_prompt_cache_mb=-1)
