@@ -149,14 +149,6 @@ class GenerationConfig(CorpusArguments):
         ),
     )
     llm_threads: int = field(default=1, metadata=_help("CPU threads of the local server."))
-    llm_prompt_cache_mb: int = field(
-        default=1024,
-        metadata=_help(
-            "MiB the local llama.cpp server may keep of computed prompts (0: off). A prompt that begins like a "
-            "kept one (a kind's rules and demonstrations) skips recomputing that part: on 2 cores, reading a "
-            "prompt costs more than writing the answer (benchmarks/results/prompt-cache.md)."
-        ),
-    )
     concurrency: int = field(default=16, metadata=_help("Requests in flight at once."))
     temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the generator."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling of the generator."))
@@ -266,8 +258,6 @@ class GenerationConfig(CorpusArguments):
             (self.llm_backend in BACKENDS,
              f"llm_backend {self.llm_backend!r} is unknown; choose one of: {', '.join(BACKENDS)}"),
             (self.llm_threads >= 1, f"llm_threads must be at least 1, got {self.llm_threads}"),
-            (self.llm_prompt_cache_mb >= 0,
-             f"llm_prompt_cache_mb must be 0 (off) or more, got {self.llm_prompt_cache_mb}"),
             (not (self.local and self.base_url),
              "local starts its own endpoint on 127.0.0.1; drop base_url or local"),
             (0 <= self.temperature <= 2, f"temperature must be in [0, 2], got {self.temperature}"),

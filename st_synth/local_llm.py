@@ -185,7 +185,6 @@ class LocalLLMServer:
         alias: str = SMOLLM2_ALIAS,
         threads: int = 1,
         context: int = 4096,
-        prompt_cache_mb: int = 0,
         port: int | None = None,
         startup_timeout: float = 180.0,
     ) -> None:
@@ -195,7 +194,6 @@ class LocalLLMServer:
         self.alias = alias
         self.threads = threads
         self.context = context
-        self.prompt_cache_mb = prompt_cache_mb
         self.port = port or _free_port()
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen | None = None
@@ -230,18 +228,10 @@ class LocalLLMServer:
                 str(self._transformers_folder()), "--host", "127.0.0.1", "--port", str(self.port),
                 "--device", "cpu", "--log-level", "warning",
             ]  # fmt: skip
-        # --cache: llama-cpp-python keeps the computed state of recent prompts (in RAM, least recently used
-        # dropped past cache_size bytes) and starts a request from the kept one that shares its longest
-        # beginning; without it only the previous request's beginning is reused.
-        cache = (
-            ["--cache", "true", "--cache_size", str(self.prompt_cache_mb << 20)]
-            if self.prompt_cache_mb
-            else []
-        )
         return [
             sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
             "--model_alias", self.alias, "--host", "127.0.0.1", "--port", str(self.port),
-            "--n_ctx", str(self.context), "--n_threads", str(self.threads), "--verbose", "False", *cache,
+            "--n_ctx", str(self.context), "--n_threads", str(self.threads), "--verbose", "False",
         ]  # fmt: skip
 
     def start(self) -> LocalLLMServer:
@@ -387,7 +377,6 @@ def start_local_server(server: LocalLLMServer) -> LocalLLMServer:
         )
         fallback = LocalLLMServer(server.model_path, backend="transformers", alias=server.alias,
                                   threads=server.threads, context=server.context,
-                                  prompt_cache_mb=server.prompt_cache_mb,
                                   startup_timeout=server.startup_timeout)  # fmt: skip
         fallback.fallback_from = server.backend
         fallback.fallback_reason = str(error).splitlines()[0]
@@ -402,9 +391,7 @@ def serving(config: GenerationConfig) -> Iterator[tuple[GenerationConfig, LocalL
     if not config.local:
         yield config, None
         return
-    server = LocalLLMServer(
-        backend=config.llm_backend, threads=config.llm_threads, prompt_cache_mb=config.llm_prompt_cache_mb
-    )
+    server = LocalLLMServer(backend=config.llm_backend, threads=config.llm_threads)
     running = start_local_server(server)
     try:
         from st_synth.builder import STANDARD_LIMITS
