@@ -29,6 +29,7 @@ def request_key(model: str, body: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # sqlite3 names them only from Python 3.11
 BUSY_WAIT_S = 60.0
 """How long a run waits for another process that holds the cache file before giving up."""
 
@@ -73,10 +74,8 @@ class AnswerCache:
             except sqlite3.OperationalError as error:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                busy = getattr(error, "sqlite_errorcode", 0) & 0xFF in (
-                    sqlite3.SQLITE_BUSY,
-                    sqlite3.SQLITE_LOCKED,
-                )
+                # the primary result code (Python 3.11+ names it; 3.10 has no code: not retried)
+                busy = (getattr(error, "sqlite_errorcode", 0) & 0xFF) in (SQLITE_BUSY, SQLITE_LOCKED)
                 if not busy or time.monotonic() > deadline:
                     raise
                 time.sleep(random.uniform(0.01, 0.1))
