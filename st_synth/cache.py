@@ -74,8 +74,12 @@ class AnswerCache:
             except sqlite3.OperationalError as error:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                # the primary result code (Python 3.11+ names it; 3.10 has no code: not retried)
-                busy = (getattr(error, "sqlite_errorcode", 0) & 0xFF) in (SQLITE_BUSY, SQLITE_LOCKED)
+                code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+; 3.10: only the message
+                busy = (
+                    (code & 0xFF) in (SQLITE_BUSY, SQLITE_LOCKED)
+                    if code is not None
+                    else str(error).startswith(("database is locked", "database is busy"))
+                )
                 if not busy or time.monotonic() > deadline:
                     raise
                 time.sleep(random.uniform(0.01, 0.1))
