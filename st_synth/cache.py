@@ -34,6 +34,15 @@ BUSY_WAIT_S = 60.0
 """How long a run waits for another process that holds the cache file before giving up."""
 
 
+def held_by_another(error: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: by result code on Python 3.11+, by SQLite's message on 3.10 ("database
+    is locked", "database table is locked", "database schema is locked")."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in (SQLITE_BUSY, SQLITE_LOCKED)
+    return "is locked" in str(error)
+
+
 class AnswerCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -74,13 +83,7 @@ class AnswerCache:
             except sqlite3.OperationalError as error:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+; 3.10: only the message
-                busy = (
-                    (code & 0xFF) in (SQLITE_BUSY, SQLITE_LOCKED)
-                    if code is not None
-                    else str(error).startswith(("database is locked", "database is busy"))
-                )
-                if not busy or time.monotonic() > deadline:
+                if not held_by_another(error) or time.monotonic() > deadline:
                     raise
                 time.sleep(random.uniform(0.01, 0.1))
 

@@ -294,6 +294,17 @@ def test_a_cache_another_process_is_creating_is_waited_for_not_refused(tmp_path)
     cache.close()
 
 
+def test_busy_and_locked_are_told_from_other_errors_with_or_without_a_result_code():
+    from st_synth.cache import held_by_another
+
+    for message in ("database is locked", "database table is locked", "database schema is locked: main"):
+        assert held_by_another(sqlite3.OperationalError(message))  # Python 3.10: no result code
+    assert not held_by_another(sqlite3.OperationalError("disk I/O error"))
+    busy, full = sqlite3.OperationalError("x"), sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode, full.sqlite_errorcode = 5 | (1 << 8), 13  # SQLITE_BUSY_RECOVERY; SQLITE_FULL
+    assert held_by_another(busy) and not held_by_another(full)
+
+
 def test_the_install_script_and_the_rebuild_hint_use_the_same_flags():
     script = ROOT / "scripts" / "llama-cpp-cmake-args.sh"
     x86 = subprocess.run(
