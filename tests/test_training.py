@@ -529,3 +529,31 @@ def test_matryoshka_training_trains_every_cut_and_the_card_says_so(backbone, syn
     assert cut.shape == (1, 8)
     with pytest.raises(ValueError, match=r"matryoshka_dims \[64\] go beyond the model's 32 dimensions"):
         run_recipe([str(config), "--max_steps", "1", "--matryoshka_dims", "64"])
+
+
+def test_training_on_extra_datasets_alone_writes_a_card_without_a_synthetic_section(backbone, tmp_path):
+    """No generated dataset, only the user's pairs, decontaminated against a task: the card renders (the
+    decontamination report alone is no generation report) and says what was trained on."""
+    from datasets import Dataset
+
+    from st_synth.training import run_recipe
+
+    Dataset.from_dict(
+        {
+            "query": [f"topic {i} question" for i in range(16)],
+            "positive": [f"topic {i} answer" for i in range(16)],
+        }
+    ).save_to_disk(str(tmp_path / "mine"))
+    settings = small_config(backbone, "", tmp_path / "run", extra_datasets=[f"mine={tmp_path / 'mine'}|Find it."],
+                            decontaminate=["LeeDocSTS"])  # fmt: skip
+    del settings["dataset"]
+    config = tmp_path / "extra.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    summary = run_recipe([str(config), "--max_steps", "1"])
+    assert summary["sources"] == {"mine": 16}
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "## Synthetic data" in card and "| generator |" not in card
+    assert "No synthetic data" in card
+    assert (
+        "Decontamination: no training text equals or shares 13 words with a text of LeeDocSTS: 0 rows" in card
+    )
