@@ -31,14 +31,14 @@ import re
 import time
 from pathlib import Path
 
+from bench_ablations import (
+    HEURISTIC_PAIRS,  # the same two sources as the main job's (this folder is on the path)
+)
+
 from st_synth import pipeline
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "local-smollm2.yaml"
 RESULTS = Path(__file__).resolve().parent / "results"
-HEURISTIC_PAIRS = [
-    "lee_background=builtin:lee-background|Retrieve semantically similar text.",
-    "wiki_sections=builtin:wiki-sections|Given a Wikipedia article title and section heading, retrieve the passage of that section.",
-]
 PROMPTS = {
     "follow_on": lambda source, text: (
         f"Here is the start of a text:\n\n{text}\n\nWhat comes next? Write the next paragraph of the text."
