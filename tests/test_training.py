@@ -553,7 +553,7 @@ def test_training_on_extra_datasets_alone_writes_a_card_without_a_synthetic_sect
     assert summary["sources"] == {"mine": 16}
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "## Synthetic data" in card and "| generator |" not in card
-    assert "No synthetic data" in card
+    assert "none of them with an st-synth generation report" in card
     assert (
         "Decontamination: no training text equals or shares 13 words with a text of LeeDocSTS: 0 rows" in card
     )
