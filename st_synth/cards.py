@@ -163,10 +163,8 @@ def write_model_card(
             "gradient_checkpointing": bool(getattr(training_args, current_setting_name("activation_checkpointing"))),
             "sources": summary["sources"],
         },
-        # A generation report only where synthetic data was trained on (extra datasets alone leave just the
-        # decontamination report in it).
         "synthetic": ({**generation_report, "languages": _languages_summary(generation_report)}
-                      if set(generation_report or {}) - {"decontamination"} else None),
+                      if generation_report else None),
         "languages": language_codes((generation_report or {}).get("kept_by_language", {})),
         "evaluation": evaluation or {},
         "loss_curve": [[entry["step"], entry["loss"]] for entry in summary.get("log_history", [])

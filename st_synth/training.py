@@ -527,6 +527,9 @@ def train(
     loss_args = loss_args or LossArguments()
     # Validate data before loading a multi-GB backbone.
     sources, generation_report = load_sources(data_args, model_args.instruction_template)
+    # The decontamination report rides in load_sources' report; what stays is the generation report alone
+    # (empty where no generated dataset is trained on), which the card shows as the synthetic data.
+    decontamination = generation_report.pop("decontamination", None)
     if training_args.batch_sampler not in (BatchSamplers.NO_DUPLICATES, LengthGroupedBatchSampler):
         logger.warning(
             "batch_sampler=%s lets duplicate texts into a batch (false negatives).",
@@ -575,7 +578,7 @@ def train(
         if training_args.batch_sampler is LengthGroupedBatchSampler
         else str(getattr(training_args.batch_sampler, "value", training_args.batch_sampler)),
         "loss": {name: type(loss).__name__ for name, loss in losses.items()},
-        "decontamination": generation_report.get("decontamination"),
+        "decontamination": decontamination,
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
