@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -61,14 +60,9 @@ CLIP_WORDS = 70
 def real_texts(per_source: int) -> list[tuple[str, str]]:
     """(source, text): the first halves of the news documents and the Wikipedia paragraphs the heuristic
     pairs sources start from."""
-    from st_synth.offline_tasks import gensim_test_data, wikipedia_section_pairs
+    from st_synth.offline_tasks import lee_background_pairs, wikipedia_section_pairs
 
-    news = (gensim_test_data() / "lee_background.cor").read_text(encoding="utf-8", errors="replace")
-    halves = []
-    for document in news.strip().split("\n"):
-        sentences = re.split(r"(?<=[.!?])\s+", document.strip())
-        if len(sentences) >= 4:
-            halves.append(" ".join(sentences[: len(sentences) // 2]))
+    halves = list(lee_background_pairs()["query"])  # each document's first half
     wiki = list(wikipedia_section_pairs()["positive"])
     return [("lee", text) for text in halves[:per_source]] + [("wiki", text) for text in wiki[:per_source]]
 
