@@ -297,8 +297,13 @@ def _load_any(path_or_id: str) -> Dataset | DatasetDict:
     return load_dataset(path_or_id)
 
 
+# What load_sources' report holds beside the generated dataset's own report (its generation_report.json).
+SOURCE_REPORTS = ("public_data", "decontamination")
+
+
 def load_sources(data: DataArguments, instruction_template: str) -> tuple[DatasetDict, dict[str, Any]]:
-    """The training sources (one split each), instructions applied, plus the synthetic generation report.
+    """The training sources (one split each), instructions applied, plus the synthetic generation report
+    with the public data's and decontamination's reports under :data:`SOURCE_REPORTS`.
 
     Refuses, before any model is loaded: a missing dataset, unknown kinds, missing columns, empty splits.
     """
@@ -527,9 +532,9 @@ def train(
     loss_args = loss_args or LossArguments()
     # Validate data before loading a multi-GB backbone.
     sources, generation_report = load_sources(data_args, model_args.instruction_template)
-    # The decontamination report rides in load_sources' report; what stays is the generation report alone
-    # (empty where no generated dataset is trained on), which the card shows as the synthetic data.
-    decontamination = generation_report.pop("decontamination", None)
+    # What stays is the generation report alone (empty where no generated dataset is trained on), which the
+    # card shows as the synthetic data; the other reports go in the summary.
+    source_reports = {key: generation_report.pop(key, None) for key in SOURCE_REPORTS}
     if training_args.batch_sampler not in (BatchSamplers.NO_DUPLICATES, LengthGroupedBatchSampler):
         logger.warning(
             "batch_sampler=%s lets duplicate texts into a batch (false negatives).",
@@ -578,7 +583,7 @@ def train(
         if training_args.batch_sampler is LengthGroupedBatchSampler
         else str(getattr(training_args.batch_sampler, "value", training_args.batch_sampler)),
         "loss": {name: type(loss).__name__ for name, loss in losses.items()},
-        "decontamination": decontamination,
+        **source_reports,
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():

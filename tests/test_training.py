@@ -531,26 +531,37 @@ def test_matryoshka_training_trains_every_cut_and_the_card_says_so(backbone, syn
         run_recipe([str(config), "--max_steps", "1", "--matryoshka_dims", "64"])
 
 
-def test_training_on_extra_datasets_alone_writes_a_card_without_a_synthetic_section(backbone, tmp_path):
-    """No generated dataset, only the user's pairs, decontaminated against a task: the card renders (the
-    decontamination report alone is no generation report) and says what was trained on."""
-    from datasets import Dataset
+@pytest.mark.parametrize("route", ["extra_datasets", "public_datasets"])
+def test_training_on_extra_datasets_alone_writes_a_card_without_a_synthetic_section(
+    backbone, tmp_path, route
+):
+    """No generated dataset, only the user's pairs (an extra dataset, or a public dataset of the paper's mix),
+    decontaminated against a task: the card renders (the decontamination and public data reports are no
+    generation report) and says what was trained on."""
+    from datasets import Dataset, DatasetDict
 
     from st_synth.training import run_recipe
 
-    Dataset.from_dict(
+    pairs = Dataset.from_dict(
         {
             "query": [f"topic {i} question" for i in range(16)],
             "positive": [f"topic {i} answer" for i in range(16)],
         }
-    ).save_to_disk(str(tmp_path / "mine"))
-    settings = small_config(backbone, "", tmp_path / "run", extra_datasets=[f"mine={tmp_path / 'mine'}|Find it."],
-                            decontaminate=["LeeDocSTS"])  # fmt: skip
+    )
+    if route == "extra_datasets":
+        pairs.save_to_disk(str(tmp_path / "mine"))
+        source = {"extra_datasets": [f"mine={tmp_path / 'mine'}|Find it."]}
+    else:
+        DatasetDict({"train": pairs}).save_to_disk(str(tmp_path / "mine"))
+        entry = {"name": "mine", "path": str(tmp_path / "mine"), "instructions": ["Find it."]}
+        source = {"public_datasets": json.dumps([entry]), "public_cache": str(tmp_path / "cache")}
+    settings = small_config(backbone, "", tmp_path / "run", decontaminate=["LeeDocSTS"], **source)
     del settings["dataset"]
     config = tmp_path / "extra.yaml"
     config.write_text(yaml.safe_dump(settings))
     summary = run_recipe([str(config), "--max_steps", "1"])
     assert summary["sources"] == {"mine": 16}
+    assert (summary["public_data"] is not None) == (route == "public_datasets")
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "## Synthetic data" in card and "| generator |" not in card
     assert "none of them with an st-synth generation report" in card
