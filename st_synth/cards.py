@@ -225,12 +225,13 @@ def render_model_card(
     *,
     comparison: dict[str, dict[str, float]] | None = None,
     consistency_filter: dict[str, Any] | None = None,
+    mining: dict[str, Any] | None = None,
     variants: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """(Re)render README.md (and its images) from the saved card facts, optionally with new evaluation
     results, the scores of other columns on the same tasks (other models, e.g. the untrained backbone, and
     ``variants``: this model cut or quantized, name -> ``truncate_dim`` / ``precision``, as
-    ``EvaluationArguments.variants()``) and the consistency filter's report."""
+    ``EvaluationArguments.variants()``), the consistency filter's report and the hard-negative mining's."""
     folder = Path(folder)
     facts_path = folder / CARD_DATA_FILE
     if not facts_path.is_file():
@@ -242,12 +243,20 @@ def render_model_card(
         facts["comparison"] = comparison
     if consistency_filter is not None:
         facts["consistency_filter"] = consistency_filter
+    if mining is not None:
+        facts["mining"] = mining
     if variants is not None:
         facts["variants"] = variants
-    if any(given is not None for given in (evaluation, comparison, consistency_filter, variants)):
+    if any(given is not None for given in (evaluation, comparison, consistency_filter, mining, variants)):
         facts_path.write_text(json.dumps(facts, indent=2) + "\n")
     readme = folder / "README.md"
-    defaults = {"comparison": {}, "consistency_filter": None, "query_prompt": True, "card_metadata": {}}
+    defaults = {
+        "comparison": {},
+        "consistency_filter": None,
+        "mining": None,
+        "query_prompt": True,
+        "card_metadata": {},
+    }
     facts = {**defaults, **facts}
     facts["storage"] = storage_rows(facts)
     from st_synth.plots import model_images

@@ -207,14 +207,41 @@ def mine_splits(splits: dict[str, Dataset], corpus: list[str], settings: MiningA
     return mined_splits, report
 
 
+def mining_pool(data: Any, grounded: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Where negatives come from and which splits of ``data`` (a DatasetDict) may get one.
+
+    With ``grounded`` (the passages of the corpus the data was grounded in, or a corpus the user names), the
+    candidates are those passages and a kind whose positive is LLM-written rather than the passage (sts,
+    classification: ``TaskKind.passage_first``) is left as it is. Without, the candidates are the distinct
+    positives of the data itself: each pair's negative is another pair's positive, the closest one the
+    mining model finds. A split named after a kind whose positives are labels (classification) is never
+    mined and never lends its labels as candidates. Returns (candidates, mineable split names).
+    """
+    from st_synth.taxonomy import TASK_KINDS
+
+    def labels(name: str) -> bool:
+        return name in TASK_KINDS and not TASK_KINDS[name].in_batch_negatives
+
+    pairs = [name for name, split in data.items()
+             if {"query", "positive"} <= set(split.column_names) and not labels(name)]  # fmt: skip
+    if grounded is not None:
+        mineable = [name for name in pairs if not (name in TASK_KINDS and TASK_KINDS[name].passage_first)]
+        return list(grounded), mineable
+    return list(dict.fromkeys(text for name in pairs for text in data[name]["positive"])), pairs
+
+
 def mine_folder(source: str | Path, target: str | Path, settings: MiningArguments,
-                corpus: CorpusArguments | None = None) -> dict[str, Any]:  # fmt: skip
-    """``st-synth mine``: every split of ``source`` with query and positive columns gets a mined negative.
+                corpus: CorpusArguments | None = None, *, loaded: Any = None,
+                cache_folder: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """``st-synth mine`` and the mine stage of ``st-synth run``: the (query, positive) splits of ``source`` get
+    a mined negative (:func:`mining_pool` says which and from where).
 
     ``source``: a `st-synth generate` folder, or any `datasets` folder or Hub id (your own pairs). The
-    candidates come from ``corpus`` when given, else from the corpus ``source`` was grounded in (its
-    report), else from the distinct positives of ``source`` itself. Writes ``target`` (same layout) with
-    mining_report.json, and returns that report.
+    candidates come from ``corpus`` when given (``loaded``: that corpus already loaded), else from the corpus
+    ``source`` was grounded in (its report), else from the distinct positives of ``source`` itself; with
+    ``corpus``, a negative never comes from the positive's own document. A split that has negatives keeps
+    them unless ``settings.replace_negatives``. Writes ``target`` (same layout, the earlier stages' reports
+    copied) with mining_report.json, and returns that report.
     """
     import json
     import shutil
@@ -229,24 +256,29 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
     source, target = Path(source), Path(target)
     data = load_from_disk(str(source)) if source.is_dir() else load_dataset(str(source))
     data = data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
-    usable = [name for name, split in data.items() if {"query", "positive"} <= set(split.column_names)]
-    if not usable:
+    if not any({"query", "positive"} <= set(split.column_names) for split in data.values()):
         raise ValueError(f"{source} has no split with query and positive columns; it has: "
                          + "; ".join(f"{n}: {', '.join(s.column_names)}" for n, s in data.items()))  # fmt: skip
     document_of = None
     if corpus is not None and corpus.corpus:
-        loaded = Corpus.load(corpus)
-        passages, origin, document_of = loaded.passages, corpus.corpus, loaded.document_of()
+        loaded = loaded or Corpus.load(corpus)
+        passages, usable = mining_pool(data, loaded.passages)
+        origin, document_of = ", ".join(corpus.corpus), loaded.document_of()
     elif (grounded := grounding_passages(source)) is not None:
-        passages, origin = grounded, "the corpus the data was grounded in"
+        passages, usable = mining_pool(data, grounded)
+        origin = "the corpus the data was grounded in"
     else:
-        passages = list(dict.fromkeys(text for name in usable for text in data[name]["positive"]))
+        passages, usable = mining_pool(data)
         origin = "the data's own positives"
-    model = SentenceTransformer(resolve_guide(settings.mining_model))
     wanted = {name: data[name] for name in usable
               if "negative" not in data[name].column_names or settings.replace_negatives}  # fmt: skip
-    mined, per_split = mine_splits(wanted, passages, settings, model=model, document_of=document_of)
-    report = {"corpus": origin, "passages": len(passages), "splits": per_split}
+    mined, per_split = {}, {}
+    if wanted:
+        model = SentenceTransformer(resolve_guide(settings.mining_model))
+        mined, per_split = mine_splits(wanted, passages, settings, model=model, cache_folder=cache_folder,
+                                       document_of=document_of)  # fmt: skip
+    report = {"corpus": origin, "passages": len(passages), "mining_model": settings.mining_model,
+              "replaced_negatives": settings.replace_negatives, "splits": per_split}  # fmt: skip
     splits = {
         name: mined.get(name, split) for name, split in data.items() if name not in wanted or name in mined
     }

@@ -5,7 +5,7 @@ The YAML file has one section per stage (see ``recipes/configs/local-smollm2.yam
     output: outputs/local-run
     generate: {local: true, num_examples: 200, languages: English, ...}   # GenerationConfig fields
     filter: {enabled: true, guide_model: all-MiniLM-L6-v2, top_k: 3}     # ConsistencyFilter fields
-    mine: {enabled: true, range_max: 30}                                  # MiningArguments (grounded data)
+    mine: {enabled: true, range_max: 30}                                  # MiningArguments
     train: {base_model: smollm2-135m, max_seq_length: 128, ...}           # the recipe's fields
     evaluate: {tasks: [LeeDocSTS, ...], baseline: true, reference: all-MiniLM-L6-v2}
     push_to_hub: null                                                     # or you/repo
@@ -37,10 +37,7 @@ from st_synth.filtering import ConsistencyFilter
 from st_synth.losses import LossArguments
 from st_synth.mining import MiningArguments
 from st_synth.names import (
-    FILTER_REPORT_FILE,
     FINAL_DIR,
-    MINING_REPORT_FILE,
-    REPORT_FILE,
     RUN_DATA_DIR,
     RUN_EMBEDDINGS_DIR,
     RUN_EVAL_DIR,
@@ -165,9 +162,6 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     if mine_section not in (None, False):
         mine_section = dict(mine_section or {})
         if mine_section.pop("enabled", True):
-            if not generation.corpus:
-                raise ValueError("mine: hard negatives are mined over the corpus of grounded generation; set "
-                                 "generate.corpus, or remove the mine section.")  # fmt: skip
             (mining,) = SettingsParser([MiningArguments]).parse_settings(mine_section, "mine")
 
     train = dict(config.get("train") or {})
@@ -316,43 +310,26 @@ def _filter(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
 
 
 def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
-    """Hard negatives over the corpus for the grounded kinds whose positive is a passage (in place)."""
+    """Hard negatives for the filtered data (in place): over the corpus of grounded generation, else among the
+    data's own positives (``st_synth.mining.mine_folder``)."""
     if plan.mining is None:
         return None
     import shutil
 
-    from datasets import DatasetDict, load_from_disk
-    from sentence_transformers import SentenceTransformer
-
-    from st_synth.filtering import resolve_guide
-    from st_synth.mining import mine_splits
-    from st_synth.taxonomy import TASK_KINDS
+    from st_synth.mining import mine_folder
 
     folder = plan.output / RUN_DATA_DIR
-    started = stages.start("mine", f"hard negatives over the corpus with {plan.mining.mining_model}")
-    dataset = load_from_disk(str(folder))
-    model = SentenceTransformer(resolve_guide(plan.mining.mining_model))
-    wanted = {kind: split for kind, split in dataset.items() if not TASK_KINDS[kind].passage_first
-              and ("negative" not in split.column_names or plan.mining.replace_negatives)}  # fmt: skip
-    mined, report = mine_splits(wanted, plan.passages(), plan.mining, model=model,
-                                cache_folder=plan.output / RUN_EMBEDDINGS_DIR,
-                                document_of=plan.corpus().document_of())  # fmt: skip
-    splits = {
-        kind: mined.get(kind, split) for kind, split in dataset.items() if kind not in wanted or kind in mined
-    }
+    where = "the corpus" if plan.generation.corpus else "the data's own positives"
+    started = stages.start("mine", f"hard negatives among {where} with {plan.mining.mining_model}")
     staging = folder.with_name(folder.name + ".mined")
-    DatasetDict(splits).save_to_disk(str(staging))
-    for name in (REPORT_FILE, FILTER_REPORT_FILE):
-        if (folder / name).is_file():
-            shutil.copy(folder / name, staging / name)
-    (staging / MINING_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    if staging.exists():
+        shutil.rmtree(staging)
+    report = mine_folder(folder, staging, plan.mining, plan.generation if plan.generation.corpus else None,
+                         loaded=plan.corpus(), cache_folder=plan.output / RUN_EMBEDDINGS_DIR)  # fmt: skip
     shutil.rmtree(folder)
     staging.rename(folder)
-    stages.done(
-        "mine",
-        started,
-        ", ".join(f"{kind} {entry['kept']}/{entry['rows']}" for kind, entry in report.items()),
-    )
+    kept = ", ".join(f"{kind} {entry['kept']}/{entry['rows']}" for kind, entry in report["splits"].items())
+    stages.done("mine", started, kept or "nothing to mine")
     return report
 
 
@@ -462,7 +439,8 @@ def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
     evaluation = summary["evaluation"]
     comparison = {name: scores for name, scores in evaluation.items() if name != "trained"}
     readme = render_model_card(final, evaluation=evaluation["trained"], comparison=comparison,
-                               consistency_filter=summary["filter"], variants=plan.evaluation.variants())  # fmt: skip
+                               consistency_filter=summary["filter"], mining=summary["mining"],
+                               variants=plan.evaluation.variants())  # fmt: skip
     detail = f"{readme}"
     if plan.run.push_to_hub:
         from st_synth.hub import push_model

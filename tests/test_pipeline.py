@@ -61,9 +61,9 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     assert filtered["kinds"]["retrieval"]["round_trip"] and not filtered["kinds"]["sts"]["round_trip"]
     # Grounded retrieval and title matching get negatives mined over the corpus; sts has its own.
     mined = {kind for kind in ("retrieval", "short_short") if filtered["kinds"][kind]["kept"]}
-    assert mined and set(summary["mining"]) == mined
+    assert mined and set(summary["mining"]["splits"]) == mined
     data = load_from_disk(str(run / "data"))
-    for kind in summary["mining"]:
+    for kind in summary["mining"]["splits"]:
         assert data[kind].column_names == [
             "instruction",
             "query",
@@ -95,6 +95,11 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
         and "(grounded queries: their own passage in the top 12 of the corpus)" in card
     )
     assert "| decontamination | no training text equals or shares 13 words with a text of LeeDocSTS" in card
+    passages = summary["mining"]["passages"]
+    assert (
+        f"| hard negatives | mined by `all-MiniLM-L6-v2` among {tmp_path / 'corpus'} ({passages} texts): "
+        in card
+    )
     sent = server.chat_requests
 
     # The same command again: no request, no training, no evaluation is paid twice.
@@ -149,10 +154,7 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
         ({"evaluate": {"tasks": ["LeeDocSTSS"]}}, r"'LeeDocSTSS'\. Did you mean 'LeeDocSTS'"),
         ({"generate": {"kinds": "retrieval,poems"}}, r"poems.*retrieval"),
         ({"train": {"dataset": "x"}}, r"train.dataset and train.output_dir are set by the run"),
-        (
-            {"generate": {"corpus": None}, "mine": {"range_max": 5}},
-            r"mine: hard negatives are mined over the corpus",
-        ),
+        ({"mine": {"range_max": 3}}, r"candidates must be in 1..range_max - range_min \(3\), got 5"),
         ({"generate": {"kinds": "bitext,sts", "languages": "English,German"}}, r"bitext cannot be grounded"),
     ],
 )
@@ -196,3 +198,62 @@ def test_shipped_main_job_config_is_valid_and_overridable():
 def test_score_table_reports_the_change():
     table = score_table({"untrained": {"A": 0.1}, "trained": {"A": 0.35}, "ref": {"A": 0.5}})
     assert table.splitlines()[2] == "| A | 0.1000 | 0.3500 | 0.5000 | +0.2500 |"
+
+
+def test_the_mine_stage_without_a_corpus_mines_among_the_datas_own_positives(tmp_path):
+    """Free generation (no corpus): each pair's negative is the closest other pair's positive; classification
+    keeps its labels and never lends them; LLM-written negatives are replaced only when asked."""
+    from datasets import Dataset, DatasetDict
+
+    from st_synth.pipeline import _mine, _Stages
+
+    topics = ["river floods", "library books", "school buses", "city budget", "bakery bread", "harbour ships"]
+    provenance = {"language": ["English"] * 6, "template": ["t"] * 6}
+
+    def split(prefix: str, negatives: bool) -> Dataset:
+        rows = {"instruction": ["Find it."] * 6, "query": [f"{prefix} {t}?" for t in topics],
+                "positive": [f"{prefix}: the {t} of the town changed this year, officials said." for t in topics]}  # fmt: skip
+        if negatives:
+            rows["negative"] = [f"An LLM-written negative about {t}." for t in topics]
+        return Dataset.from_dict({**rows, **provenance})
+
+    labels = Dataset.from_dict({"instruction": ["Classify."] * 6, "query": [f"News on {t}." for t in topics],
+                                "positive": ["local"] * 6, "negative": ["sport"] * 6, **provenance})  # fmt: skip
+    written = DatasetDict({"retrieval": split("what about", True), "classification": labels,
+                           "short_short": split("headline", False), "sts": split("said", True)})  # fmt: skip
+    for replace in (False, True):
+        config = _config(tmp_path, "http://127.0.0.1:9/v1")
+        config["generate"]["corpus"] = None
+        config["mine"] = {
+            "range_max": 6,
+            "relative_margin": None,
+            "candidates": 3,
+            "replace_negatives": replace,
+        }
+        plan = plan_run(config)
+        assert plan.stages[2] == "mine"
+        written.save_to_disk(str(plan.output / "data"))
+        (plan.output / "data" / "generation_report.json").write_text("{}")
+        lines = []
+        report = _mine(plan, _Stages(plan, lines.append))
+        assert lines[0] == "[3/6] mine: hard negatives among the data's own positives with all-MiniLM-L6-v2"
+        data = load_from_disk(str(plan.output / "data"))
+        assert (plan.output / "data" / "generation_report.json").is_file()
+        assert json.loads((plan.output / "data" / "mining_report.json").read_text()) == report
+        assert (
+            report["corpus"] == "the data's own positives" and report["passages"] == 18
+        )  # no label among them
+        assert data["classification"].to_dict() == labels.to_dict()
+        assert set(report["splits"]) == ({"short_short", "retrieval", "sts"} if replace else {"short_short"})
+        pool = {text for kind in ("retrieval", "short_short", "sts") for text in written[kind]["positive"]}
+        for kind in ("retrieval", "short_short", "sts"):
+            if kind in report["splits"]:
+                assert (
+                    report["splits"][kind] == {"rows": 6, "kept": data[kind].num_rows} and data[kind].num_rows
+                )
+                for row in data[kind]:
+                    assert row["negative"] in pool and row["negative"] != row["positive"]
+            else:  # the LLM's own negatives, untouched
+                assert data[kind].to_dict() == written[kind].to_dict()
+        counts = ", ".join(f"{kind} {entry['kept']}/6" for kind, entry in report["splits"].items())
+        assert lines[1].startswith(f"      {counts} (")
