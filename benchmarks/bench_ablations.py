@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ablations.py --config recipes/configs/local-smollm2-grounded.yaml \
         --variants full,no_filter,no_mining,heuristic_added,free_generation
+    python benchmarks/bench_ablations.py --variants full,mined_negatives --seeds 42,43,44
 
 Variants (each a full `st-synth run` under OUTPUT/<variant>; generation answers come from the cache, so
 variants that generate the same requests train on the same examples):
@@ -19,6 +20,13 @@ variants that generate the same requests train on the same examples):
 * no_instructions / with_instructions: queries without / with their task instruction, in training and in
                      evaluation (the default list holds whichever of the two differs from the config)
 * no_hard_negatives: in-batch negatives only (neither mined nor LLM-written negatives)
+* mined_negatives:   the mine stage on, replacing LLM-written negatives: over the corpus for grounded data,
+                     else among the data's own positives (every pair then gets one)
+
+``--seeds``: train every variant once per training seed (``train.seed``; the data stays the same) and report
+per task the mean over seeds, with the lowest and highest mean of a single seed. On 2 cores the main job's
+mean moved by 0.07 between two seeds of one config (benchmarks/results/ablations.md), more than most
+switches: compare variants over several seeds.
 
 Writes benchmarks/results/ablations.json and .md (scores per task, mean, and the change against `full`).
 """
@@ -51,6 +59,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "no_instructions": {"train": {"use_instructions": False}, "evaluate": {"instructions": False}},
     "with_instructions": {"train": {"use_instructions": True}, "evaluate": {"instructions": True}},
     "no_hard_negatives": {"train": {"hard_negatives": False}},
+    "mined_negatives": {"mine": {"enabled": True, "replace_negatives": True}},
 }  # fmt: skip
 
 
@@ -63,6 +72,9 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help=f"Any of: {', '.join(VARIANTS)}.")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--results", default="benchmarks/results/ablations")
+    parser.add_argument(
+        "--seeds", default=None, help="Training seeds, e.g. 42,43,44 (default: the config's)."
+    )
     args = parser.parse_args()
 
     from st_synth.cli import _parse_sets
@@ -76,29 +88,43 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    own_seed = pipeline.plan_run(pipeline.load_config(args.config, base)).training_args.seed
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [own_seed]
+    except ValueError:
+        parser.error(f"--seeds takes whole numbers separated by commas, got {args.seeds!r}")
     plans = {}
-    for name in names:  # every variant is validated before the first one starts
-        overrides = {
-            section: {**base.get(section, {}), **values} for section, values in VARIANTS[name].items()
-        }
-        overrides = {**base, **overrides}
-        if name != "full":
-            overrides.setdefault("evaluate", {}).update({"reference": None, "baseline": False})
-        config = pipeline.load_config(args.config, overrides)
-        if name != "full":  # "full" is the main job itself: its output (and trained model) are reused
-            config["output"] = str(Path(args.output) / name)
-        plans[name] = pipeline.plan_run(config)
-    rows, baseline = {}, None
-    for name, plan in plans.items():
+    for name in names:  # every variant and seed is validated before the first one starts
+        for seed in seeds:
+            overrides = {
+                section: {**base.get(section, {}), **values} for section, values in VARIANTS[name].items()
+            }
+            overrides = {**base, **overrides}
+            overrides["train"] = {**overrides.get("train", {}), "seed": seed}
+            reused = (
+                name == "full" and seed == own_seed
+            )  # the main job itself: its output and model are reused
+            if not reused:
+                overrides.setdefault("evaluate", {}).update({"reference": None, "baseline": False})
+            config = pipeline.load_config(args.config, overrides)
+            if not reused:
+                config["output"] = str(
+                    Path(args.output) / (name if len(seeds) == 1 else f"{name}-seed{seed}")
+                )
+            plans[name, seed] = pipeline.plan_run(config)
+    runs, baseline = {}, None
+    for (name, seed), plan in plans.items():
         started = time.perf_counter()
-        summary = pipeline.run(plan, echo=lambda line, _n=name: print(f"[{_n}] {line}", flush=True))
-        scores = summary["evaluation"]["trained"]
+        summary = pipeline.run(
+            plan, echo=lambda line, _n=name, _s=seed: print(f"[{_n} {_s}] {line}", flush=True)
+        )
         baseline = baseline or summary["evaluation"].get("untrained")
-        rows[name] = {"scores": scores, "mean": sum(scores.values()) / len(scores),
-                      "train_rows": sum(summary["training"]["sources"].values()),
-                      "wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+        runs.setdefault(name, []).append({"seed": seed, "scores": summary["evaluation"]["trained"],
+                                          "train_rows": sum(summary["training"]["sources"].values()),
+                                          "wall_s": round(time.perf_counter() - started, 1)})  # fmt: skip
+    rows = {name: summarize(done) for name, done in runs.items()}
     payload = {"config": args.config, "overrides": args.set, "machine": platform.processor() or platform.machine(),
-               "untrained": baseline, "variants": rows}  # fmt: skip
+               "seeds": seeds, "untrained": baseline, "variants": rows}  # fmt: skip
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -106,22 +132,37 @@ def main() -> None:
     print(render(payload))
 
 
+def summarize(runs: list[dict]) -> dict:
+    """One variant over its seeds: per task the mean, the mean of the three, and the lowest and highest mean
+    of a single seed."""
+    tasks = list(runs[0]["scores"])
+    means = [sum(run["scores"].values()) / len(tasks) for run in runs]
+    return {"scores": {task: sum(run["scores"][task] for run in runs) / len(runs) for task in tasks},
+            "mean": sum(means) / len(means), "seed_means": [min(means), max(means)],
+            "train_rows": runs[0]["train_rows"], "runs": runs}  # fmt: skip
+
+
 def render(payload: dict) -> str:
     variants = payload["variants"]
     tasks = list(next(iter(variants.values()))["scores"])
     reference = variants.get("full")
-    lines = ["| variant | train rows | " + " | ".join(tasks) + " | mean | mean - full |",
-             "|---" * (len(tasks) + 4) + "|"]  # fmt: skip
+    seeds = payload.get("seeds") or [None]
+    spread = len(seeds) > 1
+    header = f" | mean | seeds {', '.join(map(str, seeds))}: lowest-highest mean" if spread else " | mean"
+    lines = ["| variant | train rows | " + " | ".join(tasks) + header + " | mean - full |",
+             "|---" * (len(tasks) + 4 + spread) + "|"]  # fmt: skip
     if payload.get("untrained"):
         untrained = payload["untrained"]
         mean = sum(untrained.values()) / len(untrained)
         delta = f"{mean - reference['mean']:+.4f}" if reference else ""
         cells = " | ".join(f"{untrained[t]:.4f}" for t in tasks)
-        lines.append(f"| untrained backbone | 0 | {cells} | {mean:.4f} | {delta} |")
+        lines.append(f"| untrained backbone | 0 | {cells} | {mean:.4f} |{' |' if spread else ''} {delta} |")
     for name, row in variants.items():
         delta = f"{row['mean'] - reference['mean']:+.4f}" if reference else ""
-        lines.append(f"| {name} | {row['train_rows']} | " + " | ".join(f"{row['scores'][t]:.4f}" for t in tasks)
-                     + f" | {row['mean']:.4f} | {delta} |")  # fmt: skip
+        low, high = row.get("seed_means", (row["mean"], row["mean"]))
+        cells = " | ".join(f"{row['scores'][t]:.4f}" for t in tasks)
+        span = f" {low:.4f}-{high:.4f} |" if spread else ""
+        lines.append(f"| {name} | {row['train_rows']} | {cells} | {row['mean']:.4f} |{span} {delta} |")
     return "\n".join(lines)
 
 

@@ -257,3 +257,35 @@ def test_the_mine_stage_without_a_corpus_mines_among_the_datas_own_positives(tmp
                 assert data[kind].to_dict() == written[kind].to_dict()
         counts = ", ".join(f"{kind} {entry['kept']}/6" for kind, entry in report["splits"].items())
         assert lines[1].startswith(f"      {counts} (")
+
+
+def test_the_ablation_benchmark_reports_each_variant_over_its_seeds(capsys, monkeypatch):
+    """benchmarks/bench_ablations.py --seeds: per task the mean over seeds, and the lowest and highest mean of
+    one seed (a variant's spread is what tells a real change from seed noise)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ablations.py"
+    spec = importlib.util.spec_from_file_location("bench_ablations", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = [{"seed": 42, "scores": {"A": 0.5, "B": 0.9}, "train_rows": 10},
+            {"seed": 43, "scores": {"A": 0.7, "B": 0.9}, "train_rows": 10}]  # fmt: skip
+    full = bench.summarize(runs)
+    assert full["scores"] == pytest.approx({"A": 0.6, "B": 0.9})
+    assert full["mean"] == pytest.approx(0.75) and full["seed_means"] == pytest.approx([0.7, 0.8])
+    other = bench.summarize([{**runs[0], "scores": {"A": 0.3, "B": 0.9}}])
+    table = bench.render({"seeds": [42, 43], "untrained": {"A": 0.1, "B": 0.5},
+                          "variants": {"full": full, "other": other}})  # fmt: skip
+    assert table.splitlines() == [
+        "| variant | train rows | A | B | mean | seeds 42, 43: lowest-highest mean | mean - full |",
+        "|---|---|---|---|---|---|---|",
+        "| untrained backbone | 0 | 0.1000 | 0.5000 | 0.3000 | | -0.4500 |",
+        "| full | 10 | 0.6000 | 0.9000 | 0.7500 | 0.7000-0.8000 | +0.0000 |",
+        "| other | 10 | 0.3000 | 0.9000 | 0.6000 | 0.6000-0.6000 | -0.1500 |",
+    ]
+    monkeypatch.setattr(sys, "argv", ["bench_ablations.py", "--variants", "full", "--seeds", "42,x"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--seeds takes whole numbers separated by commas, got '42,x'" in capsys.readouterr().err
