@@ -101,9 +101,8 @@ def main() -> None:
             }
             overrides = {**base, **overrides}
             overrides["train"] = {**overrides.get("train", {}), "seed": seed}
-            reused = (
-                name == "full" and seed == own_seed
-            )  # the main job itself: its output and model are reused
+            # "full" with the config's own seed is the main job itself: its output and model are reused.
+            reused = name == "full" and seed == own_seed
             if not reused:
                 overrides.setdefault("evaluate", {}).update({"reference": None, "baseline": False})
             config = pipeline.load_config(args.config, overrides)
@@ -133,8 +132,8 @@ def main() -> None:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """One variant over its seeds: per task the mean, the mean of the three, and the lowest and highest mean
-    of a single seed."""
+    """One variant over its seeds: per task the mean over seeds, the mean over tasks, and the lowest and
+    highest mean of a single seed."""
     tasks = list(runs[0]["scores"])
     means = [sum(run["scores"].values()) / len(tasks) for run in runs]
     return {"scores": {task: sum(run["scores"][task] for run in runs) / len(runs) for task in tasks},
@@ -159,9 +158,8 @@ def render(payload: dict) -> str:
         lines.append(f"| untrained backbone | 0 | {cells} | {mean:.4f} |{' |' if spread else ''} {delta} |")
     for name, row in variants.items():
         delta = f"{row['mean'] - reference['mean']:+.4f}" if reference else ""
-        low, high = row.get("seed_means", (row["mean"], row["mean"]))
         cells = " | ".join(f"{row['scores'][t]:.4f}" for t in tasks)
-        span = f" {low:.4f}-{high:.4f} |" if spread else ""
+        span = f" {row['seed_means'][0]:.4f}-{row['seed_means'][1]:.4f} |" if spread else ""
         lines.append(f"| {name} | {row['train_rows']} | {cells} | {row['mean']:.4f} |{span} {delta} |")
     return "\n".join(lines)
 

@@ -324,8 +324,8 @@ def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
     staging = folder.with_name(folder.name + ".mined")
     if staging.exists():
         shutil.rmtree(staging)
-    report = mine_folder(folder, staging, plan.mining, plan.generation if plan.generation.corpus else None,
-                         loaded=plan.corpus(), cache_folder=plan.output / RUN_EMBEDDINGS_DIR)  # fmt: skip
+    report = mine_folder(folder, staging, plan.mining, plan.generation, loaded=plan.corpus(),
+                         cache_folder=plan.output / RUN_EMBEDDINGS_DIR)  # fmt: skip
     shutil.rmtree(folder)
     staging.rename(folder)
     kept = ", ".join(f"{kind} {entry['kept']}/{entry['rows']}" for kind, entry in report["splits"].items())
