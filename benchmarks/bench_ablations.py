@@ -22,6 +22,10 @@ variants that generate the same requests train on the same examples):
 * no_hard_negatives: in-batch negatives only (neither mined nor LLM-written negatives)
 * mined_negatives:   the mine stage on, replacing LLM-written negatives: over the corpus for grounded data,
                      else among the data's own positives (every pair then gets one)
+* retellings:        the heuristic pairs sources swapped for SmolLM2's retellings of the same real texts
+                     (benchmarks/bench_prose_pairs.py --variants retelling writes them; --prose_pairs is
+                     where): with the free generation, every training pair then has an LLM-written side.
+                     Not in the default list (it needs those files)
 
 ``--seeds``: train every variant once per training seed (``train.seed``; the data stays the same) and report
 per task the mean over seeds, with the lowest and highest mean of a single seed. On 2 cores the main job's
@@ -60,7 +64,23 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "with_instructions": {"train": {"use_instructions": True}, "evaluate": {"instructions": True}},
     "no_hard_negatives": {"train": {"hard_negatives": False}},
     "mined_negatives": {"mine": {"enabled": True, "replace_negatives": True}},
+    "retellings": {},  # train.extra_datasets from --prose_pairs (retelling_sources)
 }  # fmt: skip
+PROSE_SOURCES = ("lee", "wiki")  # bench_prose_pairs.py's folders: retelling_lee, retelling_wiki
+
+
+def retelling_sources(folder: str | Path) -> list[str]:
+    """``train.extra_datasets`` entries for bench_prose_pairs.py's retellings under ``folder``."""
+    missing = [
+        f"retelling_{name}" for name in PROSE_SOURCES if not (Path(folder) / f"retelling_{name}").is_dir()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"No {', '.join(missing)} under {folder}: run `python benchmarks/bench_prose_pairs.py --variants "
+            f"retelling --output {folder}` first, or point --prose_pairs at its output."
+        )
+    return [f"retelling_{name}={Path(folder) / f'retelling_{name}'}|Retrieve semantically similar text."
+            for name in PROSE_SOURCES]  # fmt: skip
 
 
 def main() -> None:
@@ -75,6 +95,10 @@ def main() -> None:
     parser.add_argument(
         "--seeds", default=None, help="Training seeds, e.g. 42,43,44 (default: the config's)."
     )
+    parser.add_argument(
+        "--prose_pairs", default="outputs/bench-prose-pairs",
+        help="bench_prose_pairs.py's --output, for the retellings variant",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from st_synth.cli import _parse_sets
@@ -83,7 +107,7 @@ def main() -> None:
     if args.variants is None:
         trains_with = pipeline.plan_run(pipeline.load_config(args.config, base)).data_args.use_instructions
         skip = "with_instructions" if trains_with else "no_instructions"
-        args.variants = ",".join(name for name in VARIANTS if name != skip)
+        args.variants = ",".join(name for name in VARIANTS if name not in (skip, "retellings"))
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
@@ -93,11 +117,17 @@ def main() -> None:
         seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [own_seed]
     except ValueError:
         parser.error(f"--seeds takes whole numbers separated by commas, got {args.seeds!r}")
+    variants = dict(VARIANTS)
+    if "retellings" in names:
+        try:
+            variants["retellings"] = {"train": {"extra_datasets": retelling_sources(args.prose_pairs)}}
+        except FileNotFoundError as error:
+            parser.error(str(error))
     plans = {}
     for name in names:  # every variant and seed is validated before the first one starts
         for seed in seeds:
             overrides = {
-                section: {**base.get(section, {}), **values} for section, values in VARIANTS[name].items()
+                section: {**base.get(section, {}), **values} for section, values in variants[name].items()
             }
             overrides = {**base, **overrides}
             overrides["train"] = {**overrides.get("train", {}), "seed": seed}

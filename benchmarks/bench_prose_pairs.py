@@ -20,7 +20,9 @@ An answer under 15 words, or with half or more of its word 5-grams in its passag
 dropped and counted. Training and evaluation are the main job's (recipes/configs/local-smollm2.yaml: 64 tokens,
 in-batch negatives, decontaminated against the evaluated tasks) with the pairs as its only training sources
 (`train.extra_datasets`); the trained model is evaluated as the main job evaluates (no instructions, 128
-tokens). Writes benchmarks/results/prose-pairs.json and .md.
+tokens). The config's epochs too: two since 1fe0638; the results in prose-pairs.json were trained with one.
+Writes benchmarks/results/prose-pairs.json and .md. The retellings with the main job's free generation
+instead of its heuristic pairs, over seeds: `bench_ablations.py --variants full,retellings --seeds 42,43,44`.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ def test_the_mine_stage_without_a_corpus_mines_among_the_datas_own_positives(tmp
         assert lines[1].startswith(f"      {counts} (")
 
 
-def test_the_ablation_benchmark_reports_each_variant_over_its_seeds(capsys, monkeypatch):
+def test_the_ablation_benchmark_reports_each_variant_over_its_seeds(capsys, monkeypatch, tmp_path):
     """benchmarks/bench_ablations.py --seeds: per task the mean over seeds, and the lowest and highest mean of
     one seed (a variant's spread is what tells a real change from seed noise)."""
     import importlib.util
@@ -292,3 +292,20 @@ def test_the_ablation_benchmark_reports_each_variant_over_its_seeds(capsys, monk
     with pytest.raises(SystemExit):
         bench.main()
     assert "--seeds takes whole numbers separated by commas, got '42,x'" in capsys.readouterr().err
+    # The retellings variant trains on bench_prose_pairs.py's files: without them it says how to make them.
+    monkeypatch.setattr(
+        sys, "argv", ["bench_ablations.py", "--variants", "retellings", "--prose_pairs", str(tmp_path)]
+    )
+    with pytest.raises(SystemExit):
+        bench.main()
+    error = capsys.readouterr().err
+    assert (
+        "No retelling_lee, retelling_wiki under" in error
+        and "bench_prose_pairs.py --variants retelling" in error
+    )
+    (tmp_path / "retelling_lee").mkdir()
+    (tmp_path / "retelling_wiki").mkdir()
+    assert bench.retelling_sources(tmp_path) == [
+        f"retelling_{name}={tmp_path / f'retelling_{name}'}|Retrieve semantically similar text."
+        for name in ("lee", "wiki")
+    ]
