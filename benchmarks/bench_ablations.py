@@ -66,7 +66,13 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "mined_negatives": {"mine": {"enabled": True, "replace_negatives": True}},
     "retellings": {},  # train.extra_datasets from --prose_pairs (retelling_sources)
 }  # fmt: skip
-PROSE_SOURCES = ("lee", "wiki")  # bench_prose_pairs.py's folders: retelling_lee, retelling_wiki
+PROSE_SOURCES = ("lee", "wiki")  # bench_prose_pairs.py's folders: <prompt>_lee, <prompt>_wiki
+
+
+def prose_sources(prompt: str, folder: str | Path) -> list[str]:
+    """``train.extra_datasets`` entries for bench_prose_pairs.py's ``prompt`` pairs under ``folder``."""
+    return [f"{prompt}_{name}={Path(folder) / f'{prompt}_{name}'}|Retrieve semantically similar text."
+            for name in PROSE_SOURCES]  # fmt: skip
 
 
 def retelling_sources(folder: str | Path) -> list[str]:
@@ -79,8 +85,7 @@ def retelling_sources(folder: str | Path) -> list[str]:
             f"No {', '.join(missing)} under {folder}: run `python benchmarks/bench_prose_pairs.py --variants "
             f"retelling --output {folder}` first, or point --prose_pairs at its output."
         )
-    return [f"retelling_{name}={Path(folder) / f'retelling_{name}'}|Retrieve semantically similar text."
-            for name in PROSE_SOURCES]  # fmt: skip
+    return prose_sources("retelling", folder)
 
 
 def main() -> None:

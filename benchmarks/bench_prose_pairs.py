@@ -32,8 +32,9 @@ import json
 import time
 from pathlib import Path
 
-from bench_ablations import (
-    HEURISTIC_PAIRS,  # the same two sources as the main job's (this folder is on the path)
+from bench_ablations import (  # this folder is on the path
+    HEURISTIC_PAIRS,  # the same two sources as the main job's
+    prose_sources,
 )
 
 from st_synth import pipeline
@@ -160,8 +161,7 @@ def main() -> None:
             if prompt not in generated and not (output / f"{prompt}_lee").is_dir():
                 generated[prompt] = generate(prompt, args.per_source, output)
             entry["generation"] = generated.get(prompt, "reused from an earlier run of this script")
-            sources += [f"{prompt}_{source}={output / f'{prompt}_{source}'}|Retrieve semantically similar text."
-                        for source in ("lee", "wiki")]  # fmt: skip
+            sources += prose_sources(prompt, output)
         entry.update(train_and_evaluate(sources, output / name))
         results[name] = entry
         results_path.parent.mkdir(parents=True, exist_ok=True)

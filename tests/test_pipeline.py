@@ -185,9 +185,8 @@ def test_shipped_main_job_config_is_valid_and_overridable():
     plan = plan_run(config)
     assert plan.local and plan.generation.num_examples == 7 and plan.consistency is not None
     assert plan.model_args.base_model == "smollm2-135m" and plan.training_args.use_cpu
-    assert (
-        plan.training_args.num_train_epochs == 2
-    )  # README's block: two epochs (ablations.md, over three seeds)
+    # README's block: two epochs (ablations.md, over three seeds)
+    assert plan.training_args.num_train_epochs == 2
     assert plan.tasks == ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
     assert plan.data_args.decontaminate == plan.tasks  # on by default, against what is evaluated
     grounded = plan_run(load_config("recipes/configs/local-smollm2-grounded.yaml"))
