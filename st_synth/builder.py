@@ -40,7 +40,7 @@ from st_synth.client import (
     redact_url,
 )
 from st_synth.corpus import Corpus, CorpusArguments
-from st_synth.grounding import check_groundable
+from st_synth.grounding import check_groundable, check_prompt_variants
 from st_synth.languages import resolve_language_weights
 from st_synth.local_llm import BACKENDS, SMOLLM2_ALIAS, backend_generation_defaults, serving
 from st_synth.names import REPORT_FILE
@@ -60,6 +60,7 @@ from st_synth.taxonomy import (
     BITEXT_LOW_SCORES,
     PROVENANCE_COLUMNS,
     TASK_KINDS,
+    get_kind,
     kinds_help,
     resolve_kind_weights,
 )
@@ -111,6 +112,25 @@ class GenerationConfig(CorpusArguments):
             "'paper' (the paper's weighted mix of 93 languages) or comma-separated names; a list or mapping in YAML.",
             flag_type=str,
             metavar="LANGUAGES",
+        ),
+    )
+    grounded_kinds: str | list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "With a corpus: the kinds grounded in it, comma-separated (a list in YAML); the other kinds of --kinds "
+            "are free generation, as without a corpus, in the same run and dataset. Default: every kind.",
+            flag_type=str | None,
+            metavar="KINDS",
+        ),
+    )
+    grounded_prompts: str | dict[str, str] | None = field(
+        default=None,
+        metadata=_help(
+            "With a corpus: another shipped prompt for a grounded kind, as kind=prompt (a mapping in YAML), e.g. "
+            "long_long=retelling (the passage retold in prose: a long text beside the long passage, as the paper's "
+            "long-long matching pairs two). Default: each kind's own (a title, a summary, ...).",
+            flag_type=str | None,
+            metavar="KIND=PROMPT",
         ),
     )
     seed: int = field(default=42, metadata=_help("Fixes every request: same seed, same dataset."))
@@ -226,6 +246,7 @@ class GenerationConfig(CorpusArguments):
     )
     show_progress: bool = field(default=True, metadata=_help("A progress bar (--no_show_progress hides it)."))
     kind_weights: dict[str, float] = field(init=False, repr=False)
+    grounded: tuple[str, ...] = field(init=False, repr=False, default=())  # the kinds grounded in the corpus
     language_weights: dict[str, float] = field(init=False, repr=False)
     # The limits left unset (None): decided here (the local backend's where it needs its own, else the
     # standard ones), and again by the server that actually answers (auto may fall back to transformers).
@@ -274,8 +295,25 @@ class GenerationConfig(CorpusArguments):
         ]  # fmt: skip
         if self.near_duplicates:
             check_threshold(self.near_duplicate_threshold)
+        self.grounded_kinds, self.grounded_prompts = (
+            decode_json(self.grounded_kinds, "grounded_kinds"),
+            decode_json(self.grounded_prompts, "grounded_prompts"),
+        )
+        self.grounded_prompts = _kind_mapping(self.grounded_prompts, "grounded_prompts")
+        if not self.corpus and (self.grounded_kinds or self.grounded_prompts):
+            raise ValueError(
+                "grounded_kinds and grounded_prompts choose how a corpus is used: give --corpus too."
+            )
         if self.corpus:  # first: with a corpus, a kind that cannot be grounded is the problem to name
-            check_groundable(list(self.kind_weights))
+            self.grounded = tuple(self.kind_weights) if self.grounded_kinds is None else tuple(
+                resolve_kind_weights(self.grounded_kinds))  # fmt: skip
+            if absent := [kind for kind in self.grounded if kind not in self.kind_weights]:
+                raise ValueError(
+                    f"grounded_kinds names {', '.join(absent)}, not among the run's kinds "
+                    f"({', '.join(self.kind_weights)}); add it to kinds or drop it."
+                )
+            check_groundable(list(self.grounded))
+            check_prompt_variants(self.grounded_prompts, list(self.grounded))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -365,8 +403,23 @@ class GenerationConfig(CorpusArguments):
             "near_duplicate_threshold": self.near_duplicate_threshold if self.near_duplicates else None,
             **({"corpus": {"sources": self.corpus, "text_column": self.text_column,
                            "passage_tokens": self.passage_tokens, "min_tokens": self.min_tokens,
-                           "passage_tokenizer": self.passage_tokenizer}} if self.corpus else {}),
+                           "passage_tokenizer": self.passage_tokenizer, "grounded_kinds": list(self.grounded),
+                           "grounded_prompts": self.grounded_prompts}} if self.corpus else {}),
         }  # fmt: skip
+
+
+def _kind_mapping(value: Any, name: str) -> dict[str, str]:
+    """``"long_long=retelling,sts=x"`` or a mapping, as {kind: value} with kinds checked by name."""
+    if not value:
+        return {}
+    if isinstance(value, str):
+        pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+        if any(not sep or not right.strip() for _, sep, right in pairs):
+            raise ValueError(f"{name}: {value!r} must be kind=prompt pairs, e.g. long_long=retelling.")
+        value = {left.strip(): right.strip() for left, _, right in pairs}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping of kind to prompt, e.g. {{long_long: retelling}}.")
+    return {get_kind(kind).name: str(prompt) for kind, prompt in value.items()}
 
 
 def _is_paper(languages: object) -> bool:
@@ -490,7 +543,9 @@ class SyntheticDatasetBuilder:
         """What example ``index`` is (kind, languages, passage): drawn from the seed alone."""
         c = self.config
         plan = plan_example(c.seed, index, c.kind_weights, c.language_weights)
-        return plan if self.corpus is None else replace(plan, passage=self.corpus.draw(c.seed, index))
+        if self.corpus is None or plan.kind not in c.grounded:
+            return plan
+        return replace(plan, passage=self.corpus.draw(c.seed, index))
 
     def shard_plans(self) -> list[ExamplePlan]:
         return [self.plan(index) for index in self.shard_indices()]
@@ -589,13 +644,16 @@ class _Run:
             if c.near_duplicates
             else None
         )
-        self.spool = _Spool(c.cache_path.parent, self.corpus is not None)
+        self.grounded = frozenset(c.grounded if self.corpus is not None else ())  # kinds read from a passage
+        self.spool = _Spool(c.cache_path.parent, self.grounded)
         self.settled = 0
         self.kept_kind: Counter = Counter()
         self.kept_language: Counter = Counter()
         self.kept_template: Counter = Counter()
         self.near_by_kind: Counter = Counter()
-        self.passages_used: dict[str, set[int]] = {kind: set() for kind in c.kind_weights}
+        self.passages_used: dict[str, set[int]] = {
+            kind: set() for kind in c.kind_weights if kind in self.grounded
+        }
         self.abandoned: set[int] = set()
         self.waiting: set[int] = set()  # examples whose next request waits for a batch
         self.drops: Counter = Counter()
@@ -613,9 +671,13 @@ class _Run:
         self.progress = tqdm(total=len(self.indices), desc="examples", disable=not c.show_progress, unit="ex")
 
     def _brainstorms(self, kind: str) -> bool:
-        if self.corpus is not None:
-            return grounding.needs_brainstorm(kind, self.config.prompts_version)
+        if kind in self.grounded:
+            return grounding.needs_brainstorm(kind, self.config.prompts_version, self._variant(kind))
         return TASK_KINDS[kind].brainstorm
+
+    def _variant(self, kind: str) -> str | None:
+        """The grounded prompt ``kind`` uses beside its own (``grounded_prompts``), or None."""
+        return self.config.grounded_prompts.get(kind)
 
     def _drop(self, reason: str, kind: str) -> None:
         self.drops[reason] += 1
@@ -700,7 +762,7 @@ class _Run:
         for attempt in range(self.config.max_attempts):
             if self.stop_reason is not None:
                 return None
-            if self.corpus is not None:
+            if kind in self.grounded:
                 request = grounding.brainstorm_request(
                     self.config.seed, TASK_KINDS[kind], block, attempt, self.corpus.passages,
                     self.config.prompts_version,
@@ -712,7 +774,7 @@ class _Run:
             request = self._capped(request)
             parse = (
                 (lambda content, k=TASK_KINDS[kind]: grounding.parse_tasks(k, content))
-                if self.corpus
+                if kind in self.grounded
                 else parse_tasks
             )
             result = await self._answer(request, parse)
@@ -733,10 +795,13 @@ class _Run:
             return refused.reason
         except Deferred:
             return DEFERRED
+        content = answer.content
         if answer.finish_reason == "length":
-            return "truncated"
+            if request.schema is not None:
+                return "truncated"
+            content = grounding.whole_sentences(content)  # prose: its complete sentences, if long enough
         try:
-            return parse(answer.content)
+            return parse(content)
         except Rejected as rejected:
             return rejected.reason
 
@@ -755,10 +820,12 @@ class _Run:
                 break
             if self.corpus is not None and plan.passage is not None:
                 passage = self.corpus.passages[plan.passage]
-                request = grounding.example_request(self.config.seed, plan, attempt, tasks, passage, version)
+                variant = self._variant(plan.kind)
+                request = grounding.example_request(self.config.seed, plan, attempt, tasks, passage, version,
+                                                    variant)  # fmt: skip
 
-                def parse(content, kind=kind, passage=passage, task=request.instruction):
-                    return grounding.parse_answer(content, kind, passage, task, version)
+                def parse(content, kind=kind, passage=passage, task=request.instruction, variant=variant):
+                    return grounding.parse_answer(content, kind, passage, task, version, variant)
             else:
                 request = example_request(self.config.seed, plan, attempt, tasks, version)
 
@@ -775,7 +842,7 @@ class _Run:
             texts, normalized = result
             instruction = request.instruction or ""
             template = request.template
-            if brainstorms and self.corpus is None:
+            if brainstorms and plan.passage is None:
                 brainstorm = brainstorm_template(self.config.seed, plan.kind, plan.index // self.config.block_size,
                                                  version)  # fmt: skip
                 template = f"{brainstorm}+{template}"
@@ -935,7 +1002,7 @@ class _Run:
                 **report["corpus"],
                 **self.corpus.describe(),
                 "passages_used": len(used),
-                "passages_used_by_kind": {k: len(self.passages_used[k]) for k in c.kind_weights},
+                "passages_used_by_kind": {k: len(used_by) for k, used_by in self.passages_used.items()},
                 "passages_used_by_source": dict(Counter(self.corpus.passage_sources[p] for p in used)),
             }
         if s.batch_prompt_tokens or s.batch_completion_tokens:
@@ -982,7 +1049,7 @@ class _Spool:
 
     FLUSH = 4096  # rows per kind buffered before they are written
 
-    def __init__(self, where: Path, grounded: bool) -> None:
+    def __init__(self, where: Path, grounded: frozenset[str]) -> None:
         self.where = where
         self.grounded = grounded
         self.folder: Path | None = None
@@ -990,7 +1057,7 @@ class _Spool:
         self.writers: dict[str, Any] = {}
 
     def columns(self, kind: str) -> tuple[str, ...]:
-        return TASK_KINDS[kind].grounded_columns() if self.grounded else TASK_KINDS[kind].columns
+        return TASK_KINDS[kind].grounded_columns() if kind in self.grounded else TASK_KINDS[kind].columns
 
     def add(self, plan: ExamplePlan, kept: _Kept) -> None:
         columns = self.columns(plan.kind)

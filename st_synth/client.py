@@ -291,7 +291,7 @@ class ChatClient:
         """The parts of a request that determine its answer (and so its cache key)."""
         return {
             "messages": request.messages,
-            "temperature": self.temperature,
+            "temperature": self.temperature if request.temperature is None else request.temperature,
             "top_p": self.top_p,
             "max_tokens": request.max_tokens,
             "seed": request.seed,
@@ -344,6 +344,8 @@ class ChatClient:
         return answer
 
     def _format_argument(self, mode: str, request: ChatRequest) -> dict[str, Any]:
+        if request.schema is None:  # a prose answer
+            return {}
         if mode == "json_schema":
             name = f"{request.kind}_{request.stage}"
             return {
@@ -361,7 +363,7 @@ class ChatClient:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": request.messages,
-            "temperature": self.temperature,
+            "temperature": self.temperature if request.temperature is None else request.temperature,
             "top_p": self.top_p,
             "max_tokens": request.max_tokens,
             "seed": request.seed,
@@ -395,7 +397,9 @@ class ChatClient:
                     f"The endpoint answered 404 for model {self.model!r}: {error.message}"
                 ) from None
             except openai.APIStatusError as error:
-                if self._can_downgrade(error, mode):
+                if request.schema is not None and self._can_downgrade(
+                    error, mode
+                ):  # prose asks for no format
                     continue
                 if not is_transient(error.status_code):
                     self.stats.errors[f"http_{error.status_code}"] += 1

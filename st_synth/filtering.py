@@ -83,9 +83,11 @@ class ConsistencyFilter:
         guide: SentenceTransformer | None = None,
         passages: list[str] | None = None,
         cache_folder: str | Path | None = None,
+        grounded_kinds: list[str] | None = None,
     ) -> tuple[DatasetDict, dict[str, Any]]:
         """The filtered dataset and a report: kept and dropped per kind, with the reason of each drop.
-        ``passages``: the corpus the dataset was grounded in (round trip for kinds whose positive is one);
+        ``passages``: the corpus the dataset was grounded in (round trip for kinds whose positive is one;
+        ``grounded_kinds``: those of its kinds that were grounded, when not all were);
         ``cache_folder``: where its embeddings are kept (shared with mining, see st_synth.mining)."""
         guide = guide or self.load_guide()
         self._corpus = None
@@ -96,7 +98,8 @@ class ConsistencyFilter:
                 kept_splits[kind] = split
                 report["kinds"][kind] = {"rows": split.num_rows, "kept": split.num_rows, "checked": False}
                 continue
-            round_trip = passages is not None and not get_kind(kind).passage_first
+            grounded = passages is not None and (grounded_kinds is None or kind in grounded_kinds)
+            round_trip = grounded and not get_kind(kind).passage_first
             keep, reasons = self._judge(guide, split["query"], split["positive"],
                                         split["negative"] if "negative" in split.column_names else None,
                                         passages if round_trip else None)  # fmt: skip
@@ -182,14 +185,21 @@ def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyF
     source, target = Path(source), Path(target)
     if passages is None:
         passages = grounding_passages(source)
-    filtered, report = settings.apply(
-        load_from_disk(str(source)), passages=passages, cache_folder=cache_folder
-    )
+    filtered, report = settings.apply(load_from_disk(str(source)), passages=passages, cache_folder=cache_folder,
+                                      grounded_kinds=grounded_kinds_of(source))  # fmt: skip
     filtered.save_to_disk(str(target))
     if (source / REPORT_FILE).is_file():
         (target / REPORT_FILE).write_text((source / REPORT_FILE).read_text())
     (target / FILTER_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def grounded_kinds_of(folder: str | Path) -> list[str] | None:
+    """The kinds of a `st-synth generate` folder that were grounded in its corpus (None: every kind, or the
+    folder is not a generated one)."""
+    path = Path(folder) / REPORT_FILE
+    settings = json.loads(path.read_text()).get("corpus") if path.is_file() else None
+    return (settings or {}).get("grounded_kinds")
 
 
 def grounding_passages(folder: str | Path) -> list[str] | None:

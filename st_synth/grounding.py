@@ -11,7 +11,11 @@ Per kind (``TaskKind.grounded_keys``: what the LLM answers; ``passage_first``: w
 
 Bitext is not grounded (it would need a translator, not a reader). Prompts are a system rule, two
 demonstrations as earlier chat turns and the passage (``st_synth/prompts/<version>/grounded_<kind>.json``):
-a small generator copies sentences when asked zero-shot, and follows a worked example. Answers are checked:
+a small generator copies sentences when asked zero-shot, and follows a worked example. A kind may have other
+prompts beside its own (``grounded_<kind>-<variant>.json``, chosen with ``grounded_prompts``), e.g.
+``long_long-retelling``: the passage retold in prose, the two long texts of the paper's long-long matching. A
+prose prompt (``"format": "prose"``) is sent without a response format and its whole answer is the text; an
+answer cut by the token cap keeps its complete sentences. Answers are checked:
 one copied from its passage (half or more of its word 5-grams occur in the passage) or equal to a
 demonstration's answer is dropped and counted (``copied_from_passage``, ``copied_demonstration``); a label
 the task does not name is ``label_not_in_task``.
@@ -21,10 +25,12 @@ from __future__ import annotations
 
 import json
 from functools import cache
+from importlib import resources
 from typing import Any
 
 from st_synth.prompting import (
     DEFAULT_PROMPTS_VERSION,
+    PROMPT_VERSIONS,
     ChatRequest,
     ExamplePlan,
     derive_seed,
@@ -56,27 +62,59 @@ def check_groundable(kinds: list[str]) -> None:
         )
 
 
-def spec_id(kind: str, version: str = DEFAULT_PROMPTS_VERSION) -> str:
-    """The template id of grounded ``kind``'s prompt in prompt ``version`` (v2 keeps v1's)."""
-    return template_variants(version, f"grounded_{kind}", ".json")[0]
+def prompt_variants(kind: str) -> list[str]:
+    """The other grounded prompts the package ships for ``kind`` (``grounded_<kind>-<variant>.json``)."""
+    root = resources.files("st_synth") / "prompts"
+    prefix = f"grounded_{kind}-"
+    return sorted({entry.name[len(prefix) : -len(".json")] for folder in PROMPT_VERSIONS
+                   for entry in (root / folder).iterdir()
+                   if entry.name.startswith(prefix) and entry.name.endswith(".json")})  # fmt: skip
+
+
+def check_prompt_variants(chosen: dict[str, str], grounded: list[str]) -> None:
+    """Refuse a ``grounded_prompts`` entry for a kind that is not grounded or naming no shipped prompt."""
+    for kind, variant in chosen.items():
+        if kind not in grounded:
+            raise ValueError(
+                f"grounded_prompts names {kind!r}, which is not a grounded kind of this run; grounded kinds: "
+                f"{', '.join(grounded)}."
+            )
+        if variant not in (choices := prompt_variants(kind)):
+            raise ValueError(
+                f"grounded_prompts: no grounded prompt {variant!r} for {kind}; choose among: "
+                f"{', '.join(choices) if choices else f'none ({kind} has only its own prompt)'}."
+            )
+
+
+def spec_id(kind: str, version: str = DEFAULT_PROMPTS_VERSION, variant: str | None = None) -> str:
+    """The template id of grounded ``kind``'s prompt (``variant``: one of :func:`prompt_variants`) in prompt
+    ``version`` (v2 keeps v1's)."""
+    return template_variants(version, f"grounded_{kind}" + (f"-{variant}" if variant else ""), ".json")[0]
 
 
 @cache
-def load_spec(kind: str, version: str = DEFAULT_PROMPTS_VERSION) -> dict[str, Any]:
+def load_spec(
+    kind: str, version: str = DEFAULT_PROMPTS_VERSION, variant: str | None = None
+) -> dict[str, Any]:
     """The prompt of grounded ``kind``: system rule, user message, brainstorm, demonstrations."""
-    return json.loads(read_template(spec_id(kind, version), ".json"))
+    return json.loads(read_template(spec_id(kind, version, variant), ".json"))
 
 
-def instruction_of(kind: TaskKind, task: str | None, version: str = DEFAULT_PROMPTS_VERSION) -> str:
+def is_prose(spec: dict[str, Any]) -> bool:
+    return spec.get("format") == "prose"
+
+
+def instruction_of(kind: TaskKind, task: str | None, version: str = DEFAULT_PROMPTS_VERSION,
+                   variant: str | None = None) -> str:  # fmt: skip
     """What a grounded example trains with: its brainstormed task, else the kind's fixed instruction."""
-    spec = load_spec(kind.name, version)
+    spec = load_spec(kind.name, version, variant)
     if kind.brainstorm and task is not None and spec.get("brainstorm"):
         return task
     return spec.get("instruction") or kind.fixed_instruction or ""
 
 
-def needs_brainstorm(kind: str, version: str = DEFAULT_PROMPTS_VERSION) -> bool:
-    return bool(load_spec(kind, version).get("brainstorm"))
+def needs_brainstorm(kind: str, version: str = DEFAULT_PROMPTS_VERSION, variant: str | None = None) -> bool:
+    return bool(load_spec(kind, version, variant).get("brainstorm"))
 
 
 def answer_schema(kind: TaskKind) -> dict:
@@ -139,37 +177,51 @@ def brainstorm_request(
     )
 
 
-def example_request(seed: int, plan: ExamplePlan, attempt: int, tasks: list[str] | None,
-                    passage: str, version: str = DEFAULT_PROMPTS_VERSION) -> ChatRequest:  # fmt: skip
-    """Attempt ``attempt`` of grounded example ``plan`` over ``passage``."""
+def example_request(seed: int, plan: ExamplePlan, attempt: int, tasks: list[str] | None, passage: str,
+                    version: str = DEFAULT_PROMPTS_VERSION, variant: str | None = None) -> ChatRequest:  # fmt: skip
+    """Attempt ``attempt`` of grounded example ``plan`` over ``passage`` (``variant``: the kind's prompt)."""
     kind = TASK_KINDS[plan.kind]
-    spec = load_spec(kind.name, version)
+    spec = load_spec(kind.name, version, variant)
+    prose = is_prose(spec)
     rng = seeded_rng(seed, "grounded-attempt", plan.index, attempt)
     values = {name: rng.choice(choices) for name, choices in spec.get("placeholders", {}).items()}
     values["language"] = plan.language
     task = None
-    if needs_brainstorm(kind.name, version):
+    if needs_brainstorm(kind.name, version, variant):
         if not tasks:
             raise ValueError(f"grounded {kind.name} examples need a brainstormed task pool")
         task = rng.choice(tasks)
     demonstrations = tuple(
         (render(spec["user"], {"task": demo.get("task", ""), "passage": demo["passage"]}),
-         json.dumps(demo["answer"], ensure_ascii=False))
-        for demo in spec["demonstrations"]
+         demo["answer"] if prose else json.dumps(demo["answer"], ensure_ascii=False))
+        for demo in spec.get("demonstrations", ())
     )  # fmt: skip
     return ChatRequest(
         kind=kind.name,
         stage="example",
         prompt=render(spec["user"], {"task": task or "", "passage": passage}),
-        system=render(spec["system"], values),
+        system=render(spec["system"], values) if spec.get("system") else None,
         demonstrations=demonstrations,
         seed=derive_seed(seed, "grounded-example", plan.index, attempt),
         max_tokens=spec.get("max_tokens", 256),
-        schema=answer_schema(kind),
-        instruction=instruction_of(kind, task, version),
+        schema=None if prose else answer_schema(kind),
+        instruction=instruction_of(kind, task, version, variant),
         prompts_version=version,
-        template=spec_id(kind.name, version),
+        template=spec_id(kind.name, version, variant),
+        temperature=spec.get("temperature"),
     )
+
+
+def whole_sentences(text: str | None) -> str:
+    """``text`` up to the end of its last complete sentence ("" when it has none): what a prose answer cut by
+    the token cap keeps."""
+    text = " ".join((text or "").split())
+    ends = [
+        i + 1
+        for i, char in enumerate(text)
+        if char in ".!?" and (i + 1 == len(text) or text[i + 1] in " \"')")
+    ]
+    return text[: ends[-1]].strip() if ends else ""
 
 
 def copied_share(answer: str, passage: str, n: int = COPY_NGRAM) -> float:
@@ -182,14 +234,30 @@ def copied_share(answer: str, passage: str, n: int = COPY_NGRAM) -> float:
     return sum(gram in present for gram in grams) / len(grams)
 
 
+def prose_answer(content: str | None, min_words: int) -> str:
+    """A prose answer's text: whitespace collapsed, a wrapping pair of quotes removed; shorter than
+    ``min_words`` words is ``too_short``."""
+    text = " ".join((content or "").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    if len(text.split()) < min_words:
+        raise Rejected("too_short")
+    return text
+
+
 def parse_answer(content: str | None, kind: TaskKind, passage: str, task: str | None = None,
-                 version: str = DEFAULT_PROMPTS_VERSION) -> tuple[tuple[str, ...], tuple[str, ...]]:  # fmt: skip
+                 version: str = DEFAULT_PROMPTS_VERSION,
+                 variant: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:  # fmt: skip
     """The example's texts in the kind's column order (the passage on its side) and their normalised form."""
-    answers = answer_fields(content, kind.grounded_keys, clean=lambda text: " ".join(text.split()))
+    spec = load_spec(kind.name, version, variant)
+    if is_prose(spec):
+        answers = [prose_answer(content, spec.get("min_words", 1))]
+    else:
+        answers = answer_fields(content, kind.grounded_keys, clean=lambda text: " ".join(text.split()))
     demos = {
         normalize(v)
-        for demo in load_spec(kind.name, version)["demonstrations"]
-        for v in demo["answer"].values()
+        for demo in spec.get("demonstrations", ())
+        for v in (demo["answer"].values() if isinstance(demo["answer"], dict) else [demo["answer"]])
     }
     labels = kind.passage_first and not kind.symmetric  # classification: labels, not prose
     for text in answers:

@@ -250,7 +250,7 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
     from sentence_transformers import SentenceTransformer
 
     from st_synth.corpus import Corpus
-    from st_synth.filtering import grounding_passages, resolve_guide
+    from st_synth.filtering import grounded_kinds_of, grounding_passages, resolve_guide
     from st_synth.names import FILTER_REPORT_FILE, MINING_REPORT_FILE, REPORT_FILE
 
     source, target = Path(source), Path(target)
@@ -270,15 +270,32 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
     else:
         passages, usable = mining_pool(data)
         origin = "the data's own positives"
-    wanted = {name: data[name] for name in usable
-              if "negative" not in data[name].column_names or settings.replace_negatives}  # fmt: skip
+    free: list[str] = []
+    if origin != "the data's own positives" and (grounded_kinds := grounded_kinds_of(source)) is not None:
+        # Generated with only some kinds grounded: the free kinds' negatives come from their own positives.
+        free_data = {name: split for name, split in data.items() if name not in grounded_kinds}
+        usable = [name for name in usable if name in grounded_kinds]
+        free_passages, free = mining_pool(free_data) if free_data else ([], [])
+
+    def wanted_of(names: list[str]) -> dict[str, Any]:
+        return {name: data[name] for name in names
+                if "negative" not in data[name].column_names or settings.replace_negatives}  # fmt: skip
+
+    wanted, free_wanted = wanted_of(usable), wanted_of(free)
     mined, per_split = {}, {}
-    if wanted:
+    if wanted or free_wanted:
         model = SentenceTransformer(resolve_guide(settings.mining_model))
+    if wanted:
         mined, per_split = mine_splits(wanted, passages, settings, model=model, cache_folder=cache_folder,
                                        document_of=document_of)  # fmt: skip
+    if free_wanted:
+        free_mined, free_report = mine_splits(free_wanted, free_passages, settings, model=model,
+                                              cache_folder=cache_folder)  # fmt: skip
+        mined, per_split = {**mined, **free_mined}, {**per_split, **free_report}
+    wanted |= free_wanted
     report = {"corpus": origin, "passages": len(passages), "mining_model": settings.mining_model,
-              "replaced_negatives": settings.replace_negatives, "splits": per_split}  # fmt: skip
+              "replaced_negatives": settings.replace_negatives, "splits": per_split,
+              **({"free_kinds_from_own_positives": free} if free else {})}  # fmt: skip
     splits = {
         name: mined.get(name, split) for name, split in data.items() if name not in wanted or name in mined
     }

@@ -109,7 +109,7 @@ class ChatRequest:
     prompt: str
     seed: int
     max_tokens: int
-    schema: dict
+    schema: dict | None  # None: a prose answer, asked for without a response format
     instruction: str | None = None  # what the resulting example trains with; None for brainstorms
     system: str | None = None
     demonstrations: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns: worked examples
@@ -117,6 +117,7 @@ class ChatRequest:
         DEFAULT_PROMPTS_VERSION  # part of the cache key from v2 on (v1 keys predate versions)
     )
     template: str = ""  # the template id(s) the prompt was rendered from: the example's provenance
+    temperature: float | None = None  # the prompt's own sampling temperature; None: the run's
 
     @property
     def messages(self) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.corpus import Corpus
 from st_synth.filtering import ConsistencyFilter, filter_folder
-from st_synth.grounding import copied_share, label_set, load_spec, parse_answer
+from st_synth.grounding import copied_share, label_set, load_spec, parse_answer, whole_sentences
 from st_synth.taxonomy import TASK_KINDS
 from st_synth.validation import Rejected
 from tests.helpers import kill_and_resume
@@ -242,3 +242,138 @@ def test_round_trip_filter_keeps_queries_that_find_their_own_passage(tmp_path):
     )
     assert report["kinds"]["retrieval"]["kept"] == 2 and report["kinds"]["retrieval"]["round_trip"]
     assert isinstance(Corpus, type)
+
+
+RETELL = "retrieval=1,short_short=1,long_long=2"
+
+
+def test_retellings_in_prose_beside_free_kinds_in_one_run(fake_server, tmp_path):
+    """grounded_kinds: only long_long reads a passage, in its prose prompt (grounded_prompts); the other kinds
+    are the free generation of a run without a corpus, in the same dataset."""
+    server = fake_server(bad_answer_rate=0.2)
+    config = grounded_config(server, tmp_path, kinds=RETELL, grounded_kinds="long_long",
+                             grounded_prompts="long_long=retelling")  # fmt: skip
+    builder = SyntheticDatasetBuilder(config)
+    data = builder.build()
+    passages = builder.corpus.passages
+    plans = {plan.index: plan for plan in builder.shard_plans()}
+    assert {p.kind for p in plans.values() if p.passage is not None} == {"long_long"}
+    assert all(p.passage is None for p in plans.values() if p.kind != "long_long")
+    prose = [b for b in server.received if "Retell this text" in b["messages"][-1]["content"]]
+    assert prose and all("response_format" not in b for b in prose)  # prose: no response format asked
+    assert all(b["temperature"] == 0.7 and b["max_tokens"] == 80 for b in prose)  # the prompt's own
+    assert all([m["role"] for m in b["messages"]] == ["user"] for b in prose)
+    assert all(any(f"\n\n{p}\n\n" in b["messages"][-1]["content"] for p in passages) for b in prose)
+    free = [b for b in server.received if "Retell this text" not in b["messages"][-1]["content"]]
+    assert free and all(b["response_format"]["type"] == "json_schema" for b in free)
+    assert not any(p in b["messages"][-1]["content"] for b in free for p in passages)
+    # The retelling is the query, its passage the positive; a retelling cut by the token cap keeps its
+    # complete sentences.
+    long_long = data["long_long"]
+    assert long_long.column_names == ["instruction", "query", "positive", "language", "template"]
+    indices = sorted(i for i, p in plans.items() if p.kind == "long_long")
+    assert long_long["positive"] == [passages[plans[i].passage] for i in indices]
+    assert all(q.startswith("In short, ") and q.endswith(".") and "tow" not in q for q in long_long["query"])
+    assert set(long_long["template"]) == {"v1/grounded_long_long-retelling"}
+    assert set(long_long["instruction"]) == {"Retrieve semantically similar text."}
+    assert data["retrieval"].column_names[:4] == ["instruction", "query", "positive", "negative"]
+    assert not set(data["retrieval"]["positive"]) & set(passages)
+    report = builder.report
+    assert report["complete"] and report["num_examples_kept"] == 30
+    assert report["corpus"]["grounded_kinds"] == ["long_long"]
+    assert report["corpus"]["grounded_prompts"] == {"long_long": "retelling"}
+    assert report["corpus"]["passages_used_by_kind"] == {
+        "long_long": len({plans[i].passage for i in indices})
+    }
+    # Same seed, same run: a cached re-run sends nothing.
+    sent = server.chat_requests
+    again = SyntheticDatasetBuilder(grounded_config(server, tmp_path, kinds=RETELL, grounded_kinds="long_long",
+                                                    grounded_prompts="long_long=retelling"))  # fmt: skip
+    assert rows(again.build()) == rows(data)
+    assert server.chat_requests == sent and again.report["requests_sent"] == 0
+
+
+def test_a_truncated_retelling_keeps_its_sentences_and_a_short_one_is_dropped(fake_server, tmp_path):
+    server = fake_server()
+    server.faults.extend(["truncated", "malformed"])  # the first two answers: cut, then a one-word reply
+    config = grounded_config(server, tmp_path, kinds="long_long", grounded_prompts="long_long=retelling",
+                             num_examples=2, concurrency=1)  # fmt: skip
+    builder = SyntheticDatasetBuilder(config)
+    data = builder.build()
+    assert server.fault_log[:2] == ["truncated", "malformed"]
+    first = data["long_long"]["query"][0]
+    assert first.startswith("In short, ") and first.endswith(".") and "Then the tow" not in first
+    assert builder.report["drops"] == {"too_short": 1} and data["long_long"].num_rows == 2
+    assert whole_sentences("One. Two words! And a cut sen") == "One. Two words!"
+    assert whole_sentences("no sentence end here") == ""
+    with pytest.raises(Rejected, match="too_short"):
+        parse_answer("Sure.", TASK_KINDS["long_long"], "A passage of text.", variant="retelling")
+    texts, _ = parse_answer('"The passage, retold in fifteen words or more so that it is long enough to be kept here."',
+                            TASK_KINDS["long_long"], "A passage of text.", variant="retelling")  # fmt: skip
+    assert texts[0].startswith("The passage, retold") and texts[1] == "A passage of text."
+
+
+def test_bad_grounded_kinds_and_prompts_name_the_choices(fake_server, tmp_path):
+    server = fake_server()
+    with pytest.raises(
+        ValueError, match=r"no grounded prompt 'recap' for long_long; choose among: retelling"
+    ):
+        grounded_config(server, tmp_path, grounded_prompts="long_long=recap")
+    with pytest.raises(ValueError, match=r"grounded_prompts names 'long_long', which is not a grounded kind"):
+        grounded_config(
+            server, tmp_path, grounded_kinds="retrieval", grounded_prompts={"long_long": "retelling"}
+        )
+    with pytest.raises(
+        ValueError, match=r"grounded_kinds names sts, not among the run's kinds \(retrieval\)"
+    ):
+        grounded_config(server, tmp_path, kinds="retrieval", grounded_kinds="sts")
+    with pytest.raises(ValueError, match="must be kind=prompt pairs"):
+        grounded_config(server, tmp_path, grounded_prompts="long_long")
+    with pytest.raises(ValueError, match="give --corpus too"):
+        grounded_config(server, tmp_path, corpus=None, grounded_kinds="retrieval")
+    with pytest.raises(ValueError, match=r"Kinds bitext cannot be grounded"):
+        grounded_config(
+            server, tmp_path, kinds="retrieval,bitext", languages="English", grounded_kinds="bitext"
+        )
+    assert server.chat_requests == 0
+
+
+def test_only_grounded_kinds_get_the_round_trip_and_the_corpus_negatives(tmp_path):
+    """A dataset with long_long grounded and short_short free: the filter's round trip and the corpus's
+    negatives are for long_long; short_short gets the ordinary check and negatives from its own positives."""
+    from st_synth.mining import MiningArguments, mine_folder
+
+    passages = [
+        f"Report about {topic}: the {topic} of the town changed this year, officials said."
+        for topic in TOPICS
+    ]
+    (tmp_path / "corpus").mkdir()
+    for i, passage in enumerate(passages):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(passage)
+    n = 6
+    provenance = {"instruction": ["Find it."] * n, "language": ["English"] * n, "template": ["t"] * n}
+    data = DatasetDict({
+        "long_long": Dataset.from_dict({"query": [f"In the town, officials say the {t} changed this year." for t in TOPICS[:n]],
+                                        "positive": passages[:n], **provenance}),
+        "short_short": Dataset.from_dict({"query": [f"{t} news" for t in TOPICS[:n]],
+                                          "positive": [f"A headline on {t} today" for t in TOPICS[:n]], **provenance}),
+    })  # fmt: skip
+    data.save_to_disk(str(tmp_path / "generated"))
+    settings = {"sources": [str(tmp_path / "corpus")], "text_column": "text", "passage_tokens": 64,
+                "min_tokens": 4, "passage_tokenizer": "all-MiniLM-L6-v2", "grounded_kinds": ["long_long"]}  # fmt: skip
+    (tmp_path / "generated" / "generation_report.json").write_text(json.dumps({"corpus": settings}))
+    report = filter_folder(
+        tmp_path / "generated", tmp_path / "filtered", ConsistencyFilter(round_trip_top_k=3)
+    )
+    assert report["kinds"]["long_long"]["round_trip"] is True
+    assert report["kinds"]["short_short"]["round_trip"] is False and report["kinds"]["short_short"]["checked"]
+    mined = mine_folder(tmp_path / "filtered", tmp_path / "mined",
+                        MiningArguments(range_max=6, relative_margin=None, candidates=3))  # fmt: skip
+    assert mined["free_kinds_from_own_positives"] == ["short_short"]
+    out = load_from_disk(str(tmp_path / "mined"))
+    assert out["long_long"].num_rows and out["short_short"].num_rows
+    for row in out["long_long"]:
+        assert row["negative"] in passages and row["negative"] != row["positive"]
+    own = set(data["short_short"]["positive"])
+    for row in out["short_short"]:
+        assert row["negative"] in own and row["negative"] != row["positive"]

@@ -47,6 +47,8 @@ SPECIAL = {
     "loss": ("own_negatives", {}), "multi_dataset_batch_sampler": ("round_robin", {}),
     "batch_sampler": ("no_duplicates", {}), "max_tokens": (256, {}), "report_to": (["tensorboard"], {}),
     "corpus": (["builtin:wikipedia"], {"kinds": "sts", "languages": "English"}),
+    "grounded_kinds": ("long_long", {"corpus": ["builtin:wikipedia"], "kinds": "sts,long_long", "languages": "English"}),
+    "grounded_prompts": ({"long_long": "retelling"}, {"corpus": ["builtin:wikipedia"], "kinds": "long_long", "languages": "English"}),
     "public_datasets": ([{"name": "mine", "path": "some/data", "instructions": ["Find it."]}], {}),
     "matryoshka_dims": ([16, 8], {}), "truncate_dim": ([16], {}), "precision": (["int8"], {}),
 }  # fmt: skip

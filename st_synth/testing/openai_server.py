@@ -148,13 +148,21 @@ class FakeOpenAIServer:
         """(content, finish_reason) for a request body."""
         prompt = body["messages"][-1]["content"]
         digest = _digest(body["messages"], body.get("seed"))
+        fmt = body.get("response_format") or {}
+        schema = (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema") or {}
+        properties = list((schema.get("properties") or {}).keys())
+        if not fmt and not any(f'"{key}"' in prompt for key in KNOWN_KEYS) and "task strings" not in prompt:
+            # Asked for prose (no format, no JSON keys): two sentences of made-up words; cut mid-sentence
+            # when the fault is a truncation, as a token cap cuts one.
+            salt = "constant" if fault == "duplicate" else digest
+            prose = f"In short, {_words(_digest(salt, 1))}. It adds {_words(_digest(salt, 2))}."
+            if fault == "malformed":
+                return "Sure", "stop"
+            return (prose + " Then the tow", "length") if fault == "truncated" else (prose, "stop")
         if fault == "malformed":
             return '{"user_query": "unterminated', "stop"
         if fault == "truncated":
             return '{"input": "a long answer that ran out of tok', "length"
-        fmt = body.get("response_format") or {}
-        schema = (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema") or {}
-        properties = list((schema.get("properties") or {}).keys())
         if properties == ["tasks"] or "task strings" in prompt:
             tasks = [
                 f"Task {digest[:6]}-{n}: retrieve passages that answer questions on topic {n}"
