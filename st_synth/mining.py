@@ -17,6 +17,7 @@ from typing import Any
 
 from datasets import Dataset, Features
 
+from st_synth.arguments import decode_json
 from st_synth.corpus import CorpusArguments
 from st_synth.validation import normalize
 
@@ -64,8 +65,15 @@ class MiningArguments:
     replace_negatives: bool = field(default=False, metadata={
         "help": "Also mine for data that has negatives (LLM-written ones), replacing them; off: only pairs get one."})  # fmt: skip
     batch_size: int = field(default=32, metadata={"help": "Texts encoded at once."})
+    splits: str | list[str] | None = field(default=None, metadata={
+        "help": "Mine only these splits (kinds), comma-separated (a list in YAML); default: every split that can "
+        "get a negative."})  # fmt: skip
 
     def __post_init__(self) -> None:
+        value = decode_json(self.splits, "splits")
+        self.splits = (
+            [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+        )
         if not 0 <= self.range_min < self.range_max:
             raise ValueError(f"need 0 <= range_min < range_max, got {self.range_min} and {self.range_max}")
         if not 0 < self.max_positive_similarity <= 1:
@@ -281,6 +289,12 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
         return {name: data[name] for name in names
                 if "negative" not in data[name].column_names or settings.replace_negatives}  # fmt: skip
 
+    if settings.splits is not None:
+        if absent := [name for name in settings.splits if name not in data]:  # e.g. emptied by the filter
+            logger.warning("mine splits %s: %s has none such (its splits: %s).", ", ".join(absent), source,
+                           ", ".join(data))  # fmt: skip
+        usable = [name for name in usable if name in settings.splits]
+        free = [name for name in free if name in settings.splits]
     wanted, free_wanted = wanted_of(usable), wanted_of(free)
     mined, per_split = {}, {}
     if wanted or free_wanted:

@@ -377,3 +377,9 @@ def test_only_grounded_kinds_get_the_round_trip_and_the_corpus_negatives(tmp_pat
     own = set(data["short_short"]["positive"])
     for row in out["short_short"]:
         assert row["negative"] in own and row["negative"] != row["positive"]
+    # splits: only the retellings get a negative; the titles stay pairs.
+    only = mine_folder(tmp_path / "filtered", tmp_path / "only", MiningArguments(range_max=6, relative_margin=None,
+                       candidates=3, splits="long_long"))  # fmt: skip
+    assert set(only["splits"]) == {"long_long"} and "free_kinds_from_own_positives" not in only
+    out = load_from_disk(str(tmp_path / "only"))
+    assert "negative" in out["long_long"].column_names and "negative" not in out["short_short"].column_names

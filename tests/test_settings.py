@@ -50,7 +50,7 @@ SPECIAL = {
     "grounded_kinds": ("long_long", {"corpus": ["builtin:wikipedia"], "kinds": "sts,long_long", "languages": "English"}),
     "grounded_prompts": ({"long_long": "retelling"}, {"corpus": ["builtin:wikipedia"], "kinds": "long_long", "languages": "English"}),
     "public_datasets": ([{"name": "mine", "path": "some/data", "instructions": ["Find it."]}], {}),
-    "matryoshka_dims": ([16, 8], {}), "truncate_dim": ([16], {}), "precision": (["int8"], {}),
+    "MiningArguments.splits": (["long_long"], {}), "matryoshka_dims": ([16, 8], {}), "truncate_dim": ([16], {}), "precision": (["int8"], {}),
 }  # fmt: skip
 
 
