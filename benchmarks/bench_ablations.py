@@ -7,8 +7,7 @@
 Variants (each a full `st-synth run` under OUTPUT/<variant>; generation answers come from the cache, so
 variants that generate the same requests train on the same examples):
 
-* full:              the config as it is: for the main job, generation grounded in the shipped corpora,
-                     round-trip filter, mined negatives (its output folder, so a finished main job is reused)
+* full:              the config as it is (its output folder, so a finished main job is reused)
 * no_filter:         every validated example, unfiltered
 * no_mining:         no mined negatives: grounded retrieval, title and summary pairs train on in-batch
                      negatives only (sts keeps its LLM-written near-misses)
@@ -25,7 +24,8 @@ variants that generate the same requests train on the same examples):
 * retellings:        the heuristic pairs sources swapped for SmolLM2's retellings of the same real texts
                      (benchmarks/bench_prose_pairs.py --variants retelling writes them; --prose_pairs is
                      where): with the free generation, every training pair then has an LLM-written side.
-                     Not in the default list (it needs those files)
+                     Not in the default list (it needs those files); for local-smollm2.yaml
+                     (local-smollm2-retell.yaml generates its own retellings)
 
 ``--seeds``: train every variant once per training seed (``train.seed``; the data stays the same) and report
 per task the mean over seeds, with the lowest and highest mean of a single seed. On 2 cores the main job's
@@ -54,7 +54,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "no_filter": {"filter": {"enabled": False}},
     "no_mining": {"mine": {"enabled": False}},
     "free_generation": {
-        "generate": {"corpus": None, "num_examples": 160,
+        "generate": {"corpus": None, "grounded_kinds": None, "grounded_prompts": None, "num_examples": 160,
                      "kinds": {"retrieval": 2, "classification": 1, "short_short": 1, "long_long": 1, "sts": 2}},
         "mine": {"enabled": False},
         "train": {"max_seq_length": 64},

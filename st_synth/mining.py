@@ -67,7 +67,7 @@ class MiningArguments:
     batch_size: int = field(default=32, metadata={"help": "Texts encoded at once."})
     splits: str | list[str] | None = field(default=None, metadata={
         "help": "Mine only these splits (kinds), comma-separated (a list in YAML); default: every split that can "
-        "get a negative."})  # fmt: skip
+        "get a negative.", "flag_type": str | None, "metavar": "SPLITS"})  # fmt: skip
 
     def __post_init__(self) -> None:
         value = decode_json(self.splits, "splits")

@@ -31,9 +31,12 @@ def _config(tmp_path, base_url: str) -> dict:
     return {
         "output": str(tmp_path / "run"),
         "generate": {"base_url": base_url, "model": "fake-llm", "num_examples": 18, "languages": "English",
-                     "kinds": {"retrieval": 1, "short_short": 1, "sts": 1}, "concurrency": 4,
+                     "kinds": {"retrieval": 1, "short_short": 1, "sts": 1, "long_long": 1}, "concurrency": 4,
                      "cache": str(tmp_path / "answers.sqlite"), "show_progress": False,
-                     "corpus": _corpus(tmp_path / "corpus"), "passage_tokens": 24, "min_tokens": 8},
+                     "corpus": _corpus(tmp_path / "corpus"), "passage_tokens": 24, "min_tokens": 8,
+                     # as the main job: retellings in prose beside free generation (here sts)
+                     "grounded_kinds": ["retrieval", "short_short", "long_long"],
+                     "grounded_prompts": {"long_long": "retelling"}},
         "filter": {"enabled": True, "top_k": 3, "round_trip_top_k": 12},
         "mine": {"enabled": True, "range_max": 6, "relative_margin": None},
         "train": {"base_model": "tiny", "max_seq_length": 32, "lora_r": 4, "per_device_train_batch_size": 4,
@@ -58,9 +61,10 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     assert summary["generation"]["num_examples_kept"] == 18 and summary["generation"]["complete"]
     filtered = summary["filter"]
     assert filtered["rows"] == 18 and 0 < filtered["kept"] <= 18
-    assert filtered["kinds"]["retrieval"]["round_trip"] and not filtered["kinds"]["sts"]["round_trip"]
-    # Grounded retrieval and title matching get negatives mined over the corpus; sts has its own.
-    mined = {kind for kind in ("retrieval", "short_short") if filtered["kinds"][kind]["kept"]}
+    assert filtered["kinds"]["retrieval"]["round_trip"] and filtered["kinds"]["long_long"]["round_trip"]
+    assert not filtered["kinds"]["sts"]["round_trip"]  # free generation: the usual check
+    # Grounded retrieval, titles and retellings get negatives mined over the corpus; free sts has its own.
+    mined = {kind for kind in ("retrieval", "short_short", "long_long") if filtered["kinds"][kind]["kept"]}
     assert mined and set(summary["mining"]["splits"]) == mined
     data = load_from_disk(str(run / "data"))
     for kind in summary["mining"]["splits"]:
@@ -155,7 +159,21 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
         ({"generate": {"kinds": "retrieval,poems"}}, r"poems.*retrieval"),
         ({"train": {"dataset": "x"}}, r"train.dataset and train.output_dir are set by the run"),
         ({"mine": {"range_max": 3}}, r"candidates must be in 1..range_max - range_min \(3\), got 5"),
-        ({"generate": {"kinds": "bitext,sts", "languages": "English,German"}}, r"bitext cannot be grounded"),
+        (
+            {
+                "generate": {
+                    "kinds": "bitext,sts",
+                    "languages": "English,German",
+                    "grounded_kinds": None,
+                    "grounded_prompts": None,
+                }
+            },
+            r"bitext cannot be grounded",
+        ),
+        (
+            {"generate": {"grounded_prompts": {"sts": "retelling"}}},
+            r"names 'sts', which is not a grounded kind",
+        ),
     ],
 )
 def test_bad_run_configs_fail_before_anything_starts(tmp_path, change, message):
@@ -189,6 +207,15 @@ def test_shipped_main_job_config_is_valid_and_overridable():
     assert plan.training_args.num_train_epochs == 2
     assert plan.tasks == ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
     assert plan.data_args.decontaminate == plan.tasks  # on by default, against what is evaluated
+    assert not plan.generation.corpus and len(plan.data_args.extra_datasets) == 2  # the heuristic pairs
+    # Every pair with an LLM-written side: retellings of shipped news and encyclopedia passages beside free
+    # generation, no heuristic pairs.
+    retell = plan_run(load_config("recipes/configs/local-smollm2-retell.yaml"))
+    assert retell.generation.corpus == ["builtin:lee-background", "builtin:wikipedia"]
+    assert retell.generation.grounded == ("long_long",) and retell.generation.num_examples == 360
+    assert retell.generation.grounded_prompts == {"long_long": "retelling"}
+    assert not retell.data_args.extra_datasets and retell.consistency.round_trip_top_k == 5
+    assert retell.training_args.num_train_epochs == 2 and retell.mining is None
     grounded = plan_run(load_config("recipes/configs/local-smollm2-grounded.yaml"))
     assert grounded.generation.corpus == ["builtin:lee-background", "builtin:wikipedia"]
     assert grounded.mining is not None and grounded.consistency.round_trip_top_k == 5
@@ -225,7 +252,7 @@ def test_the_mine_stage_without_a_corpus_mines_among_the_datas_own_positives(tmp
                            "short_short": split("headline", False), "sts": split("said", True)})  # fmt: skip
     for replace in (False, True):
         config = _config(tmp_path, "http://127.0.0.1:9/v1")
-        config["generate"]["corpus"] = None
+        config["generate"].update(corpus=None, grounded_kinds=None, grounded_prompts=None)
         config["mine"] = {
             "range_max": 6,
             "relative_margin": None,

@@ -21,6 +21,7 @@ from st_synth.builder import GenerationConfig
 from st_synth.cli import build_parser
 from st_synth.evaluation import EvaluationArguments
 from st_synth.filtering import ConsistencyFilter
+from st_synth.mining import MiningArguments
 from st_synth.pipeline import RunArguments, load_config, plan_run
 from st_synth.testing.tiny import build_tiny_mistral
 from st_synth.testing.toy import write_toy_synthetic
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
     "generate": ((GenerationConfig,), "generate"),
     "filter": ((ConsistencyFilter,), "filter"),
+    "mine": ((MiningArguments,), "mine"),
     "train": (TRAIN_DATACLASSES, "train"),
     "evaluate": ((EvaluationArguments,), "evaluate"),
     "top level": ((RunArguments,), "run"),
@@ -50,7 +52,7 @@ SPECIAL = {
     "grounded_kinds": ("long_long", {"corpus": ["builtin:wikipedia"], "kinds": "sts,long_long", "languages": "English"}),
     "grounded_prompts": ({"long_long": "retelling"}, {"corpus": ["builtin:wikipedia"], "kinds": "long_long", "languages": "English"}),
     "public_datasets": ([{"name": "mine", "path": "some/data", "instructions": ["Find it."]}], {}),
-    "MiningArguments.splits": (["long_long"], {}), "matryoshka_dims": ([16, 8], {}), "truncate_dim": ([16], {}), "precision": (["int8"], {}),
+    "MiningArguments.splits": (["long_long"], {}), "max_positive_similarity": (0.9, {}), "range_min": (1, {}), "matryoshka_dims": ([16, 8], {}), "truncate_dim": ([16], {}), "precision": (["int8"], {}),
 }  # fmt: skip
 
 
