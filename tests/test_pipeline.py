@@ -96,6 +96,8 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     assert f"| consistency filter | kept {filtered['kept']} of 18 examples" in card
     assert (
         "| grounded in | " in card
+        and "wrote the other side of the retrieval, short_short, long_long examples (prompts: long_long retelling) |"
+        in card
         and "(grounded queries: their own passage in the top 12 of the corpus)" in card
     )
     assert "| decontamination | no training text equals or shares 13 words with a text of LeeDocSTS" in card
