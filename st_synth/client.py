@@ -397,9 +397,8 @@ class ChatClient:
                     f"The endpoint answered 404 for model {self.model!r}: {error.message}"
                 ) from None
             except openai.APIStatusError as error:
-                if request.schema is not None and self._can_downgrade(
-                    error, mode
-                ):  # prose asks for no format
+                # A prose request asks for no response format: there is nothing to step down from.
+                if request.schema is not None and self._can_downgrade(error, mode):
                     continue
                 if not is_transient(error.status_code):
                     self.stats.errors[f"http_{error.status_code}"] += 1
