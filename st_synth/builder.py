@@ -543,7 +543,7 @@ class SyntheticDatasetBuilder:
         """What example ``index`` is (kind, languages, passage): drawn from the seed alone."""
         c = self.config
         plan = plan_example(c.seed, index, c.kind_weights, c.language_weights)
-        if self.corpus is None or plan.kind not in c.grounded:
+        if plan.kind not in c.grounded:  # () without a corpus
             return plan
         return replace(plan, passage=self.corpus.draw(c.seed, index))
 
@@ -644,7 +644,7 @@ class _Run:
             if c.near_duplicates
             else None
         )
-        self.grounded = frozenset(c.grounded if self.corpus is not None else ())  # kinds read from a passage
+        self.grounded = frozenset(c.grounded)  # the kinds read from a passage (none without a corpus)
         self.spool = _Spool(c.cache_path.parent, self.grounded)
         self.settled = 0
         self.kept_kind: Counter = Counter()

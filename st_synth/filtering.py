@@ -194,20 +194,23 @@ def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyF
     return report
 
 
+def _corpus_settings(folder: str | Path) -> dict[str, Any] | None:
+    """The corpus settings in a `st-synth generate` folder's report (None: not grounded, or no report)."""
+    path = Path(folder) / REPORT_FILE
+    return json.loads(path.read_text()).get("corpus") if path.is_file() else None
+
+
 def grounded_kinds_of(folder: str | Path) -> list[str] | None:
     """The kinds of a `st-synth generate` folder that were grounded in its corpus (None: every kind, or the
     folder is not a generated one)."""
-    path = Path(folder) / REPORT_FILE
-    settings = json.loads(path.read_text()).get("corpus") if path.is_file() else None
-    return (settings or {}).get("grounded_kinds")
+    return (_corpus_settings(folder) or {}).get("grounded_kinds")
 
 
 def grounding_passages(folder: str | Path) -> list[str] | None:
     """The passages of the corpus a `st-synth generate` folder was grounded in (None: not grounded)."""
     from st_synth.corpus import Corpus, CorpusArguments
 
-    path = Path(folder) / REPORT_FILE
-    settings = json.loads(path.read_text()).get("corpus") if path.is_file() else None
+    settings = _corpus_settings(folder)
     if not settings:
         return None
     corpus = CorpusArguments(corpus=settings["sources"], text_column=settings["text_column"],

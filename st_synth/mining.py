@@ -268,6 +268,7 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
         raise ValueError(f"{source} has no split with query and positive columns; it has: "
                          + "; ".join(f"{n}: {', '.join(s.column_names)}" for n, s in data.items()))  # fmt: skip
     document_of = None
+    own_positives = False
     if corpus is not None and corpus.corpus:
         loaded = loaded or Corpus.load(corpus)
         passages, usable = mining_pool(data, loaded.passages)
@@ -277,9 +278,9 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
         origin = "the corpus the data was grounded in"
     else:
         passages, usable = mining_pool(data)
-        origin = "the data's own positives"
+        origin, own_positives = "the data's own positives", True
     free: list[str] = []
-    if origin != "the data's own positives" and (grounded_kinds := grounded_kinds_of(source)) is not None:
+    if not own_positives and (grounded_kinds := grounded_kinds_of(source)) is not None:
         # Generated with only some kinds grounded: the free kinds' negatives come from their own positives.
         free_data = {name: split for name, split in data.items() if name not in grounded_kinds}
         usable = [name for name in usable if name in grounded_kinds]
