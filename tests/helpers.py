@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +12,14 @@ from pathlib import Path
 from st_synth.cache import AnswerCache
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun rendezvous: fixed ports collide with a previous run's
+    store still closing or with anything else on the machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def assert_images_linked(card: str, files: dict[str, bytes], names: list[str]) -> None:

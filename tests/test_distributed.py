@@ -25,6 +25,7 @@ from st_synth.sampling import LengthGroupedBatchSampler, SourceAlignedBatchSampl
 from st_synth.taxonomy import TASK_KINDS
 from st_synth.testing.tiny import build_tiny_mistral
 from st_synth.testing.toy import write_toy_synthetic
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Uneven on purpose: sources run out at different steps, and some sizes leave a short last global batch.
@@ -146,16 +147,14 @@ def _config(backbone: str, dataset: str, output: Path, **extra) -> dict:
     }  # fmt: skip
 
 
-def _launch(
-    processes: int, config: dict, folder: Path, port: int, script: Path | None = None, timeout: int = 300
-):
+def _launch(processes: int, config: dict, folder: Path, script: Path | None = None, timeout: int = 300):
     """Run the recipe (or ``script``) under torchrun; a hang fails here, at ``timeout``."""
     path = folder / "config.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "ST_SYNTH_TRACE_DIR": str(folder / "trace"), "OMP_NUM_THREADS": "1"}
-    command = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(port),
+    command = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(free_port()),
                str(script or ROOT / "recipes" / "train_mistral.py"), str(path)]  # fmt: skip
     with (folder / "log.txt").open("w") as log:
         try:
@@ -181,8 +180,7 @@ def _steps(trace_dir: Path, rank: int) -> list[tuple[int, str, int]]:
     ],
 )
 def test_ranks_train_on_the_same_source_at_every_step(backbone, six_kinds, tmp_path, processes, settings):
-    port = 29540 + processes * 4 + len(settings)
-    code, log = _launch(processes, _config(backbone, six_kinds, tmp_path / "run", **settings), tmp_path, port)
+    code, log = _launch(processes, _config(backbone, six_kinds, tmp_path / "run", **settings), tmp_path)
     assert code == 0, log[-4000:]
     steps = [_steps(tmp_path / "trace", rank) for rank in range(processes)]
     assert steps[0], log[-2000:]
@@ -206,10 +204,10 @@ def test_two_processes_give_the_losses_of_one_process_over_the_same_global_batch
     dataset = str(write_toy_synthetic(tmp_path / "even", rows_per_kind=even, kinds=tuple(even)))
     base = {"cached_loss": False, "length_grouping": True, "max_steps": 8}
     code, log = _launch(2, _config(backbone, dataset, tmp_path / "two" / "run", per_device_train_batch_size=4, **base),
-                        tmp_path / "two", 29561)  # fmt: skip
+                        tmp_path / "two")  # fmt: skip
     assert code == 0, log[-4000:]
     code, log = _launch(1, _config(backbone, dataset, tmp_path / "one" / "run", per_device_train_batch_size=8, **base),
-                        tmp_path / "one", 29562)  # fmt: skip
+                        tmp_path / "one")  # fmt: skip
     assert code == 0, log[-4000:]
 
     def losses(folder: Path) -> list[float]:
@@ -239,7 +237,7 @@ def test_ranks_with_different_data_are_refused_not_left_hanging(backbone, six_ki
         "train(m, d, t, o, l)\n"
     )
     code, log = _launch(
-        2, _config(backbone, six_kinds, tmp_path / "run"), tmp_path, 29563, script=script, timeout=240
+        2, _config(backbone, six_kinds, tmp_path / "run"), tmp_path, script=script, timeout=240
     )
     assert code != 0
     assert "disagree on the batch plan" in log, log[-3000:]

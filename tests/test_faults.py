@@ -28,6 +28,7 @@ from st_synth.cache import AnswerCache
 from st_synth.cli import main
 from st_synth.client import describe_connection_error
 from st_synth.local_llm import PORTABLE_CMAKE_ARGS, LocalLLMServer, LocalServerError
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_MODEL = "fake-llm"
@@ -127,9 +128,7 @@ def test_a_server_dying_mid_run_stops_it_at_once_and_the_rerun_resumes(stand_in,
 
 # -- remote endpoints --------------------------------------------------------------------------------------
 def test_a_port_nobody_listens_on_is_reported_as_refused(tmp_path, capsys):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     started = time.monotonic()
     code = main(generate(tmp_path, "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m"))
     err = capsys.readouterr().err

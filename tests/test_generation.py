@@ -24,7 +24,7 @@ from st_synth.prompting import example_request, plan_examples
 from st_synth.taxonomy import TASK_KINDS
 from st_synth.testing.openai_server import get_json, heavy_tailed_latency
 from st_synth.validation import Rejected, parse_example, parse_tasks
-from tests.helpers import assert_images_linked, kill_and_resume
+from tests.helpers import assert_images_linked, free_port, kill_and_resume
 
 
 def make_config(server, tmp_path: Path, **overrides) -> GenerationConfig:
@@ -252,11 +252,7 @@ def test_requests_go_as_declared_json(fake_server, tmp_path):
 
 def test_asyncio_server_answers_like_the_threaded_one(fake_server, tmp_path):
     """``python -m st_synth.testing --asyncio`` (the benchmark's server) gives the same dataset."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "st_synth.testing", "--asyncio", "--port", str(port)])
     base_url = f"http://127.0.0.1:{port}/v1"
     try:

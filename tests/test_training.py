@@ -25,7 +25,7 @@ from st_synth.training import (
     load_sources,
     train,
 )
-from tests.helpers import assert_images_linked
+from tests.helpers import assert_images_linked, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def test_two_processes_gather_negatives_and_agree_on_weights(backbone, synthetic
     config.write_text(yaml.safe_dump(settings))
     env = {**os.environ, "ST_SYNTH_TRACE_DIR": str(tmp_path / "trace"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "recipes" / "train_mistral.py"),
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "recipes" / "train_mistral.py"),
          str(config)],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
