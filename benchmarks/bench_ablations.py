@@ -24,8 +24,8 @@ variants that generate the same requests train on the same examples):
 * retellings:        the heuristic pairs sources swapped for SmolLM2's retellings of the same real texts
                      (benchmarks/bench_prose_pairs.py --variants retelling writes them; --prose_pairs is
                      where): with the free generation, every training pair then has an LLM-written side.
-                     Not in the default list (it needs those files); for local-smollm2.yaml
-                     (local-smollm2-retell.yaml generates its own retellings)
+                     Not in the default list (it needs those files); for local-smollm2-heuristic.yaml
+                     (local-smollm2.yaml generates its own retellings)
 
 ``--seeds``: train every variant once per training seed (``train.seed``; the data stays the same) and report
 per task the mean over seeds, with the lowest and highest mean of a single seed. On 2 cores the main job's

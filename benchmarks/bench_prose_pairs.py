@@ -17,7 +17,7 @@ first halves of the first 160 usable `lee_background.cor` documents, clipped to 
 * heuristic_only: the two heuristic pairs sources alone (the control for the variant above).
 
 An answer under 15 words, or with half or more of its word 5-grams in its passage (grounding's copy check), is
-dropped and counted. Training and evaluation are the main job's (recipes/configs/local-smollm2.yaml: 64 tokens,
+dropped and counted. Training and evaluation are the heuristic main job's (local-smollm2-heuristic.yaml: 64 tokens,
 in-batch negatives, decontaminated against the evaluated tasks) with the pairs as its only training sources
 (`train.extra_datasets`); the trained model is evaluated as the main job evaluates (no instructions, 128
 tokens). The config's epochs too: two since 1fe0638; the results in prose-pairs.json were trained with one.
@@ -39,7 +39,7 @@ from bench_ablations import (  # this folder is on the path
 
 from st_synth import pipeline
 
-CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "local-smollm2.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "local-smollm2-heuristic.yaml"
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = {
     "follow_on": lambda source, text: (

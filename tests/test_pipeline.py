@@ -209,15 +209,20 @@ def test_shipped_main_job_config_is_valid_and_overridable():
     assert plan.training_args.num_train_epochs == 2
     assert plan.tasks == ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]
     assert plan.data_args.decontaminate == plan.tasks  # on by default, against what is evaluated
-    assert not plan.generation.corpus and len(plan.data_args.extra_datasets) == 2  # the heuristic pairs
-    # Every pair with an LLM-written side: retellings of shipped news and encyclopedia passages beside free
-    # generation, no heuristic pairs.
-    retell = plan_run(load_config("recipes/configs/local-smollm2-retell.yaml"))
-    assert retell.generation.corpus == ["builtin:lee-background", "builtin:wikipedia"]
-    assert retell.generation.grounded == ("long_long",) and retell.generation.num_examples == 360
-    assert retell.generation.grounded_prompts == {"long_long": "retelling"}
-    assert not retell.data_args.extra_datasets and retell.consistency.round_trip_top_k == 5
-    assert retell.training_args.num_train_epochs == 2 and retell.mining is None
+    # Every pair with an LLM-written side: retellings of shipped news passages beside free generation of the
+    # other kinds (no free retrieval), no heuristic pairs.
+    assert plan.generation.corpus == ["builtin:lee-background"]
+    assert plan.generation.grounded == ("long_long",) and set(plan.generation.kind_weights) == {
+        "classification", "short_short", "sts", "long_long"
+    }  # fmt: skip
+    assert plan.generation.grounded_prompts == {"long_long": "retelling"}
+    assert (
+        not plan.data_args.extra_datasets and plan.consistency.round_trip_top_k == 5 and plan.mining is None
+    )
+    # The earlier main job, now the ablation with the heuristic pairs: free generation beside real pairs.
+    heuristic = plan_run(load_config("recipes/configs/local-smollm2-heuristic.yaml"))
+    assert not heuristic.generation.corpus and len(heuristic.data_args.extra_datasets) == 2
+    assert heuristic.generation.num_examples == 160 and heuristic.training_args.num_train_epochs == 2
     grounded = plan_run(load_config("recipes/configs/local-smollm2-grounded.yaml"))
     assert grounded.generation.corpus == ["builtin:lee-background", "builtin:wikipedia"]
     assert grounded.mining is not None and grounded.consistency.round_trip_top_k == 5
