@@ -6,12 +6,14 @@ its first chat request (like llama.cpp built with AMX kernels on an AMX CPU) or 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -136,18 +138,74 @@ def test_a_port_nobody_listens_on_is_reported_as_refused(tmp_path, capsys):
     assert f"Cannot reach the endpoint at http://127.0.0.1:{port}/v1: connection refused" in err
 
 
-def test_connection_errors_are_named_by_their_cause():
-    def wrapped(cause: BaseException) -> openai.APIConnectionError:
-        error = openai.APIConnectionError(request=None)  # type: ignore[arg-type]
-        error.__cause__ = cause
-        return error
+class _Misbehaving:
+    """A TCP server on 127.0.0.1 that reads each request and then resets the connection (``reset``) or
+    never answers (``silent``): the faults a real endpoint shows, through a real socket."""
 
-    assert describe_connection_error(wrapped(ConnectionRefusedError(111, "refused"))) == "connection refused"
-    assert describe_connection_error(wrapped(socket.gaierror(-2, "Name or service not known"))) == (
-        "host name does not resolve"
-    )
-    assert describe_connection_error(wrapped(ConnectionResetError())) == "connection dropped by the server"
-    assert describe_connection_error(openai.APITimeoutError(request=None)) == "timeout"  # type: ignore[arg-type]
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(2)
+            try:
+                conn.recv(65536)
+            except OSError:
+                pass
+            if self.behaviour == "reset":
+                # Linger 0: close() sends RST instead of FIN, as a crashed proxy or server does.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            else:
+                self.held.append(conn)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize(
+    ("fault", "named"),
+    [("refused", "connection refused"), ("reset", "connection dropped by the server"), ("silent", "timeout")],
+)
+def test_connection_errors_are_named_by_their_cause(transport, fault, named):
+    """The exceptions the installed openai client really raises, on both transports a run may use."""
+    server = None if fault == "refused" else _Misbehaving(fault)
+    port = free_port() if server is None else server.port
+
+    async def post() -> BaseException:
+        options = {"http_client": openai.DefaultAioHttpClient()} if transport == "aiohttp" else {}
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", max_retries=0,
+                                    timeout=0.5, **options)  # fmt: skip
+        try:
+            await client.post("/chat/completions", content=b"{}", cast_to=object)
+        except openai.APIConnectionError as error:
+            return error
+        finally:
+            await client.close()
+        raise AssertionError("the request did not fail")
+
+    try:
+        error = asyncio.run(post())
+    finally:
+        if server is not None:
+            server.close()
+    assert describe_connection_error(error) == named, repr(error)
 
 
 def test_a_spent_retry_budget_says_what_failed_and_for_how_long(fake_server, tmp_path, capsys):
