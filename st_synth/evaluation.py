@@ -164,7 +164,7 @@ class InstructedEncoder(_abs_encoder()):
         them ranks like the Hamming distance of the packed bits)."""
         if self.precision == "float32":
             return embeddings
-        from sentence_transformers.quantization import quantize_embeddings
+        from sentence_transformers.util.quantization import quantize_embeddings
 
         if self.precision in ("int8", "uint8"):
             ranges = self._ranges.setdefault(

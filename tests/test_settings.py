@@ -296,3 +296,29 @@ def test_every_command_prints_its_help(command, capsys):
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])
     assert exited.value.code == 0 and "--" in capsys.readouterr().out
+
+
+def test_importing_st_synth_calls_no_deprecated_api_of_its_dependencies():
+    """Every module of the package and the recipe, imported in a fresh interpreter: a moved or deprecated
+    import path of sentence-transformers, transformers, mteb, ... would warn here, pointing at our file."""
+    code = """
+import importlib, pathlib, pkgutil, runpy, warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as seen:
+    import st_synth
+    for module in pkgutil.walk_packages(st_synth.__path__, "st_synth."):
+        if not module.name.endswith("__main__"):  # runs a program
+            importlib.import_module(module.name)
+    runpy.run_path("recipes/train_mistral.py", run_name="not_main")
+root = pathlib.Path.cwd().resolve()
+ours = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in seen
+        if issubclass(w.category, (DeprecationWarning, FutureWarning))
+        and pathlib.Path(w.filename).resolve().is_relative_to(root)]
+print("\\n".join(ours))
+print(f"imported, {len(seen)} warnings in all")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1].startswith("imported"), done.stdout
+    assert lines[:-1] == [], "\n".join(lines[:-1])
