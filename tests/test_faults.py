@@ -7,6 +7,7 @@ its first chat request (like llama.cpp built with AMX kernels on an AMX CPU) or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -159,10 +160,8 @@ class _Misbehaving:
             except TimeoutError:
                 continue
             conn.settimeout(2)
-            try:
+            with contextlib.suppress(OSError):
                 conn.recv(65536)
-            except OSError:
-                pass
             if self.behaviour == "reset":
                 # Linger 0: close() sends RST instead of FIN, as a crashed proxy or server does.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
