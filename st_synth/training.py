@@ -33,6 +33,7 @@ from st_synth.embedder import (
 from st_synth.lora import PAPER_TARGET_MODULES, check_target_modules, merge_lora
 from st_synth.losses import LOSSES, LossArguments, build_loss
 from st_synth.names import ADAPTER_DIR, FINAL_DIR, REPORT_FILE, SUMMARY_FILE, unknown_name
+from st_synth.prepared import build_once, has_weights
 from st_synth.sampling import LENGTH_GROUPED, SOURCE_ORDERS, LengthGroupedBatchSampler
 from st_synth.speed import (
     apply_fused_kernels,
@@ -232,8 +233,8 @@ def _recipe_training_arguments() -> type:
         "__doc__": "sentence-transformers' training arguments with the recipe's defaults. "
         "``activation_checkpointing_kwargs`` given as JSON becomes a dict, as ``gradient_checkpointing_kwargs`` "
         "does (sentence-transformers' list of such fields predates the rename).",
-        "_VALID_DICT_FIELDS": [*SentenceTransformerTrainingArguments._VALID_DICT_FIELDS,
-                               "activation_checkpointing_kwargs"],
+        "_VALID_DICT_FIELDS": list(dict.fromkeys([*SentenceTransformerTrainingArguments._VALID_DICT_FIELDS,
+                                                  current_setting_name("activation_checkpointing_kwargs")])),
         "__post_init__": _recipe_post_init,
     }  # fmt: skip
     return dataclasses.make_dataclass(
@@ -278,9 +279,7 @@ def resolve_base_model(name: str, cache_dir: str | Path | None = None) -> str:
         from st_synth.testing.tiny import build_tiny_mistral
 
         folder = Path(cache_dir or Path.home() / ".cache" / "st_synth") / "tiny-mistral"
-        if not (folder / "config.json").is_file():
-            build_tiny_mistral(folder, "none")
-        return str(folder)
+        return str(build_once(folder, lambda into: build_tiny_mistral(into, "none"), complete=has_weights))
     return name
 
 
@@ -555,10 +554,16 @@ def train(
         sources = DatasetDict({name: parts["train"] for name, parts in split.items()})
         eval_sources = DatasetDict({name: parts["test"] for name, parts in split.items()})
 
+    cache_dir = Path(training_args.output_dir).parent
+    # A shortcut's backbone is converted on first use: by the main process while the others wait (its
+    # save_pretrained is the one that writes under torch.distributed), under a file lock against other jobs,
+    # and before seeding, so that the conversion's own randomness never shifts the LoRA initialisation.
+    with training_args.main_process_first(local=False, desc="preparing the backbone"):
+        resolve_base_model(model_args.base_model, cache_dir)
     # The trainer seeds only after the model exists: seed first, so the LoRA weights start the same in every
     # run of the same seed (whatever the number of processes).
     set_seed(training_args.seed)
-    model = build_model(model_args, cache_dir=Path(training_args.output_dir).parent)
+    model = build_model(model_args, cache_dir=cache_dir)
     if not data_args.use_instructions:
         # Trained on plain text: the saved query prompt must not add an instruction the model never saw.
         model.prompts = {name: "" for name in model.prompts}
