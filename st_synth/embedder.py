@@ -31,6 +31,8 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
+from st_synth.prepared import build_once, has_weights
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
@@ -186,18 +188,21 @@ def smollm2_as_mistral(output_dir: str | Path | None = None) -> Path:
 
     SmolLM2 is a Llama-architecture model; with sliding windows off, Mistral is the same network, so its
     weights load into ``MistralModel`` with ``strict=True``. The GGUF (Q4_1) is dequantised by
-    transformers; the folder is written once and reused (default ``~/.cache/st_synth/smollm2-135m-mistral``).
+    transformers. The folder (default ``~/.cache/st_synth/smollm2-135m-mistral``) is written once, by one
+    process while any others wait (:func:`st_synth.prepared.build_once`), and reused.
     """
+    output = Path(output_dir or Path.home() / ".cache" / "st_synth" / "smollm2-135m-mistral")
+    return build_once(output, _write_smollm2_as_mistral, complete=has_weights)
+
+
+def _write_smollm2_as_mistral(output: Path) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer, MistralConfig, MistralModel
 
     from st_synth.local_llm import packaged_smollm2_gguf
 
-    output = Path(output_dir or Path.home() / ".cache" / "st_synth" / "smollm2-135m-mistral")
-    if (output / "config.json").is_file() and (output / "model.safetensors").is_file():
-        return output
     gguf = packaged_smollm2_gguf()
-    logger.info("Converting %s to a Mistral folder at %s", gguf, output)
+    logger.info("Converting %s to a Mistral folder (for %s)", gguf, output)
     llama = AutoModel.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     source = llama.config
@@ -221,7 +226,5 @@ def smollm2_as_mistral(output_dir: str | Path | None = None) -> Path:
     )
     mistral = MistralModel(config)
     mistral.load_state_dict(llama.state_dict(), strict=True)
-    output.mkdir(parents=True, exist_ok=True)
     mistral.save_pretrained(str(output))
     tokenizer.save_pretrained(str(output))
-    return output

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from st_synth.client import EndpointError
+from st_synth.prepared import build_once, has_weights
 
 if TYPE_CHECKING:
     from st_synth.builder import GenerationConfig
@@ -127,26 +128,27 @@ def packaged_smollm2_gguf() -> Path:
 
 def gguf_as_causal_lm_folder(gguf: Path, output_dir: str | Path | None = None) -> Path:
     """A GGUF chat model as a plain transformers folder (weights dequantised, tokenizer and chat template
-    kept), written once under ``~/.cache/st_synth/<name>-hf`` and reused."""
+    kept), written once under ``~/.cache/st_synth/<name>-hf`` (by one process while others wait) and reused."""
     output = Path(output_dir or Path.home() / ".cache" / "st_synth" / f"{gguf.stem}-hf")
-    if (output / "config.json").is_file() and (output / "model.safetensors").is_file():
-        _sampling_generation_config(output)
-        return output
+    build_once(output, lambda folder: _write_causal_lm_folder(gguf, folder), complete=has_weights)
+    _sampling_generation_config(output)
+    return output
+
+
+def _write_causal_lm_folder(gguf: Path, output: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("Writing %s as a transformers folder at %s", gguf, output)
+    logger.info("Writing %s as a transformers folder (for %s)", gguf, output)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A GGUF-loaded model cannot save_pretrained itself: copy its weights into one built from its config.
     model = type(loaded)(loaded.config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.config.architectures = [type(loaded).__name__]
-    output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output))
     tokenizer.save_pretrained(str(output))
     _sampling_generation_config(output)
-    return output
 
 
 def _sampling_generation_config(folder: Path) -> None:

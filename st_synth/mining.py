@@ -11,6 +11,7 @@ not the positive (after normalisation) and below that ceiling, and drops (and co
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,11 @@ def corpus_embeddings(model: Any, passages: list[str], batch_size: int = 32,
     embeddings = model.encode_document(list(passages), batch_size=batch_size, normalize_embeddings=True,
                                        convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
     if path is not None:
+        # Written aside and renamed in: another process (a rank, a parallel job) never loads half a file.
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, embeddings)
+        partial = path.with_name(f".{path.stem}.{os.getpid()}.npy")
+        np.save(partial, embeddings)
+        os.replace(partial, path)
     return embeddings
 
 

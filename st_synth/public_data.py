@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,6 +35,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, l
 
 from st_synth.arguments import decode_json
 from st_synth.mining import MiningArguments
+from st_synth.prepared import build_once
 
 logger = logging.getLogger(__name__)
 
@@ -194,13 +193,15 @@ def fingerprint(sources: list[PublicSource], seed: int, mining: MiningArguments)
 def prepare_public(sources: list[PublicSource], seed: int, mining: MiningArguments,
                    cache_dir: str | Path) -> tuple[DatasetDict, dict[str, Any]]:  # fmt: skip
     """Every source loaded, sampled, instructed, and given mined negatives where it has none; cached in
-    ``cache_dir/<digest>`` (written to a temporary folder and renamed, so concurrent processes never read a
-    half-written copy). Returns the sources (one split each) and a report per source."""
-    folder = Path(cache_dir) / fingerprint(sources, seed, mining)
-    if (folder / "public_data_report.json").is_file():
-        return load_from_disk(str(folder / "data")), json.loads(
-            (folder / "public_data_report.json").read_text()
-        )
+    ``cache_dir/<digest>``, prepared by one process while any others wait (:func:`st_synth.prepared.build_once`).
+    Returns the sources (one split each) and a report per source."""
+    folder = build_once(Path(cache_dir) / fingerprint(sources, seed, mining),
+                        lambda into: _prepare_into(into, sources, seed, mining),
+                        complete=lambda path: (path / "public_data_report.json").is_file())  # fmt: skip
+    return load_from_disk(str(folder / "data")), json.loads((folder / "public_data_report.json").read_text())
+
+
+def _prepare_into(folder: Path, sources: list[PublicSource], seed: int, mining: MiningArguments) -> None:
     from st_synth.mining import mine_negatives
 
     splits, report, model = {}, {}, None
@@ -224,12 +225,5 @@ def prepare_public(sources: list[PublicSource], seed: int, mining: MiningArgumen
             splits[source.name] = data
     if not splits:
         raise ValueError("No public dataset kept any row: " + json.dumps(report, default=str))
-    result = DatasetDict(splits)
-    partial = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    result.save_to_disk(str(partial / "data"))
-    (partial / "public_data_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    try:
-        partial.rename(folder)
-    except OSError:  # another process finished first: its copy is the same
-        shutil.rmtree(partial, ignore_errors=True)
-    return load_from_disk(str(folder / "data")), report
+    DatasetDict(splits).save_to_disk(str(folder / "data"))
+    (folder / "public_data_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -147,13 +147,16 @@ def _config(backbone: str, dataset: str, output: Path, **extra) -> dict:
     }  # fmt: skip
 
 
-def _launch(processes: int, config: dict, folder: Path, script: Path | None = None, timeout: int = 300):
-    """Run the recipe (or ``script``) under torchrun; a hang fails here, at ``timeout``."""
+def _launch(processes: int, config: dict, folder: Path, script: Path | None = None, timeout: int = 300,
+            home: Path | None = None):  # fmt: skip
+    """Run the recipe (or ``script``) under torchrun (with ``home`` as HOME); a hang fails here, at ``timeout``."""
     path = folder / "config.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "ST_SYNTH_TRACE_DIR": str(folder / "trace"), "OMP_NUM_THREADS": "1"}
+    if home is not None:
+        env["HOME"] = str(home)
     command = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(free_port()),
                str(script or ROOT / "recipes" / "train_mistral.py"), str(path)]  # fmt: skip
     with (folder / "log.txt").open("w") as log:
@@ -194,6 +197,25 @@ def test_ranks_train_on_the_same_source_at_every_step(backbone, six_kinds, tmp_p
     assert summary["world_size"] == processes
     assert sum(summary["steps_per_source"].values()) == len(steps[0])
     assert set(summary["steps_per_source"]) == set(UNEVEN)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("processes", "base_model"), [(3, "tiny"), (2, "smollm2-135m")])
+def test_first_use_by_many_processes_on_a_fresh_home(six_kinds, tmp_path, processes, base_model):
+    """Every rank asks for the backbone shortcut, which is converted into ~/.cache/st_synth on first use:
+    one rank builds it while the others wait, and no rank reads a half-written folder."""
+    if base_model == "smollm2-135m":
+        pytest.importorskip("gguf", reason="the packaged SmolLM2 needs the [local] extra")
+    home = tmp_path / "home"
+    config = _config(base_model, six_kinds, str(tmp_path / "run"), max_steps=2)
+    code, log = _launch(processes, config, tmp_path, home=home, timeout=600)
+    assert code == 0, log[-4000:]
+    # "tiny" is built beside the run's output folder, the packaged SmolLM2 in the home's cache.
+    cache, folder = {"tiny": (tmp_path, "tiny-mistral"),
+                     "smollm2-135m": (home / ".cache" / "st_synth", "smollm2-135m-mistral")}[base_model]  # fmt: skip
+    assert sorted(p.name for p in cache.iterdir() if folder in p.name) == [f".{folder}.lock", folder]
+    assert (cache / folder / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "training_summary.json").read_text())["world_size"] == processes
 
 
 @pytest.mark.slow
