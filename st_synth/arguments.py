@@ -19,6 +19,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
@@ -226,18 +227,43 @@ def _with_nulls(obj: Any, settings: dict[str, Any]) -> Any:
     return dataclasses.replace(obj, **nulls) if nulls else obj
 
 
+def yaml_problem(error: Exception) -> str:
+    """A YAML (or encoding) error in one line: what is wrong and where."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def yaml_settings(path: str) -> dict[str, Any]:
     import yaml
 
-    with open(path) as handle:
-        settings = yaml.safe_load(handle) or {}
+    if not Path(path).is_file():
+        raise SettingsError(f"The config file {path} does not exist; e.g. recipes/configs/smollm2-cpu.yaml.")
+    try:
+        settings = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise SettingsError(f"The config file {path} is not readable YAML: {yaml_problem(error)}") from None
     if not isinstance(settings, dict):
         raise SettingsError(f"{path} must hold a mapping of settings, got {type(settings).__name__}.")
     return settings
 
 
 def with_yaml(parser: SettingsParser, argv: list[str]) -> list[str]:
-    """``CONFIG.yaml [flags]``: the file's settings as flags, the command line's flags after (they win)."""
+    """``--config CONFIG.yaml [flags]`` (or ``CONFIG.yaml [flags]``): the file's settings as flags, the command
+    line's other flags after them (they win)."""
+    argv = list(argv)
+    given = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
+    if len(given) > 1 or (given and argv and argv[0].endswith((".yaml", ".yml"))):
+        raise SettingsError("Give the config file once: --config FILE.yaml (or FILE.yaml first).")
+    if given:
+        at = given[0]
+        if argv[at] == "--config":
+            if at + 1 >= len(argv):
+                raise SettingsError("--config needs a file, e.g. --config recipes/configs/smollm2-cpu.yaml.")
+            path, rest = argv[at + 1], argv[:at] + argv[at + 2 :]
+        else:
+            path, rest = argv[at].split("=", 1)[1], argv[:at] + argv[at + 1 :]
+        return parser.settings_to_args(yaml_settings(path)) + rest
     if argv and argv[0].endswith((".yaml", ".yml")):
         return parser.settings_to_args(yaml_settings(argv[0])) + argv[1:]
     return argv

@@ -362,7 +362,8 @@ def _add_run(subparsers: Any) -> None:
         description="Each stage reuses what is still valid from an earlier run under the same output folder. "
         "The YAML sections take the flags of `st-synth generate`, `filter`, `train` and `evaluate` as keys.",
     )
-    p.add_argument("--config", required=True, help="Run config, e.g. recipes/configs/local-smollm2.yaml.")
+    p.add_argument("--config", help="Run config, e.g. recipes/configs/local-smollm2.yaml.")
+    p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="The same as --config.")
     p.add_argument(
         "--set",
         action="append",
@@ -393,8 +394,10 @@ def _parse_sets(items: list[str]) -> dict[str, dict]:
 def _run(args: argparse.Namespace) -> int:
     from st_synth import pipeline
 
+    if (args.config is None) == (args.config_file is None):
+        return _fail("run", ValueError("give the run config once: --config FILE.yaml (or FILE.yaml alone)."))
     try:
-        config = pipeline.load_config(args.config, _parse_sets(args.set))
+        config = pipeline.load_config(args.config or args.config_file, _parse_sets(args.set))
         for key in pipeline.RUN_KEYS:
             if getattr(args, key) is not None:
                 config[key] = getattr(args, key)
@@ -528,10 +531,25 @@ COMMANDS: dict[str, tuple[str, Any]] = {
 }
 
 
+EXIT_CODES = """exit status:
+  0    done
+  1    a fault of the machine or the endpoint (named in the message); what was done is kept: run it again
+  2    a bad setting, path or input, refused before any request is paid for
+  3    generation incomplete: some examples used up their attempts (the rest is saved)
+  4    generation waits for a batch (--batch / --batch_export): run the same command again later
+  130  interrupted (Ctrl-C); answers and finished stages are kept: run the same command again"""
+
+
 def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     """The ``st-synth`` parser, with the full parser of ``command`` (the others by name and help only)."""
-    parser = argparse.ArgumentParser(prog="st-synth", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
+    from st_synth import __version__
+
+    parser = argparse.ArgumentParser(prog="st-synth", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"st-synth {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="Log at INFO level (also after the command)."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=SettingsParser)
     for name, (summary, add) in COMMANDS.items():
         if name == command and add is not None:
@@ -541,11 +559,16 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     return parser, subparsers.choices
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # -v / --verbose is st-synth's own, before or after the command (no stage has a flag of that name).
+    verbose = any(arg in VERBOSE_FLAGS for arg in argv)
+    argv = [arg for arg in argv if arg not in VERBOSE_FLAGS]
     command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
     command = argv[command_at] if command_at is not None else None
-    verbose = any(arg in ("-v", "--verbose") for arg in argv[: command_at or 0])
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

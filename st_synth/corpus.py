@@ -135,9 +135,11 @@ def load_documents(source: str, text_column: str = "text") -> list[str]:
             raise ValueError(f"Corpus file {source}: unknown format; use one of {', '.join(FILE_FORMATS)}, "
                              f"or a folder of {'/'.join(TEXT_FILES)} files.")  # fmt: skip
         else:
-            from datasets import DatasetDict, load_dataset, load_from_disk
+            from datasets import DatasetDict
 
-            dataset = load_from_disk(source) if path.is_dir() else load_dataset(source)
+            from st_synth.data_source import load_saved_or_hub
+
+            dataset = load_saved_or_hub(source, "Corpus")
             if isinstance(dataset, DatasetDict):
                 dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
             documents = _column(dataset, text_column, source, dataset.column_names)

@@ -258,15 +258,16 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
     import json
     import shutil
 
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import DatasetDict
     from sentence_transformers import SentenceTransformer
 
     from st_synth.corpus import Corpus
+    from st_synth.data_source import load_saved_or_hub
     from st_synth.filtering import grounded_kinds_of, grounding_passages, resolve_guide
     from st_synth.names import FILTER_REPORT_FILE, MINING_REPORT_FILE, REPORT_FILE
 
     source, target = Path(source), Path(target)
-    data = load_from_disk(str(source)) if source.is_dir() else load_dataset(str(source))
+    data = load_saved_or_hub(source, "Pairs to mine for")
     data = data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
     if not any({"query", "positive"} <= set(split.column_names) for split in data.values()):
         raise ValueError(f"{source} has no split with query and positive columns; it has: "

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
-from st_synth.arguments import SettingsError, SettingsParser
+from st_synth.arguments import SettingsError, SettingsParser, yaml_problem
 from st_synth.builder import GenerationConfig
 from st_synth.evaluation import EvaluationArguments, score_table
 from st_synth.filtering import ConsistencyFilter
@@ -125,7 +125,10 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Run config {path} does not exist; e.g. recipes/configs/local-smollm2.yaml.")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"Run config {path} is not readable YAML: {yaml_problem(error)}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a mapping with sections {', '.join(SECTIONS)}.")
     for section, values in (overrides or {}).items():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
@@ -24,6 +24,7 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import set_seed
 
 from st_synth.arguments import decode_json
+from st_synth.data_source import load_saved_or_hub
 from st_synth.embedder import (
     DEFAULT_INSTRUCTION_TEMPLATE,
     build_embedder,
@@ -251,7 +252,8 @@ def make_train_parser() -> Any:
     from st_synth.arguments import SettingsParser
 
     description = ("Train an e5-style embedder: LoRA on a decoder LLM, InfoNCE over in-batch and hard negatives. "
-                   "Give a YAML file first (its keys are these flags' names), then flags to override it.")  # fmt: skip
+                   "Give --config FILE.yaml (or the file first; its keys are these flags' names), then flags to "
+                   "override it.")  # fmt: skip
     return SettingsParser(TRAIN_DATACLASSES, description=description)
 
 
@@ -291,9 +293,7 @@ def _load_any(path_or_id: str) -> Dataset | DatasetDict:
         if name not in BUILTIN_TRAINING_SOURCES:
             raise unknown_name("builtin source", name, BUILTIN_TRAINING_SOURCES)
         return BUILTIN_TRAINING_SOURCES[name]()
-    if Path(path_or_id).is_dir():
-        return load_from_disk(path_or_id)
-    return load_dataset(path_or_id)
+    return load_saved_or_hub(path_or_id, "Training data")
 
 
 # What load_sources' report holds beside the generated dataset's own report (its generation_report.json).
