@@ -50,6 +50,28 @@ def request_file(lines: dict[str, dict[str, Any]]) -> bytes:
     return "".join(json.dumps(lines[key], ensure_ascii=False) + "\n" for key in sorted(lines)).encode("utf-8")
 
 
+def split_requests(lines: dict[str, dict[str, Any]], max_requests: int,
+                   max_bytes: int) -> list[dict[str, dict[str, Any]]]:  # fmt: skip
+    """``lines`` cut, in key order, into parts of at most ``max_requests`` lines and ``max_bytes`` bytes of
+    requests file each (a provider's limits per batch: OpenAI's are 50,000 requests and 200 MB). The same
+    lines give the same parts."""
+    if max_requests < 1 or max_bytes < 1:
+        raise ValueError(f"Batch limits must be positive, got {max_requests} requests and {max_bytes} bytes.")
+    parts: list[dict[str, dict[str, Any]]] = [{}]
+    size = 0
+    for key in sorted(lines):
+        length = len(json.dumps(lines[key], ensure_ascii=False).encode("utf-8")) + 1
+        if length > max_bytes:
+            raise BatchAPIError(f"One request is {length} bytes, more than the {max_bytes} bytes a batch may hold "
+                                "(--batch_max_bytes); nothing was submitted.")  # fmt: skip
+        if parts[-1] and (len(parts[-1]) >= max_requests or size + length > max_bytes):
+            parts.append({})
+            size = 0
+        parts[-1][key] = lines[key]
+        size += length
+    return [part for part in parts if part]
+
+
 def mark_exported(cache: AnswerCache, keys: Any) -> int:
     """Record ``keys`` as sent to a batch engine in a new round; return its number."""
     round_number = int(cache.get_meta(_ROUND) or 0) + 1
@@ -129,6 +151,9 @@ _API = "batch:api:"  # + batch id -> JSON record of a submitted batch
 _SUBMITTING = "batch:api:submitting:"  # + digest of a requests file -> round: its batch may exist unrecorded
 _UPLOADED = "batch:api:file:"  # + digest -> id of the uploaded requests file
 TERMINAL = ("completed", "expired", "cancelled", "failed")
+# OpenAI's limits per batch: 50,000 requests, an input file of at most 200 MB.
+MAX_REQUESTS = 50_000
+MAX_BYTES = 200_000_000
 COMPLETION_WINDOW = "24h"
 
 
@@ -151,7 +176,7 @@ class BatchAPIRun:
 
     def __init__(
         self, config: Any, cache: AnswerCache, *, client: Any = None, poll_interval: float = 30.0,
-        max_rounds: int = 50, log: Any = print,
+        max_rounds: int = 50, log: Any = print, max_requests: int = MAX_REQUESTS, max_bytes: int = MAX_BYTES,
     ) -> None:  # fmt: skip
         import openai
 
@@ -159,6 +184,7 @@ class BatchAPIRun:
 
         self.config, self.cache, self.log = config, cache, log
         self.poll_interval, self.max_rounds = poll_interval, max_rounds
+        self.max_requests, self.max_bytes = max_requests, max_bytes
         self.client = client or openai.OpenAI(
             base_url=config.resolved_base_url, api_key=config.api_key(), max_retries=config.max_retries,
             timeout=config.request_timeout,
@@ -188,6 +214,7 @@ class BatchAPIRun:
         from st_synth.builder import SyntheticDatasetBuilder
 
         for _ in range(self.max_rounds):
+            self._adopt_orphans()
             collected = [self.collect(batch_id) for batch_id, record in self.records().items()
                          if record["state"] == "submitted"]  # fmt: skip
             builder = SyntheticDatasetBuilder(self.config, deferred=True)
@@ -199,15 +226,20 @@ class BatchAPIRun:
                     "The last batch ended without a single answer; nothing more is submitted in this run. Run "
                     "the same command again to submit its requests again (answers already collected are kept)."
                 )
-            self.submit(builder.pending, builder.report["batch"]["waiting_examples"])
+            parts = split_requests(builder.pending, self.max_requests, self.max_bytes)
+            round_number = mark_exported(self.cache, builder.pending)
+            for part in parts:
+                self.submit(part, builder.report["batch"]["waiting_examples"], round_number, len(parts))
         raise BatchAPIError(
             f"Still unfinished after {self.max_rounds} batch rounds; run the same command again."
         )
 
-    def submit(self, pending: dict[str, dict[str, Any]], waiting: int) -> str:
+    def submit(
+        self, pending: dict[str, dict[str, Any]], waiting: int, round_number: int, parts: int = 1
+    ) -> str:
+        """Create one batch of ``pending`` (one part of round ``round_number``) and record it."""
         content = request_file(pending)
         digest = hashlib.sha256(content).hexdigest()[:32]
-        round_number = mark_exported(self.cache, pending)
         batch = self._adopt(digest) if self.cache.get_meta(_SUBMITTING + digest) else None
         if batch is None:
             file_id = self.cache.get_meta(_UPLOADED + digest)
@@ -223,9 +255,25 @@ class BatchAPIRun:
         self._record(batch.id, {"round": round_number, "digest": digest, "requests": len(pending),
                                 "state": "submitted"})  # fmt: skip
         self.submitted.append(batch.id)
-        self.log(f"round {round_number}: batch {batch.id} submitted with {len(pending)} requests for {waiting} "
+        part = (
+            f" (part {sum(r['round'] == round_number for r in self.records().values())} of {parts})"
+            if parts > 1
+            else ""
+        )
+        self.log(f"round {round_number}{part}: batch {batch.id} submitted with {len(pending)} requests for {waiting} "
                  "examples")  # fmt: skip
         return batch.id
+
+    def _adopt_orphans(self) -> None:
+        """Record every batch the API created but this cache never recorded (a kill between the two), found by
+        the digest of its requests file, before the plan is replayed: the next round's parts may be cut
+        differently, so a later submit would not recognise it."""
+        recorded = {record["digest"] for record in self.records().values()}
+        for digest, round_number in self.cache.meta_items(_SUBMITTING).items():
+            if digest not in recorded and (batch := self._adopt(digest)) is not None:
+                total = batch.request_counts.total if batch.request_counts else 0
+                self._record(batch.id, {"round": int(round_number), "digest": digest, "requests": total,
+                                        "state": "submitted"})  # fmt: skip
 
     def _adopt(self, digest: str) -> Any:
         """The batch of this requests file that the API created but this cache never recorded (a run killed

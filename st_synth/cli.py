@@ -40,6 +40,11 @@ class GenerateOutput:
         "of paying for them again."})  # fmt: skip
     batch_poll_interval: float = field(default=30.0, metadata={
         "help": "Seconds between two looks at a running batch (--batch)."})  # fmt: skip
+    batch_max_requests: int = field(default=50_000, metadata={
+        "help": "At most this many requests in one batch (--batch): a round that needs more goes as several "
+        "batches. OpenAI's limit is 50,000."})  # fmt: skip
+    batch_max_bytes: int = field(default=200_000_000, metadata={
+        "help": "At most this many bytes of requests file in one batch (--batch). OpenAI's limit is 200 MB."})  # fmt: skip
 
 
 @dataclass
@@ -98,6 +103,9 @@ def _generate(config: Any, target: GenerateOutput) -> int:
                              "--batch_import (files for an engine you run).")  # fmt: skip
         if target.batch_poll_interval <= 0:
             raise ValueError(f"batch_poll_interval must be positive, got {target.batch_poll_interval}")
+        if target.batch_max_requests < 1 or target.batch_max_bytes < 1:
+            raise ValueError(f"batch_max_requests and batch_max_bytes must be positive, got "
+                             f"{target.batch_max_requests} and {target.batch_max_bytes}")  # fmt: skip
         # Everything is validated before the local server starts or any request is sent.
         SyntheticDatasetBuilder(config, deferred=batch or target.batch)
         if target.batch:
@@ -163,7 +171,8 @@ def _batch_api(config: Any, target: GenerateOutput) -> Any:
 
     cache = AnswerCache(config.cache_path)
     try:
-        run = BatchAPIRun(config, cache, poll_interval=target.batch_poll_interval)
+        run = BatchAPIRun(config, cache, poll_interval=target.batch_poll_interval,
+                          max_requests=target.batch_max_requests, max_bytes=target.batch_max_bytes)  # fmt: skip
         try:
             builder = run.run()
         except openai.APIError as error:

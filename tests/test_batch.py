@@ -241,6 +241,62 @@ def test_killed_batch_api_run_resumes_without_submitting_or_paying_twice(fake_se
     assert rows(load_from_disk(str(tmp_path / "out"))) == online_rows(fake_server, tmp_path)
 
 
+def test_requests_are_cut_into_batches_within_the_providers_limits():
+    from st_synth.batch import BatchAPIError, split_requests
+
+    lines = {f"k{i:02d}": {"custom_id": f"k{i:02d}", "body": {"text": "x" * (10 * i)}} for i in range(10)}
+    by_count = split_requests(lines, max_requests=3, max_bytes=10**6)
+    assert [len(part) for part in by_count] == [3, 3, 3, 1]
+    assert [key for part in by_count for key in part] == sorted(lines)  # each line once, in key order
+    sizes = {key: len(json.dumps(line)) + 1 for key, line in lines.items()}
+    limit = max(sizes.values()) + 40
+    by_bytes = split_requests(lines, max_requests=100, max_bytes=limit)
+    assert len(by_bytes) > 1 and all(sum(sizes[k] for k in part) <= limit for part in by_bytes)
+    assert split_requests(lines, 3, 10**6) == by_count  # the same lines give the same parts
+    with pytest.raises(BatchAPIError, match="more than the 50 bytes"):
+        split_requests(lines, 100, 50)
+
+
+def test_a_round_over_the_limits_goes_as_several_batches(fake_server, tmp_path, capsys):
+    server = fake_server()
+    code = generate(
+        tmp_path, *batch_flags(server, "--batch_max_requests=4"), endpoint=["--base_url", server.base_url]
+    )
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert rows(load_from_disk(str(tmp_path / "out"))) == online_rows(fake_server, tmp_path)
+    batches = input_lines(server)
+    assert max(map(len, batches)) <= 4 and "round 1 (part 2 of" in out
+    assert max(server.batch_api.lines_run.values()) == 1
+    report = json.loads((tmp_path / "out" / "generation_report.json").read_text())["batch"]
+    assert len(report["batches"]) == len(batches) and {r["status"] for r in report["batches"].values()} == {
+        "completed"
+    }
+    assert main(["generate", "--output", str(tmp_path / "x"), "--batch", "--batch_max_requests=0"]) == 2
+
+
+def test_a_killed_run_of_several_batches_per_round_resumes_without_paying_twice(fake_server, tmp_path):
+    server = fake_server()
+    api = server.batch_api
+    flags = [f"--{name}={value}" for name, value in SETTINGS.items()]
+    command = [sys.executable, "-c", "import sys; from st_synth.cli import main; sys.exit(main())", "generate",
+               "--output", str(tmp_path / "out"), "--model", "fake-llm", "--base_url", server.base_url,
+               "--cache", str(tmp_path / "cache.sqlite"), "--no_show_progress", "--batch",
+               "--batch_poll_interval=0.2", "--batch_max_requests=3", *flags]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(api.batches) < 2 and time.time() < deadline:  # killed amid a round's parts
+        time.sleep(0.005)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL and not (tmp_path / "out").exists()
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    batches = input_lines(server)
+    assert max(map(len, batches)) <= 3 and max(api.lines_run.values()) == 1
+    assert sum(map(len, batches)) == len({k for b in batches for k in b})
+    assert rows(load_from_disk(str(tmp_path / "out"))) == online_rows(fake_server, tmp_path)
+
+
 def test_a_batch_created_but_not_recorded_is_found_and_adopted(fake_server, tmp_path, monkeypatch, capsys):
     """A kill between the API creating a batch and the cache recording it: the restart finds the batch by the
     digest in its metadata and polls it instead of creating another."""
