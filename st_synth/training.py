@@ -225,6 +225,11 @@ def _recipe_training_arguments() -> type:
             default_factory=lambda: {"use_reentrant": False},
             metadata={"help": "Checkpointing options (JSON)."},
         )),
+        ("save_strategy", str, field(default="steps", metadata={
+            "help": "Save a checkpoint every save_steps (steps), each epoch (epoch) or never (no); the same "
+                    "command run again resumes from the last one."})),
+        ("save_steps", float, field(default=100, metadata={"help": "Steps between two checkpoints."})),
+        ("save_total_limit", int | None, field(default=2, metadata={"help": "Checkpoints kept (the newest)."})),
         ("report_to", list[str], field(default_factory=lambda: ["none"],
                                        metadata={"help": "Reporting integrations (none, wandb, tensorboard, ...)."})),
         ("logging_steps", float, field(default=5, metadata={"help": "Log every N steps."})),
@@ -269,6 +274,30 @@ def run_recipe(argv: list[str]) -> dict[str, Any]:
     if training_args.process_index == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=2, default=str))
     return summary
+
+
+def checkpoint_to_resume(training_args: Any) -> str | None:
+    """The checkpoint a run goes on from: ``resume_from_checkpoint`` when it names a folder; else (unset or
+    ``true``) the last ``checkpoint-N`` under the output folder, if any, so that the same command run again
+    after a kill resumes; ``false`` starts over."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    wanted = training_args.resume_from_checkpoint
+    if isinstance(wanted, str) and wanted.lower() == "false":
+        return None
+    if wanted is not None and str(wanted).lower() != "true":
+        if not Path(wanted).is_dir():
+            raise ValueError(f"resume_from_checkpoint {wanted} is not a folder; give a checkpoint-N folder, true "
+                             "(the last one under output_dir) or false.")  # fmt: skip
+        return str(wanted)
+    output = Path(training_args.output_dir)
+    last = get_last_checkpoint(str(output)) if output.is_dir() else None
+    if last is None and wanted is not None:
+        raise ValueError(f"resume_from_checkpoint true, but {output} holds no checkpoint-N folder.")
+    if last is not None:
+        logger.warning("Resuming from %s (step %s); pass --resume_from_checkpoint false to start over.", last,
+                       last.rsplit("-", 1)[-1])  # fmt: skip
+    return last
 
 
 def resolve_base_model(name: str, cache_dir: str | Path | None = None) -> str:
@@ -573,7 +602,7 @@ def train(
     )
     if trace_dir := os.environ.get(TRACE_ENV):
         _install_trace(Path(trace_dir), model, losses, trainer)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
     output = Path(training_args.output_dir)
     summary = {
         "base_model": model_args.base_model,

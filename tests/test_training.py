@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -568,3 +570,47 @@ def test_training_on_extra_datasets_alone_writes_a_card_without_a_synthetic_sect
     assert (
         "Decontamination: no training text equals or shares 13 words with a text of LeeDocSTS: 0 rows" in card
     )
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_same_losses(backbone, synthetic, tmp_path):
+    """SIGKILL after a checkpoint, the same command again: it resumes (saying from which step), finishes the
+    planned steps, and every loss after the resume is the uninterrupted run's."""
+    steps = 24
+
+    def command(folder: Path) -> list[str]:
+        config = folder / "config.yaml"
+        folder.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(small_config(backbone, synthetic, folder / "run", save_strategy="steps",
+                                                      save_steps=6, max_steps=steps)))  # fmt: skip
+        return [sys.executable, str(ROOT / "recipes" / "train_mistral.py"), "--config", str(config)]
+
+    def losses(folder: Path) -> dict[int, float]:
+        summary = json.loads((folder / "run" / "training_summary.json").read_text())
+        return {entry["step"]: entry["loss"] for entry in summary["log_history"] if "loss" in entry}
+
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command(killed), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while (
+            not (killed / "run" / "checkpoint-12" / "trainer_state.json").is_file() and time.time() < deadline
+        ):
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    assert not (killed / "run" / "training_summary.json").exists()
+    again = subprocess.run(command(killed), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from" in again.stderr and "checkpoint-" in again.stderr
+    resumed, reference = losses(killed), losses(tmp_path / "whole")
+    assert sorted(reference) == list(range(1, steps + 1)) and sorted(resumed) == sorted(reference)
+    for step in range(13, steps + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), step
+    kept = sorted(p.name for p in (killed / "run").iterdir() if p.name.startswith("checkpoint-"))
+    assert kept == ["checkpoint-18", "checkpoint-24"]  # save_total_limit 2
