@@ -311,9 +311,11 @@ with warnings.catch_warnings(record=True) as seen:
             importlib.import_module(module.name)
     runpy.run_path("recipes/train_mistral.py", run_name="not_main")
 root = pathlib.Path.cwd().resolve()
+def ours(filename):  # the project's code, not a virtual environment that may sit inside the checkout
+    path = pathlib.Path(filename).resolve()
+    return path.is_relative_to(root) and path.relative_to(root).parts[0] in ("st_synth", "recipes", "tests")
 ours = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in seen
-        if issubclass(w.category, (DeprecationWarning, FutureWarning))
-        and pathlib.Path(w.filename).resolve().is_relative_to(root)]
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)) and ours(w.filename)]
 print("\\n".join(ours))
 print(f"imported, {len(seen)} warnings in all")
 """
