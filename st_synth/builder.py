@@ -139,7 +139,7 @@ class GenerationConfig(CorpusArguments):
         metadata=_help(
             "Prompt templates: v2 (the paper's meaning, several variants per kind, one drawn per example) or v1 "
             "(one template per kind; reproduces datasets made before v2). auto: v2, except v1 for the packaged "
-            "SmolLM2-135M behind --local, whose brainstorms under v2 came back empty or unusable (README). "
+            "SmolLM2-135M behind --local, whose brainstorms under v2 came back empty or unusable (docs/generation.md). "
             "Answers of two versions never share a cache entry.",
             choices=["auto", *PROMPT_VERSIONS],
         ),
@@ -328,7 +328,7 @@ class GenerationConfig(CorpusArguments):
             setattr(self, name, backend.get(name, STANDARD_LIMITS[name]))
         if self.local and self.model is None:
             self.model = SMOLLM2_ALIAS
-        if self.prompts_version == "auto":  # the packaged 135M model cannot follow v2's brainstorms (README)
+        if self.prompts_version == "auto":  # the packaged 135M model cannot follow v2's brainstorms (docs/generation.md)
             self.prompts_version = (
                 "v1" if self.local and self.model == SMOLLM2_ALIAS else DEFAULT_PROMPTS_VERSION
             )

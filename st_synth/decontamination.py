@@ -1,6 +1,6 @@
 """Decontamination: no training text may come from an evaluation set.
 
-The rule (stated in README): a training text is contaminated when, after :func:`st_synth.validation.normalize`
+The rule (stated in docs/training.md): a training text is contaminated when, after :func:`st_synth.validation.normalize`
 (NFKC, case-folded, whitespace collapsed), it equals an evaluation text (texts of two words or more: a lone
 word such as a heading "Asia" is vocabulary, not benchmark text), or when it shares a run of
 ``ngram`` consecutive words (13 by default, the span GPT-3's and Llama's contamination reports use) with any
