@@ -328,7 +328,8 @@ class GenerationConfig(CorpusArguments):
             setattr(self, name, backend.get(name, STANDARD_LIMITS[name]))
         if self.local and self.model is None:
             self.model = SMOLLM2_ALIAS
-        if self.prompts_version == "auto":  # the packaged 135M model cannot follow v2's brainstorms (docs/generation.md)
+        # The packaged 135M model cannot follow v2's brainstorms (docs/generation.md).
+        if self.prompts_version == "auto":
             self.prompts_version = (
                 "v1" if self.local and self.model == SMOLLM2_ALIAS else DEFAULT_PROMPTS_VERSION
             )
