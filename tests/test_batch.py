@@ -219,25 +219,34 @@ def test_batch_api_failed_validation_and_a_batch_without_answers_stop_and_resume
     assert len(input_lines(server)) >= 4 and rows(load_from_disk(str(tmp_path / "out")))
 
 
-@pytest.mark.parametrize("kill_at", [1, 2])
-def test_killed_batch_api_run_resumes_without_submitting_or_paying_twice(fake_server, tmp_path, kill_at):
+@pytest.mark.parametrize(
+    ("kill_at", "max_requests"),
+    [(1, None), (2, None), (2, 3)],  # (2, 3): killed amid the parts of one round, each at most 3 requests
+)
+def test_killed_batch_api_run_resumes_without_submitting_or_paying_twice(fake_server, tmp_path, kill_at,
+                                                                         max_requests):  # fmt: skip
     server = fake_server()
     api = server.batch_api
     flags = [f"--{name}={value}" for name, value in SETTINGS.items()]
+    if max_requests is not None:
+        flags.append(f"--batch_max_requests={max_requests}")
     command = [sys.executable, "-c", "import sys; from st_synth.cli import main; sys.exit(main())", "generate",
                "--output", str(tmp_path / "out"), "--model", "fake-llm", "--base_url", server.base_url,
                "--cache", str(tmp_path / "cache.sqlite"), "--no_show_progress", "--batch",
                "--batch_poll_interval=0.2", *flags]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while (len(api.batches) < kill_at or api.retrievals < 2 * kill_at) and time.time() < deadline:
-        time.sleep(0.01)
+    # With parts, killed as soon as the second exists: before the round's other parts are created.
+    polled = 0 if max_requests else 2 * kill_at
+    while (len(api.batches) < kill_at or api.retrievals < polled) and time.time() < deadline:
+        time.sleep(0.002)
     proc.kill()
     assert proc.wait() == -signal.SIGKILL and not (tmp_path / "out").exists()
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     batches = input_lines(server)
     assert max(api.lines_run.values()) == 1 and sum(map(len, batches)) == len({k for b in batches for k in b})
+    assert max_requests is None or max(map(len, batches)) <= max_requests
     assert rows(load_from_disk(str(tmp_path / "out"))) == online_rows(fake_server, tmp_path)
 
 
@@ -273,28 +282,6 @@ def test_a_round_over_the_limits_goes_as_several_batches(fake_server, tmp_path, 
         "completed"
     }
     assert main(["generate", "--output", str(tmp_path / "x"), "--batch", "--batch_max_requests=0"]) == 2
-
-
-def test_a_killed_run_of_several_batches_per_round_resumes_without_paying_twice(fake_server, tmp_path):
-    server = fake_server()
-    api = server.batch_api
-    flags = [f"--{name}={value}" for name, value in SETTINGS.items()]
-    command = [sys.executable, "-c", "import sys; from st_synth.cli import main; sys.exit(main())", "generate",
-               "--output", str(tmp_path / "out"), "--model", "fake-llm", "--base_url", server.base_url,
-               "--cache", str(tmp_path / "cache.sqlite"), "--no_show_progress", "--batch",
-               "--batch_poll_interval=0.2", "--batch_max_requests=3", *flags]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while len(api.batches) < 2 and time.time() < deadline:  # killed amid a round's parts
-        time.sleep(0.005)
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL and not (tmp_path / "out").exists()
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    batches = input_lines(server)
-    assert max(map(len, batches)) <= 3 and max(api.lines_run.values()) == 1
-    assert sum(map(len, batches)) == len({k for b in batches for k in b})
-    assert rows(load_from_disk(str(tmp_path / "out"))) == online_rows(fake_server, tmp_path)
 
 
 def test_a_batch_created_but_not_recorded_is_found_and_adopted(fake_server, tmp_path, monkeypatch, capsys):
