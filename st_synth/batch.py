@@ -228,16 +228,17 @@ class BatchAPIRun:
                 )
             parts = split_requests(builder.pending, self.max_requests, self.max_bytes)
             round_number = mark_exported(self.cache, builder.pending)
-            for part in parts:
-                self.submit(part, builder.report["batch"]["waiting_examples"], round_number, len(parts))
+            for index, part in enumerate(parts, 1):
+                label = f" (part {index} of {len(parts)})" if len(parts) > 1 else ""
+                self.submit(part, builder.report["batch"]["waiting_examples"], round_number, label)
         raise BatchAPIError(
             f"Still unfinished after {self.max_rounds} batch rounds; run the same command again."
         )
 
     def submit(
-        self, pending: dict[str, dict[str, Any]], waiting: int, round_number: int, parts: int = 1
+        self, pending: dict[str, dict[str, Any]], waiting: int, round_number: int, part: str = ""
     ) -> str:
-        """Create one batch of ``pending`` (one part of round ``round_number``) and record it."""
+        """Create one batch of ``pending`` (``part`` of round ``round_number``, for the log) and record it."""
         content = request_file(pending)
         digest = hashlib.sha256(content).hexdigest()[:32]
         batch = self._adopt(digest) if self.cache.get_meta(_SUBMITTING + digest) else None
@@ -255,11 +256,6 @@ class BatchAPIRun:
         self._record(batch.id, {"round": round_number, "digest": digest, "requests": len(pending),
                                 "state": "submitted"})  # fmt: skip
         self.submitted.append(batch.id)
-        part = (
-            f" (part {sum(r['round'] == round_number for r in self.records().values())} of {parts})"
-            if parts > 1
-            else ""
-        )
         self.log(f"round {round_number}{part}: batch {batch.id} submitted with {len(pending)} requests for {waiting} "
                  "examples")  # fmt: skip
         return batch.id
