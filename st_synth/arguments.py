@@ -234,17 +234,20 @@ def yaml_problem(error: Exception) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
-def yaml_settings(path: str) -> dict[str, Any]:
+def yaml_settings(path: str | Path, what: str = "The config file", example: str = "recipes/configs/smollm2-cpu.yaml",
+                  holds: str = "of settings") -> dict[str, Any]:  # fmt: skip
+    """The mapping a YAML config file holds; a missing, unreadable or non-mapping file is a SettingsError
+    naming ``what`` it is, with an ``example`` of a good one."""
     import yaml
 
     if not Path(path).is_file():
-        raise SettingsError(f"The config file {path} does not exist; e.g. recipes/configs/smollm2-cpu.yaml.")
+        raise SettingsError(f"{what} {path} does not exist; e.g. {example}.")
     try:
         settings = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise SettingsError(f"The config file {path} is not readable YAML: {yaml_problem(error)}") from None
+        raise SettingsError(f"{what} {path} is not readable YAML: {yaml_problem(error)}") from None
     if not isinstance(settings, dict):
-        raise SettingsError(f"{path} must hold a mapping of settings, got {type(settings).__name__}.")
+        raise SettingsError(f"{path} must hold a mapping {holds}, got {type(settings).__name__}.")
     return settings
 
 

@@ -30,10 +30,8 @@ def load_saved_or_hub(source: str | Path, what: str, **kwargs: Any) -> Dataset |
             ) from None
     try:
         return load_dataset(source, **kwargs)
-    except (
-        OSError,
-        ValueError,
-    ) as error:  # no such repo, no network, offline mode, a file of no known format
+    # No such repo, no network, offline mode, a file of no known format.
+    except (OSError, ValueError) as error:
         where = "is a file of no format it can read" if path.is_file() else "is no file or folder here"
         raise ValueError(
             f"{what} {source!r} {where}, and loading it as a Hub dataset failed ({type(error).__name__}: "

@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
-from st_synth.arguments import SettingsError, SettingsParser, yaml_problem
+from st_synth.arguments import SettingsError, SettingsParser, yaml_settings
 from st_synth.builder import GenerationConfig
 from st_synth.evaluation import EvaluationArguments, score_table
 from st_synth.filtering import ConsistencyFilter
@@ -122,15 +121,8 @@ class RunPlan:
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Run config {path} does not exist; e.g. recipes/configs/local-smollm2.yaml.")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ValueError(f"Run config {path} is not readable YAML: {yaml_problem(error)}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a mapping with sections {', '.join(SECTIONS)}.")
+    config = yaml_settings(path, "Run config", "recipes/configs/local-smollm2.yaml",
+                           holds=f"with sections {', '.join(SECTIONS)}")  # fmt: skip
     for section, values in (overrides or {}).items():
         config[section] = {**(config.get(section) or {}), **values}
     return config

@@ -558,7 +558,8 @@ def train(
     """Train, save the adapter and the merged model, write the card; return the training summary."""
     output_args = output_args or OutputArguments()
     loss_args = loss_args or LossArguments()
-    # Validate data before loading a multi-GB backbone.
+    # Validate the checkpoint to resume from and the data before loading a multi-GB backbone.
+    resume = checkpoint_to_resume(training_args)
     sources, generation_report = load_sources(data_args, model_args.instruction_template)
     # What stays is the generation report alone (empty where no generated dataset is trained on), which the
     # card shows as the synthetic data; the other reports go in the summary.
@@ -602,7 +603,7 @@ def train(
     )
     if trace_dir := os.environ.get(TRACE_ENV):
         _install_trace(Path(trace_dir), model, losses, trainer)
-    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
+    result = trainer.train(resume_from_checkpoint=resume)
     output = Path(training_args.output_dir)
     summary = {
         "base_model": model_args.base_model,
