@@ -31,9 +31,10 @@ def one_step(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from st_synth.losses import LossArguments, build_loss
     from st_synth.testing.tiny import build_tiny_mistral
-    from st_synth.training import ModelArguments, build_model
+    from st_synth.training.arguments import ModelArguments
+    from st_synth.training.losses import LossArguments, build_loss
+    from st_synth.training.trainer import build_model
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -84,7 +85,7 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        from st_synth.losses import LOSSES
+        from st_synth.training.losses import LOSSES
 
         for loss in LOSSES:
             for cached, batch in ((False, args.batch), (True, args.batch), (False, args.mini_batch)):

@@ -29,7 +29,7 @@ from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from st_synth import build_embedder
-from st_synth.embedder import TEXT_ONLY
+from st_synth.model.embedder import TEXT_ONLY
 from st_synth.testing.tiny import WORDS, build_tiny_mistral
 
 RESULTS = Path(__file__).parent / "results"
@@ -93,7 +93,7 @@ def main() -> None:
         tiny = str(build_tiny_mistral(Path(tmp) / "tiny", "none", hidden_size=64))
         rows.append(measure("tiny Mistral (2 layers, hidden 64)", tiny, texts(2000), args.tiny_repeats, 64))
     if not args.tiny_only:
-        from st_synth.embedder import smollm2_as_mistral
+        from st_synth.model.backbones import smollm2_as_mistral
 
         smol = str(smollm2_as_mistral())
         rows.append(measure("SmolLM2-135M as Mistral", smol, texts(256), args.repeats, 32))

@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from st_synth.local_llm import LocalLLMServer
+from st_synth.generation.local_llm import LocalLLMServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--label", required=True)
     parser.add_argument("--sizes", default="20000,80000")
     args = parser.parse_args()
-    import st_synth.neardup as neardup
+    import st_synth.data.neardup as neardup
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     rng = random.Random(0)

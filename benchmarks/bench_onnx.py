@@ -27,8 +27,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from st_synth import build_embedder
-from st_synth.embedder import smollm2_as_mistral
-from st_synth.export import GRAPHS, export_onnx
+from st_synth.model.backbones import smollm2_as_mistral
+from st_synth.model.export import GRAPHS, export_onnx
 from st_synth.testing.tiny import WORDS
 
 RESULTS = Path(__file__).parent / "results"

@@ -3,7 +3,7 @@
     python benchmarks/bench_prose_pairs.py --variants follow_on,retelling           # ~20 min a variant, 2 cores
     python benchmarks/bench_prose_pairs.py --variants retelling,retelling_plus_heuristic
 
-The grounded kinds (st_synth/grounding.py) ask for JSON under a schema, and SmolLM2-135M answers them mostly by
+The grounded kinds (st_synth/generation/grounding.py) ask for JSON under a schema, and SmolLM2-135M answers them mostly by
 copying the passage or writing one short sentence; the heuristic pairs (a news document's two halves, a
 Wikipedia heading and its paragraph) are what teach the main job. This benchmark asks the same local server
 for a long text in plain prose, no response format, on the same real texts the heuristic pairs come from (the
@@ -63,7 +63,7 @@ CLIP_WORDS = 70
 def real_texts(per_source: int) -> list[tuple[str, str]]:
     """(source, text): the first halves of the news documents and the Wikipedia paragraphs the heuristic
     pairs sources start from."""
-    from st_synth.offline_tasks import lee_background_pairs, wikipedia_section_pairs
+    from st_synth.data.offline_tasks import lee_background_pairs, wikipedia_section_pairs
 
     halves = list(lee_background_pairs()["query"])  # each document's first half
     wiki = list(wikipedia_section_pairs()["positive"])
@@ -76,8 +76,8 @@ def generate(prompt: str, per_source: int, folder: Path) -> dict:
     from datasets import Dataset
     from openai import OpenAI
 
-    from st_synth.grounding import copied_share
-    from st_synth.local_llm import LocalLLMServer
+    from st_synth.generation.grounding import copied_share
+    from st_synth.generation.local_llm import LocalLLMServer
 
     jobs = real_texts(per_source)
     pairs: dict[str, list[tuple[str, str]]] = {"lee": [], "wiki": []}

@@ -104,7 +104,7 @@ def run_child(base_url: str, num_examples: int, workdir: Path, kill_after: int |
     if kill_after is None:
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
-    from st_synth.cache import AnswerCache
+    from st_synth.generation.cache import AnswerCache
 
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while AnswerCache.count(workdir / "cache.sqlite") < kill_after and process.poll() is None:

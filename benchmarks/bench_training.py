@@ -6,7 +6,7 @@ measures the model and loss path rather than Trainer bookkeeping:
 
 * baseline: ST ``Transformer`` (plain text) + ``Pooling("lasttoken")`` + ``Normalize``, ``add_adapter``,
   ``MultipleNegativesRankingLoss``;
-* st-synth: ``st_synth.training.build_model`` + ``build_losses`` (the recipe's own objects).
+* st-synth: ``st_synth.training.trainer.build_model`` + ``build_losses`` (the recipe's own objects).
 
 Reported: non-pad tokens per second, the share of the positions the backbone computed that were padding,
 peak memory, and the loss of the first steps side by side (both paths on identical batches). On the length mix the recipe then trains on the same triplets batched its own way
@@ -83,7 +83,7 @@ def group_by_length(batches: list[list[list[str]]], seed: int) -> list[list[list
     """The same triplets, batched the way the recipe batches them (``LengthGroupedBatchSampler``)."""
     from datasets import Dataset
 
-    from st_synth.sampling import LengthGroupedBatchSampler
+    from st_synth.training.sampling import LengthGroupedBatchSampler
 
     rows = [row for columns in batches for row in zip(*columns, strict=True)]
     dataset = Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(("q", "p", "n"))})
@@ -121,7 +121,7 @@ def baseline_model(path: str, max_len: int, dtype: torch.dtype, device: str):
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    from st_synth.lora import PAPER_TARGET_MODULES
+    from st_synth.model.lora import PAPER_TARGET_MODULES
 
     transformer = Transformer(
         path, max_seq_length=max_len, model_kwargs={"dtype": dtype},
@@ -139,8 +139,9 @@ def baseline_model(path: str, max_len: int, dtype: torch.dtype, device: str):
 def recipe_model(path: str, max_len: int, dtype: torch.dtype, device: str):
     from datasets import Dataset, DatasetDict
 
-    from st_synth.losses import LossArguments
-    from st_synth.training import ModelArguments, build_losses, build_model
+    from st_synth.training.arguments import ModelArguments
+    from st_synth.training.losses import LossArguments
+    from st_synth.training.trainer import build_losses, build_model
 
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     model = build_model(

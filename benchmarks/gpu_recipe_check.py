@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_training import PRESETS, build_random_mistral
-from st_synth.names import FINAL_DIR
+from st_synth.common.names import FINAL_DIR
 from st_synth.testing.tiny import WORDS
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "e5-mistral-7b.yaml"
@@ -72,7 +72,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
     from transformers import TrainerCallback
 
-    from st_synth.training import run_recipe
+    from st_synth.training.trainer import run_recipe
 
     step_times: list[float] = []
 
@@ -87,7 +87,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             step_times[-1] += time.perf_counter()
 
-    import st_synth.training as training
+    import st_synth.training.trainer as training
 
     original_init = training.RecipeTrainer.__init__
 

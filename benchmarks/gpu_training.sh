@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 py="py$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
 python3 -m pip install --quiet --no-deps --no-index $(ls "$WHEELS"/*.whl | grep -v multiprocess) "$WHEELS"/multiprocess-*-"$py"-*.whl
 export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false
-python3 -c "import st_synth.training, liger_kernel, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+python3 -c "import st_synth.training.trainer, liger_kernel, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if [[ "${1:-}" == "--recipe" ]]; then  # the recipe itself (Trainer, merge, save, load): gpu_recipe_check.py
     # From the source tree the card templates are not inside the package (pyproject maps them in at install).
     ln -sfn "$PWD/model_card_templates" st_synth/model_card_templates

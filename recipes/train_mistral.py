@@ -1,6 +1,6 @@
 """Train an e5-mistral style embedder: LoRA on a decoder LLM, InfoNCE over in-batch and hard negatives.
 
-Usage (all logic lives in ``st_synth.training``; this script only parses arguments):
+Usage (all logic lives in ``st_synth.training.trainer``; this script only parses arguments):
 
     # One CPU: a real (small) run on the packaged SmolLM2-135M, a few minutes
     python recipes/train_mistral.py recipes/configs/smollm2-cpu.yaml
@@ -17,7 +17,7 @@ Usage (all logic lives in ``st_synth.training``; this script only parses argumen
     python recipes/train_mistral.py recipes/configs/e5-mistral-7b.yaml --push_to_hub --hub_model_id you/e5-model
 
 Arguments: a YAML file (first argument) and/or flags, the same as ``st-synth train`` takes (one parser,
-``st_synth.training.make_train_parser``); see ``--help`` for every field of ModelArguments, DataArguments,
+``st_synth.training.trainer.make_train_parser``); see ``--help`` for every field of ModelArguments, DataArguments,
 LossArguments, OutputArguments and RecipeTrainingArguments (sentence-transformers' training arguments with
 the recipe's defaults: length-grouped batches without duplicate texts, one source per batch, activations
 recomputed).
@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import sys
 
-from st_synth.arguments import with_yaml
-from st_synth.training import make_train_parser, run_recipe
+from st_synth.common.arguments import with_yaml
+from st_synth.training.arguments import make_train_parser
+from st_synth.training.trainer import run_recipe
 
 
 def yaml_to_flags(path: str) -> list[str]:

@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GenerationConfig": "st_synth.builder",
-    "SyntheticDatasetBuilder": "st_synth.builder",
-    "build_embedder": "st_synth.embedder",
-    "format_instruction": "st_synth.embedder",
-    "get_instruction": "st_synth.instructions",
-    "register_instruction": "st_synth.instructions",
-    "XLMR_LANGUAGES": "st_synth.languages",
-    "paper_language_weights": "st_synth.languages",
-    "TASK_KINDS": "st_synth.taxonomy",
-    "TaskKind": "st_synth.taxonomy",
+    "GenerationConfig": "st_synth.generation.config",
+    "SyntheticDatasetBuilder": "st_synth.generation.builder",
+    "build_embedder": "st_synth.model.embedder",
+    "format_instruction": "st_synth.model.embedder",
+    "get_instruction": "st_synth.evaluation.instructions",
+    "register_instruction": "st_synth.evaluation.instructions",
+    "XLMR_LANGUAGES": "st_synth.common.languages",
+    "paper_language_weights": "st_synth.common.languages",
+    "TASK_KINDS": "st_synth.common.taxonomy",
+    "TaskKind": "st_synth.common.taxonomy",
 }
 
 __all__ = [
@@ -38,11 +38,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from st_synth.builder import GenerationConfig, SyntheticDatasetBuilder
-    from st_synth.embedder import build_embedder, format_instruction
-    from st_synth.instructions import get_instruction, register_instruction
-    from st_synth.languages import XLMR_LANGUAGES, paper_language_weights
-    from st_synth.taxonomy import TASK_KINDS, TaskKind
+    from st_synth.common.languages import XLMR_LANGUAGES, paper_language_weights
+    from st_synth.common.taxonomy import TASK_KINDS, TaskKind
+    from st_synth.evaluation.instructions import get_instruction, register_instruction
+    from st_synth.generation.builder import SyntheticDatasetBuilder
+    from st_synth.generation.config import GenerationConfig
+    from st_synth.model.embedder import build_embedder, format_instruction
 
 
 def __getattr__(name: str) -> Any:

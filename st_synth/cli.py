@@ -1,6 +1,6 @@
 """The ``st-synth`` command line.
 
-Every subcommand's flags are the fields of the stage dataclasses (``st_synth.arguments``), under the same
+Every subcommand's flags are the fields of the stage dataclasses (``st_synth.common.arguments``), under the same
 names as the keys of an ``st-synth run`` YAML file; ``st-synth train`` is ``recipes/train_mistral.py``.
 """
 
@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from st_synth.arguments import SettingsParser
+from st_synth.common.arguments import SettingsParser
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _fail(command: str, error: BaseException, code: int = 2, kind: str = "error"
 
 # -- generate ---------------------------------------------------------------------------------------------
 def _add_generate(subparsers: Any) -> None:
-    from st_synth.builder import GenerationConfig
+    from st_synth.generation.config import GenerationConfig
 
     subparsers.add_parser(
         "generate",
@@ -84,14 +84,11 @@ def _add_generate(subparsers: Any) -> None:
 
 
 def _generate(config: Any, target: GenerateOutput) -> int:
-    from st_synth.builder import (
-        SyntheticDatasetBuilder,
-        check_output_folder,
-        generation_report_summary,
-        served_builder,
-    )
-    from st_synth.cache import AnswerCache, CacheError
-    from st_synth.client import EndpointError
+    from st_synth.generation.builder import SyntheticDatasetBuilder
+    from st_synth.generation.cache import AnswerCache, CacheError
+    from st_synth.generation.client import EndpointError
+    from st_synth.generation.config import check_output_folder
+    from st_synth.generation.stage import generation_report_summary, served_builder
 
     batch = bool(target.batch_export or target.batch_import)
     try:
@@ -155,7 +152,7 @@ def _generate(config: Any, target: GenerateOutput) -> int:
     print(generation_report_summary(report))
     print(f"saved to {output}")
     if target.push_to_hub:
-        from st_synth.hub import push_dataset
+        from st_synth.cards.hub import push_dataset
 
         url = push_dataset(builder.dataset, report, target.push_to_hub, private=target.private or None)
         print(f"pushed to {url}")
@@ -166,8 +163,8 @@ def _batch_api(config: Any, target: GenerateOutput) -> Any:
     """``--batch``: rounds of Batch API batches until the plan is settled; the report says what they cost."""
     import openai
 
-    from st_synth.batch import BatchAPIRun
-    from st_synth.cache import AnswerCache
+    from st_synth.generation.batch import BatchAPIRun
+    from st_synth.generation.cache import AnswerCache
 
     cache = AnswerCache(config.cache_path)
     try:
@@ -189,10 +186,10 @@ def _batch_api(config: Any, target: GenerateOutput) -> Any:
 def _batch_round(config: Any, target: GenerateOutput) -> tuple[Any, int | None]:
     """Import results (if given), replay the plan from the cache, export what it still needs. Returns the
     finished builder and None when nothing is pending (the caller saves the dataset), else an exit code."""
-    from st_synth.batch import export_requests, import_results
-    from st_synth.builder import SyntheticDatasetBuilder
-    from st_synth.cache import AnswerCache
-    from st_synth.client import starting_mode
+    from st_synth.generation.batch import export_requests, import_results
+    from st_synth.generation.builder import SyntheticDatasetBuilder
+    from st_synth.generation.cache import AnswerCache
+    from st_synth.generation.client import starting_mode
 
     cache = AnswerCache(config.cache_path)
     counts = None
@@ -230,7 +227,7 @@ def _batch_round(config: Any, target: GenerateOutput) -> tuple[Any, int | None]:
 
 # -- filter -----------------------------------------------------------------------------------------------
 def _add_filter(subparsers: Any) -> None:
-    from st_synth.filtering import ConsistencyFilter
+    from st_synth.data.filtering import ConsistencyFilter
 
     subparsers.add_parser(
         "filter",
@@ -240,7 +237,7 @@ def _add_filter(subparsers: Any) -> None:
 
 
 def _filter(settings: Any, folders: FilterFolders) -> int:
-    from st_synth.filtering import filter_folder
+    from st_synth.data.filtering import filter_folder
 
     try:
         report = filter_folder(folders.input, folders.output, settings)
@@ -259,8 +256,8 @@ class MineFolders:
 
 
 def _add_mine(subparsers: Any) -> None:
-    from st_synth.corpus import CorpusArguments
-    from st_synth.mining import MiningArguments
+    from st_synth.data.corpus import CorpusArguments
+    from st_synth.data.mining import MiningArguments
 
     subparsers.add_parser(
         "mine",
@@ -270,7 +267,7 @@ def _add_mine(subparsers: Any) -> None:
 
 
 def _mine(settings: Any, corpus: Any, folders: MineFolders) -> int:
-    from st_synth.mining import mine_folder
+    from st_synth.data.mining import mine_folder
 
     try:
         report = mine_folder(folders.input, folders.output, settings, corpus)
@@ -284,8 +281,8 @@ def _mine(settings: Any, corpus: Any, folders: MineFolders) -> int:
 
 # -- train (main() hands its arguments to the recipe's own parser: it takes a YAML file first) -----------
 def _train_command(argv: list[str]) -> int:
-    from st_synth.arguments import SettingsError
-    from st_synth.training import run_recipe
+    from st_synth.common.arguments import SettingsError
+    from st_synth.training.trainer import run_recipe
 
     try:
         run_recipe(argv)
@@ -296,7 +293,7 @@ def _train_command(argv: list[str]) -> int:
 
 # -- evaluate ---------------------------------------------------------------------------------------------
 def _add_evaluate(subparsers: Any) -> None:
-    from st_synth.evaluation import EvaluationArguments
+    from st_synth.evaluation.evaluate import EvaluationArguments
 
     subparsers.add_parser(
         "evaluate",
@@ -311,8 +308,8 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
     import json
     from pathlib import Path
 
-    from st_synth import evaluation
-    from st_synth.names import CARD_DATA_FILE
+    from st_synth.common.names import CARD_DATA_FILE
+    from st_synth.evaluation import evaluate as evaluation
 
     facts_file = Path(target.model) / CARD_DATA_FILE
     facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
@@ -352,7 +349,7 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
         f"mean: {payload['summary']['mean']:.4f} ({payload['summary']['wall_time_s']:.1f} s) -> {target.output}"
     )
     if target.update_card:
-        from st_synth.cards import render_model_card
+        from st_synth.cards.render import render_model_card
 
         try:
             readme = render_model_card(target.model, evaluation=scores, comparison=comparison or None,
@@ -387,26 +384,13 @@ def _add_run(subparsers: Any) -> None:
     p.set_defaults(func=_run)
 
 
-def _parse_sets(items: list[str]) -> dict[str, dict]:
-    import yaml
-
-    overrides: dict[str, dict] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or not section or not name:
-            raise ValueError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
-        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
-    return overrides
-
-
 def _run(args: argparse.Namespace) -> int:
     from st_synth import pipeline
 
     if (args.config is None) == (args.config_file is None):
         return _fail("run", ValueError("give the run config once: --config FILE.yaml (or FILE.yaml alone)."))
     try:
-        config = pipeline.load_config(args.config or args.config_file, _parse_sets(args.set))
+        config = pipeline.load_config(args.config or args.config_file, pipeline.parse_overrides(args.set))
         for key in pipeline.RUN_KEYS:
             if getattr(args, key) is not None:
                 config[key] = getattr(args, key)
@@ -422,7 +406,7 @@ def _run(args: argparse.Namespace) -> int:
 
 # -- export -----------------------------------------------------------------------------------------------
 def _add_export(subparsers: Any) -> None:
-    from st_synth.export import ExportArguments
+    from st_synth.model.export import ExportArguments
 
     subparsers.add_parser(
         "export",
@@ -434,7 +418,7 @@ def _add_export(subparsers: Any) -> None:
 
 
 def _export(settings: Any) -> int:
-    from st_synth.export import export_onnx
+    from st_synth.model.export import export_onnx
 
     try:
         report = export_onnx(settings.model, settings.output, quantize=settings.quantize, opset=settings.opset,
@@ -465,7 +449,7 @@ def _add_push(subparsers: Any) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from st_synth.hub import push_model
+    from st_synth.cards.hub import push_model
 
     try:
         url = push_model(args.folder, args.repo, private=args.private or None)
@@ -494,8 +478,8 @@ def _add_dedup(subparsers: Any) -> None:
 
 
 def _dedup(args: argparse.Namespace) -> int:
-    from st_synth.builder import check_output_folder
-    from st_synth.dedup import DEDUP_REPORT, dedup_shards
+    from st_synth.data.dedup import DEDUP_REPORT, dedup_shards
+    from st_synth.generation.config import check_output_folder
 
     try:
         output = check_output_folder(args.output)
@@ -517,7 +501,7 @@ def _dedup(args: argparse.Namespace) -> int:
 
 # name -> (one-line help, adds the full subparser). A command's parser (and its imports: mteb for evaluate)
 # is built only when that command runs, so `st-synth generate` starts fast. `train` has none here: main()
-# passes its arguments to the recipe's parser (st_synth.training.make_train_parser).
+# passes its arguments to the recipe's parser (st_synth.training.trainer.make_train_parser).
 COMMANDS: dict[str, tuple[str, Any]] = {
     "generate": (
         "Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.",

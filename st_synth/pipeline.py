@@ -29,13 +29,8 @@ from typing import Any
 
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
-from st_synth.arguments import SettingsError, SettingsParser, yaml_settings
-from st_synth.builder import GenerationConfig
-from st_synth.evaluation import EvaluationArguments, score_table
-from st_synth.filtering import ConsistencyFilter
-from st_synth.losses import LossArguments
-from st_synth.mining import MiningArguments
-from st_synth.names import (
+from st_synth.common.arguments import SettingsError, SettingsParser, yaml_settings
+from st_synth.common.names import (
     FINAL_DIR,
     RUN_DATA_DIR,
     RUN_EMBEDDINGS_DIR,
@@ -45,7 +40,12 @@ from st_synth.names import (
     RUN_SUMMARY_FILE,
     RUN_SYNTHETIC_DIR,
 )
-from st_synth.training import DataArguments, ModelArguments, OutputArguments
+from st_synth.data.filtering import ConsistencyFilter
+from st_synth.data.mining import MiningArguments
+from st_synth.evaluation.evaluate import EvaluationArguments, score_table
+from st_synth.generation.config import GenerationConfig
+from st_synth.training.arguments import DataArguments, ModelArguments, OutputArguments
+from st_synth.training.losses import LossArguments
 
 __all__ = ["RunArguments", "RunPlan", "load_config", "plan_run", "run", "score_table"]
 
@@ -111,13 +111,27 @@ class RunPlan:
         if not self.generation.corpus:
             return None
         if self._corpus is None:
-            from st_synth.corpus import Corpus
+            from st_synth.data.corpus import Corpus
 
             self._corpus = Corpus.load(self.generation)
         return self._corpus
 
     def passages(self) -> list[str] | None:
         return self.corpus().passages if self.generation.corpus else None
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``st-synth run --set SECTION.KEY=VALUE`` items as {section: {key: value}} (values read as YAML)."""
+    import yaml
+
+    overrides: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise ValueError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    return overrides
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -131,7 +145,7 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
 def plan_run(config: dict[str, Any]) -> RunPlan:
     """Check every section of a run config through the parser of its stage (the same flags the
     subcommands take); raise ValueError naming the problem and the valid choices."""
-    from st_synth.training import make_train_parser
+    from st_synth.training.arguments import make_train_parser
 
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
@@ -252,9 +266,9 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
 
 
 def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
-    from st_synth.builder import generation_report_summary, served_builder
-    from st_synth.cache import AnswerCache
-    from st_synth.local_llm import resolve_backend
+    from st_synth.generation.cache import AnswerCache
+    from st_synth.generation.local_llm import resolve_backend
+    from st_synth.generation.stage import generation_report_summary, served_builder
 
     g = plan.generation
     where = (f" (local {resolve_backend(g.llm_backend)} server)" if g.local
@@ -288,7 +302,7 @@ def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
 def _filter(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
     import shutil
 
-    from st_synth.filtering import filter_folder
+    from st_synth.data.filtering import filter_folder
 
     source, target = plan.output / RUN_SYNTHETIC_DIR, plan.output / RUN_DATA_DIR
     if target.exists():
@@ -306,12 +320,12 @@ def _filter(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
 
 def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
     """Hard negatives for the filtered data (in place): over the corpus of grounded generation, else among the
-    data's own positives (``st_synth.mining.mine_folder``)."""
+    data's own positives (``st_synth.data.mining.mine_folder``)."""
     if plan.mining is None:
         return None
     import shutil
 
-    from st_synth.mining import mine_folder
+    from st_synth.data.mining import mine_folder
 
     folder = plan.output / RUN_DATA_DIR
     where = "the corpus" if plan.generation.corpus else "the data's own positives"
@@ -329,7 +343,7 @@ def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
 
 
 def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
-    from st_synth.training import train
+    from st_synth.training.trainer import train
 
     final = plan.final_model
     fingerprint = _fingerprint(
@@ -365,7 +379,7 @@ def _evaluate_cached(
     truncate_dim: int | None = None,
     precision: str = "float32",
 ) -> dict[str, float]:
-    from st_synth.evaluation import evaluate, resolve_tasks
+    from st_synth.evaluation.evaluate import evaluate, resolve_tasks
 
     e = plan.evaluation
     folder = plan.output / RUN_EVAL_DIR
@@ -427,7 +441,7 @@ def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[
 
 
 def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
-    from st_synth.cards import render_model_card
+    from st_synth.cards.render import render_model_card
 
     final = plan.final_model
     started = stages.start("package", f"model card in {final}")
@@ -438,7 +452,7 @@ def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
                                variants=plan.evaluation.variants())  # fmt: skip
     detail = f"{readme}"
     if plan.run.push_to_hub:
-        from st_synth.hub import push_model
+        from st_synth.cards.hub import push_model
 
         detail += f"; pushed to {push_model(final, plan.run.push_to_hub, private=plan.run.private or None)}"
     stages.done("package", started, detail)

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from st_synth.cache import AnswerCache
+from st_synth.generation.cache import AnswerCache
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

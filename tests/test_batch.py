@@ -14,8 +14,8 @@ import pytest
 from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
-from st_synth.cache import AnswerCache
 from st_synth.cli import main
+from st_synth.generation.cache import AnswerCache
 from st_synth.testing import FakeOpenAIServer
 from st_synth.testing.openai_server import answer_batch
 
@@ -251,7 +251,7 @@ def test_killed_batch_api_run_resumes_without_submitting_or_paying_twice(fake_se
 
 
 def test_requests_are_cut_into_batches_within_the_providers_limits():
-    from st_synth.batch import BatchAPIError, split_requests
+    from st_synth.generation.batch import BatchAPIError, split_requests
 
     lines = {f"k{i:02d}": {"custom_id": f"k{i:02d}", "body": {"text": "x" * (10 * i)}} for i in range(10)}
     by_count = split_requests(lines, max_requests=3, max_bytes=10**6)
@@ -287,7 +287,7 @@ def test_a_round_over_the_limits_goes_as_several_batches(fake_server, tmp_path, 
 def test_a_batch_created_but_not_recorded_is_found_and_adopted(fake_server, tmp_path, monkeypatch, capsys):
     """A kill between the API creating a batch and the cache recording it: the restart finds the batch by the
     digest in its metadata and polls it instead of creating another."""
-    from st_synth.batch import BatchAPIRun
+    from st_synth.generation.batch import BatchAPIRun
 
     server = fake_server()
     record = BatchAPIRun._record

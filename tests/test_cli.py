@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from st_synth import __version__
-from st_synth.arguments import with_yaml
 from st_synth.cli import main
-from st_synth.training import make_train_parser
+from st_synth.common.arguments import with_yaml
+from st_synth.training.arguments import make_train_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from st_synth.corpus import Corpus, CorpusArguments, _tokenizer, load_documents, split_passages
-from st_synth.decontamination import Decontaminator, evaluation_texts
-from st_synth.mining import MiningArguments, mine_negatives
+from st_synth.data.corpus import Corpus, CorpusArguments, _tokenizer, load_documents, split_passages
+from st_synth.data.mining import MiningArguments, mine_negatives
+from st_synth.evaluation.decontamination import Decontaminator, evaluation_texts
 
 DOCS = [
     "The river flooded the town after three days of rain. Residents moved to higher ground.",
@@ -127,7 +127,8 @@ def test_decontamination_removes_planted_evaluation_texts():
 
 
 def test_training_sources_are_decontaminated_when_asked(tmp_path):
-    from st_synth.training import DataArguments, load_sources
+    from st_synth.training.arguments import DataArguments
+    from st_synth.training.sources import load_sources
 
     lee = evaluation_texts(["LeeDocSTS"])[0]
     rows = {"instruction": ["Retrieve semantically similar text."] * 3, "query": [lee, "a cat sat", "rain fell"],
@@ -191,12 +192,10 @@ def test_st_synth_mine_gives_your_own_pairs_negatives(tmp_path, capsys):
 
 
 def test_filter_and_mining_share_one_encoding_of_the_corpus(tmp_path):
-    from sentence_transformers import SentenceTransformer
 
-    from st_synth.filtering import resolve_guide
-    from st_synth.mining import corpus_embeddings
+    from st_synth.data.guide import corpus_embeddings, load_guide
 
-    model = SentenceTransformer(resolve_guide("all-MiniLM-L6-v2"))
+    model = load_guide("all-MiniLM-L6-v2")
     passages = [
         f"The {t} of the town changed a lot this year." for t in ("river", "library", "bakery", "harbour")
     ]

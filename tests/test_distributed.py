@@ -21,10 +21,10 @@ from datasets import Dataset
 from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 from torch.utils.data import ConcatDataset
 
-from st_synth.sampling import LengthGroupedBatchSampler, SourceAlignedBatchSampler
-from st_synth.taxonomy import TASK_KINDS
+from st_synth.common.taxonomy import TASK_KINDS
 from st_synth.testing.tiny import build_tiny_mistral
 from st_synth.testing.toy import write_toy_synthetic
+from st_synth.training.sampling import LengthGroupedBatchSampler, SourceAlignedBatchSampler
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +250,8 @@ def test_ranks_with_different_data_are_refused_not_left_hanging(backbone, six_ki
     script = tmp_path / "uneven_ranks.py"
     script.write_text(
         "import os, sys\n"
-        "from st_synth.training import make_train_parser, train\n"
+        "from st_synth.training.arguments import make_train_parser\n"
+        "from st_synth.training.trainer import train\n"
         f"sys.path.insert(0, {str(ROOT / 'recipes')!r})\n"
         "from train_mistral import yaml_to_flags\n"
         "m, d, l, o, t = make_train_parser().parse_args_into_dataclasses(args=yaml_to_flags(sys.argv[1]))\n"

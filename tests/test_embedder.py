@@ -11,9 +11,9 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.transformer import Transformer
 
 from st_synth import build_embedder, format_instruction
-from st_synth.embedder import instruction_template_of
-from st_synth.instructions import get_instruction
-from st_synth.lora import check_target_modules, merge_lora
+from st_synth.evaluation.instructions import get_instruction
+from st_synth.model.embedder import instruction_template_of
+from st_synth.model.lora import check_target_modules, merge_lora
 from st_synth.testing.tiny import build_tiny_mistral, build_tokenizer
 
 TEXTS = [
@@ -212,7 +212,7 @@ def test_instruction_registry():
 @pytest.mark.skipif(os.environ.get("ST_SYNTH_SKIP_SMOLLM2") == "1", reason="SmolLM2 tests switched off")
 def test_pretrained_smollm2_as_mistral(tmp_path):
     pytest.importorskip("gguf")
-    from st_synth.embedder import smollm2_as_mistral
+    from st_synth.model.backbones import smollm2_as_mistral
 
     model = build_embedder(str(smollm2_as_mistral()), max_seq_length=128)
     assert type(model[0].auto_model).__name__ == "MistralModel"

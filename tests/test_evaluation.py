@@ -9,8 +9,8 @@ import pytest
 from mteb.mocks import mock_tasks
 
 from st_synth import build_embedder
-from st_synth.evaluation import InstructedEncoder, evaluate, resolve_tasks
-from st_synth.instructions import STS_INSTRUCTION, get_instruction
+from st_synth.evaluation.evaluate import InstructedEncoder, evaluate, resolve_tasks
+from st_synth.evaluation.instructions import STS_INSTRUCTION, get_instruction
 from st_synth.testing.tiny import build_tiny_mistral
 
 
@@ -76,10 +76,11 @@ def test_unknown_task_names_fail_with_close_matches():
 
 
 def test_cli_evaluates_and_updates_the_card(tmp_path, monkeypatch, capsys):
-    from st_synth import evaluation
     from st_synth.cli import main
+    from st_synth.evaluation import evaluate as evaluation
     from st_synth.testing.toy import write_toy_synthetic
-    from st_synth.training import DataArguments, ModelArguments, RecipeTrainingArguments, train
+    from st_synth.training.arguments import DataArguments, ModelArguments, RecipeTrainingArguments
+    from st_synth.training.trainer import train
 
     backbone = str(build_tiny_mistral(tmp_path / "tiny", "none"))
     data = str(write_toy_synthetic(tmp_path / "data", rows_per_kind=16))
@@ -144,7 +145,7 @@ def test_chatterbot_retrieval_loads_offline_and_instructs_queries_only(model):
 def test_mini_newsgroups_loads_safely_without_label_leaks(model):
     import pickle
 
-    from st_synth.offline_tasks import _NewsgroupUnpickler, read_mini_newsgroups
+    from st_synth.data.offline_tasks import _NewsgroupUnpickler, read_mini_newsgroups
 
     posts, labels, names = read_mini_newsgroups()
     assert names == ["alt.atheism", "sci.space"] and len(posts) == 200 and sorted(set(labels)) == [0, 1]
@@ -169,7 +170,7 @@ def test_mini_newsgroups_loads_safely_without_label_leaks(model):
 
 
 def test_benchmarks_resolve_and_unknown_ones_get_close_matches():
-    from st_synth.evaluation import resolve_benchmark
+    from st_synth.evaluation.evaluate import resolve_benchmark
 
     names = [task.metadata.name for task in resolve_benchmark("st-synth-offline")]
     assert names == ["LeeDocSTS", "MiniNewsgroupsClassification", "ChatterbotQARetrieval"]

@@ -11,7 +11,7 @@ from sentence_transformers import SentenceTransformer
 
 from st_synth import build_embedder, format_instruction
 from st_synth.cli import main
-from st_synth.export import FLOAT_FLOOR, GRAPHS, INT8_FLOOR, MODELING_FILE, export_onnx
+from st_synth.model.export import FLOAT_FLOOR, GRAPHS, INT8_FLOOR, MODELING_FILE, export_onnx
 from st_synth.testing.tiny import build_tiny_mistral
 
 pytest.importorskip("onnxruntime", reason="install st-synth[onnx]")
@@ -121,7 +121,7 @@ def test_export_refuses_bad_input_before_any_work(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_export_matches_torch(tmp_path):
-    from st_synth.embedder import smollm2_as_mistral
+    from st_synth.model.backbones import smollm2_as_mistral
 
     model = build_embedder(str(smollm2_as_mistral()), max_seq_length=64)
     model.save(str(tmp_path / "torch"))

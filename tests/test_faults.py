@@ -25,12 +25,12 @@ import openai
 import pytest
 from datasets import DatasetDict
 
-from st_synth import local_llm
-from st_synth.builder import REPORT_FILE
-from st_synth.cache import AnswerCache
 from st_synth.cli import main
-from st_synth.client import describe_connection_error
-from st_synth.local_llm import PORTABLE_CMAKE_ARGS, LocalLLMServer, LocalServerError
+from st_synth.common.names import REPORT_FILE
+from st_synth.generation import local_llm
+from st_synth.generation.cache import AnswerCache
+from st_synth.generation.client import describe_connection_error
+from st_synth.generation.local_llm import PORTABLE_CMAKE_ARGS, LocalLLMServer, LocalServerError
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def test_disk_full_while_writing_the_cache_keeps_what_was_written(fake_server, t
         def close(self):
             self._db.close()
 
-    monkeypatch.setattr("st_synth.cache.sqlite3.connect", FillsUp)
+    monkeypatch.setattr("st_synth.generation.cache.sqlite3.connect", FillsUp)
     assert main(command) == 1
     err = capsys.readouterr().err
     assert "Cannot write the answer cache" in err and "database or disk is full" in err
@@ -351,7 +351,7 @@ def test_a_cache_another_process_is_creating_is_waited_for_not_refused(tmp_path)
 
 
 def test_busy_and_locked_are_told_from_other_errors_with_or_without_a_result_code():
-    from st_synth.cache import held_by_another
+    from st_synth.generation.cache import held_by_another
 
     for message in ("database is locked", "database table is locked", "database schema is locked: main"):
         assert held_by_another(sqlite3.OperationalError(message))  # Python 3.10: no result code

@@ -17,13 +17,13 @@ import pytest
 from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
-from st_synth.builder import REPORT_FILE
-from st_synth.client import EndpointError
-from st_synth.languages import XLMR_LANGUAGES, paper_language_weights, resolve_language_weights
-from st_synth.prompting import example_request, plan_examples
-from st_synth.taxonomy import TASK_KINDS
+from st_synth.common.languages import XLMR_LANGUAGES, paper_language_weights, resolve_language_weights
+from st_synth.common.names import REPORT_FILE
+from st_synth.common.taxonomy import TASK_KINDS
+from st_synth.generation.client import EndpointError
+from st_synth.generation.prompting import example_request, plan_examples
+from st_synth.generation.validation import Rejected, parse_example, parse_tasks
 from st_synth.testing.openai_server import get_json, heavy_tailed_latency
-from st_synth.validation import Rejected, parse_example, parse_tasks
 from tests.helpers import assert_images_linked, free_port, kill_and_resume
 
 
@@ -310,7 +310,7 @@ def test_duplicates_are_replaced_during_the_run_as_the_final_walk_would(
     Same requests, same drops, same dataset as leaving everything to the walk."""
     import sys
 
-    from st_synth.builder import _Run
+    from st_synth.generation.builder import _Run
 
     server = fake_server(bad_answer_rate=0.3, bad_answers=faults)
     walk_requests: list[int] = []
@@ -342,7 +342,7 @@ def test_duplicates_are_replaced_during_the_run_as_the_final_walk_would(
 
 
 def test_shard_indices_are_computed_not_held():
-    from st_synth.builder import ShardIndices
+    from st_synth.generation.spool import ShardIndices
 
     for num_examples, block_size, shards in [
         (0, 8, 1),
@@ -365,7 +365,7 @@ def test_a_run_holds_only_the_examples_in_flight(fake_server, tmp_path, monkeypa
     """What a run holds per example (plans, first-answer owners, task pools) is forgotten once the walk has
     settled it: during the run these hold the examples in flight (a worker's, or finished and waiting for a
     slower one below them), not the run; after it, nothing."""
-    from st_synth.builder import _Run
+    from st_synth.generation.builder import _Run
 
     server = fake_server(bad_answer_rate=0.2, bad_answers=("duplicate", "near_duplicate", "malformed"))
     names = ("live", "first_owner", "first_keys", "kept", "done", "pools", "block_kinds")
@@ -486,7 +486,7 @@ def test_api_key_never_reaches_disk_or_logs(fake_server, tmp_path, monkeypatch, 
 def test_push_to_hub_uploads_data_and_card(fake_server, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
-    from st_synth.hub import push_dataset
+    from st_synth.cards.hub import push_dataset
 
     server = fake_server(bad_answer_rate=0.3, bad_answers=("near_duplicate",))
     builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=12, kinds="retrieval,sts"))
@@ -569,21 +569,21 @@ def test_kept_examples_are_spooled_to_arrow_files_and_orphaned_spools_removed(
 ):
     """Settled examples leave memory for Arrow files beside the cache (flushed every FLUSH rows); the dataset
     is read back from them; a spool left by a killed process is removed, the live process's kept."""
-    from st_synth import builder as builder_module
+    from st_synth.generation import spool as spool_module
 
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    orphan = tmp_path / f"{builder_module.SPOOL_PREFIX}{gone.stdout.strip()}-x"
-    alive = tmp_path / f"{builder_module.SPOOL_PREFIX}{os.getppid()}-y"
+    orphan = tmp_path / f"{spool_module.SPOOL_PREFIX}{gone.stdout.strip()}-x"
+    alive = tmp_path / f"{spool_module.SPOOL_PREFIX}{os.getppid()}-y"
     orphan.mkdir()
     alive.mkdir()
-    monkeypatch.setattr(builder_module._Spool, "FLUSH", 5)
+    monkeypatch.setattr(spool_module.Spool, "FLUSH", 5)
     server = fake_server()
     builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=40, kinds="retrieval,sts"))
     dataset = builder.build()
     assert not orphan.exists() and alive.exists()
-    spools = [p for p in tmp_path.glob(f"{builder_module.SPOOL_PREFIX}{os.getpid()}-*")]
+    spools = [p for p in tmp_path.glob(f"{spool_module.SPOOL_PREFIX}{os.getpid()}-*")]
     assert len(spools) == 1 and {p.name for p in spools[0].iterdir()} == {"retrieval.arrow", "sts.arrow"}
     assert {kind: Path(data.cache_files[0]["filename"]).parent for kind, data in dataset.items()} == {
         "retrieval": spools[0], "sts": spools[0]}  # fmt: skip

@@ -12,11 +12,11 @@ import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
-from st_synth.corpus import Corpus
-from st_synth.filtering import ConsistencyFilter, filter_folder
-from st_synth.grounding import copied_share, label_set, load_spec, parse_answer, whole_sentences
-from st_synth.taxonomy import TASK_KINDS
-from st_synth.validation import Rejected
+from st_synth.common.taxonomy import TASK_KINDS
+from st_synth.data.corpus import Corpus
+from st_synth.data.filtering import ConsistencyFilter, filter_folder
+from st_synth.generation.grounding import copied_share, label_set, load_spec, parse_answer, whole_sentences
+from st_synth.generation.validation import Rejected
 from tests.helpers import kill_and_resume
 
 TOPICS = ["river floods", "library books", "school buses", "city budget", "bakery bread", "harbour ships",
@@ -341,7 +341,7 @@ def test_bad_grounded_kinds_and_prompts_name_the_choices(fake_server, tmp_path):
 def test_only_grounded_kinds_get_the_round_trip_and_the_corpus_negatives(tmp_path):
     """A dataset with long_long grounded and short_short free: the filter's round trip and the corpus's
     negatives are for long_long; short_short gets the ordinary check and negatives from its own positives."""
-    from st_synth.mining import MiningArguments, mine_folder
+    from st_synth.data.mining import MiningArguments, mine_folder
 
     passages = [
         f"Report about {topic}: the {topic} of the town changed this year, officials said."

@@ -19,7 +19,7 @@ pytestmark = [
 def _generate(server, tmp_path, examples: str, **settings):
     """Start ``server``, generate with it one request at a time, return (dataset, report)."""
     from st_synth import GenerationConfig, SyntheticDatasetBuilder
-    from st_synth.local_llm import backend_generation_defaults
+    from st_synth.generation.local_llm import backend_generation_defaults
 
     settings = {**backend_generation_defaults(server.backend), **settings}
     config = GenerationConfig(
@@ -36,7 +36,7 @@ def _generate(server, tmp_path, examples: str, **settings):
 def test_llama_cpp_server_proves_itself_alive_before_any_request():
     """The warm-up completion of the real server: the check that catches a build that crashes on its
     first answer (llama.cpp's native build on AMX CPUs)."""
-    from st_synth.local_llm import LocalLLMServer
+    from st_synth.generation.local_llm import LocalLLMServer
 
     with LocalLLMServer(backend="llama.cpp") as server:
         assert server.warmup_seconds is not None and server.warmup_seconds < 60
@@ -45,8 +45,8 @@ def test_llama_cpp_server_proves_itself_alive_before_any_request():
 
 
 def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
-    from st_synth.local_llm import LocalLLMServer
-    from st_synth.taxonomy import TASK_KINDS
+    from st_synth.common.taxonomy import TASK_KINDS
+    from st_synth.generation.local_llm import LocalLLMServer
 
     dataset, report = _generate(LocalLLMServer(), tmp_path, "24", languages="English,German,French")
     keep_rate = {
@@ -62,7 +62,7 @@ def test_smollm2_through_llama_cpp_generates_every_kind(tmp_path):
 
 def test_smollm2_through_transformers_serve_generates(tmp_path):
     """The fallback server: no compile step, slower, no schema-constrained decoding."""
-    from st_synth.local_llm import LocalLLMServer
+    from st_synth.generation.local_llm import LocalLLMServer
 
     server = LocalLLMServer(backend="transformers", threads=2)
     kinds = os.environ.get("ST_SYNTH_LLM_KINDS", "sts,short_short")

@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from st_synth import local_llm
-from st_synth.local_llm import LocalLLMServer, resolve_backend
+from st_synth.generation import local_llm
+from st_synth.generation.local_llm import LocalLLMServer, resolve_backend
 
 
 def _hide(monkeypatch, *names: str) -> None:
@@ -78,8 +78,8 @@ def test_transformers_backend_caps_answers_unless_the_user_sets_limits(monkeypat
 
 
 def test_cli_generate_takes_the_backend_limits_unless_given(monkeypatch, tmp_path):
-    from st_synth import builder
     from st_synth.cli import main
+    from st_synth.generation import builder
 
     _hide(monkeypatch, "llama_cpp")
     seen = []

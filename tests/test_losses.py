@@ -11,7 +11,9 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from sentence_transformers.util import cos_sim
 
-from st_synth.losses import (
+from st_synth.testing.tiny import build_tiny_mistral
+from st_synth.training.arguments import ModelArguments
+from st_synth.training.losses import (
     LOSSES,
     CachedOwnNegativesLoss,
     LossArguments,
@@ -19,8 +21,7 @@ from st_synth.losses import (
     build_loss,
     own_negatives_loss,
 )
-from st_synth.testing.tiny import build_tiny_mistral
-from st_synth.training import ModelArguments, build_losses, build_model
+from st_synth.training.trainer import build_losses, build_model
 
 
 def test_the_batched_loss_is_the_per_row_loss():

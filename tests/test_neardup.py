@@ -11,7 +11,7 @@ from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.cli import main
-from st_synth.neardup import ExactKeys, NearDuplicateIndex, signature, similarity
+from st_synth.data.neardup import ExactKeys, NearDuplicateIndex, signature, similarity
 from st_synth.testing.openai_server import REPEATED_TEXT
 
 DOC = (
@@ -187,10 +187,10 @@ def test_dedup_judges_exact_repeats_as_the_generator_does(tmp_path):
     row that differs from an earlier one only in case folding or compatibility forms is a repeat."""
     from datasets import Dataset, DatasetDict
 
-    from st_synth.dedup import dedup_shards
-    from st_synth.names import REPORT_FILE
-    from st_synth.neardup import exact_key
-    from st_synth.validation import normalize
+    from st_synth.common.names import REPORT_FILE
+    from st_synth.common.text import normalize
+    from st_synth.data.dedup import dedup_shards
+    from st_synth.data.neardup import exact_key
 
     rows = [
         [("Wo liegt die Straße?", "Die Straße liegt im Norden der Stadt.")],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from st_synth.prepared import build_once
+from st_synth.common.prepared import build_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = """
 import sys, time
 from pathlib import Path
-from st_synth.prepared import build_once
+from st_synth.common.prepared import build_once
 
 target, log = Path(sys.argv[1]), Path(sys.argv[2])
 

@@ -11,8 +11,9 @@ import pytest
 from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
-from st_synth.languages import resolve_language_weights
-from st_synth.prompting import (
+from st_synth.common.languages import resolve_language_weights
+from st_synth.common.taxonomy import PAPER_KIND_COUNTS, TASK_KINDS, resolve_kind_weights
+from st_synth.generation.prompting import (
     PROMPT_VERSIONS,
     brainstorm_request,
     example_request,
@@ -21,7 +22,6 @@ from st_synth.prompting import (
     render,
     template_variants,
 )
-from st_synth.taxonomy import PAPER_KIND_COUNTS, TASK_KINDS, resolve_kind_weights
 from tests.test_grounded import grounded_config
 
 UNIFORM = {name: 1.0 for name in TASK_KINDS}

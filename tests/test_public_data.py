@@ -11,9 +11,10 @@ import pytest
 import yaml
 from datasets import Dataset, DatasetDict
 
-from st_synth.embedder import DEFAULT_INSTRUCTION_TEMPLATE, format_instruction
+from st_synth.model.embedder import DEFAULT_INSTRUCTION_TEMPLATE, format_instruction
 from st_synth.testing.tiny import WORDS
-from st_synth.training import DataArguments, load_sources, make_train_parser
+from st_synth.training.arguments import DataArguments, make_train_parser
+from st_synth.training.sources import load_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ROOT / "recipes" / "configs" / "e5-mistral-7b-full.yaml"
@@ -89,7 +90,7 @@ def test_the_papers_mix_loads_samples_instructs_and_mines_offline(tmp_path, monk
     assert {q.split("\nQuery: ")[0] for q in sources["nli"]["query"]} == {
         "Instruct: " + i for i in entries[6]["instructions"]}  # fmt: skip
     # Prepared once: a second load (another process, a re-run) reads the cache and mines nothing.
-    monkeypatch.setattr("st_synth.mining.mine_negatives", lambda *a, **k: pytest.fail("mined again"))
+    monkeypatch.setattr("st_synth.data.mining.mine_negatives", lambda *a, **k: pytest.fail("mined again"))
     again, _ = load_sources(args, DEFAULT_INSTRUCTION_TEMPLATE)
     assert again["eli5"]["negative"] == sources["eli5"]["negative"]
 
@@ -126,7 +127,7 @@ def test_missing_columns_and_splits_are_named(tmp_path):
 
 
 def test_the_full_config_reads_through_the_training_parser():
-    from st_synth.arguments import with_yaml
+    from st_synth.common.arguments import with_yaml
 
     parser = make_train_parser()
     flags = with_yaml(parser, [str(FULL), "--use_cpu", "true", "--bf16", "false"])

@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
-from st_synth.sampling import LengthGroupedBatchSampler
+from st_synth.training.sampling import LengthGroupedBatchSampler
 
 
 def _mix(rows: int = 600, seed: int = 0) -> Dataset:

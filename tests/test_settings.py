@@ -16,16 +16,16 @@ import torch
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from st_synth.arguments import SettingsParser
-from st_synth.builder import GenerationConfig
 from st_synth.cli import build_parser
-from st_synth.evaluation import EvaluationArguments
-from st_synth.filtering import ConsistencyFilter
-from st_synth.mining import MiningArguments
+from st_synth.common.arguments import SettingsParser
+from st_synth.data.filtering import ConsistencyFilter
+from st_synth.data.mining import MiningArguments
+from st_synth.evaluation.evaluate import EvaluationArguments
+from st_synth.generation.config import GenerationConfig
 from st_synth.pipeline import RunArguments, load_config, plan_run
 from st_synth.testing.tiny import build_tiny_mistral
 from st_synth.testing.toy import write_toy_synthetic
-from st_synth.training import TRAIN_DATACLASSES, make_train_parser
+from st_synth.training.arguments import TRAIN_DATACLASSES, make_train_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_renamed_settings_still_work_and_warn():
 
 
 def test_bad_settings_name_the_valid_choices(tmp_path):
-    from st_synth.arguments import SettingsError
+    from st_synth.common.arguments import SettingsError
 
     with pytest.raises(
         SettingsError, match=r"loss 'infonce' is unknown; choose one of: in_batch, own_negatives"
@@ -256,7 +256,7 @@ def test_saved_prompts_follow_the_training_instructions(tiny_runs):
 def test_the_card_is_hub_metadata_with_every_evaluated_task(tiny_runs):
     from huggingface_hub import ModelCard
 
-    from st_synth.cards import render_model_card
+    from st_synth.cards.render import render_model_card
 
     final = tiny_runs["cli"] / "final"
     scores = {"LeeDocSTS": 0.51, "MiniNewsgroupsClassification": 0.72, "ChatterbotQARetrieval": 0.19}
@@ -278,7 +278,7 @@ def test_the_card_is_hub_metadata_with_every_evaluated_task(tiny_runs):
 
 
 def test_yaml_null_sets_a_field_that_takes_none():
-    from st_synth.mining import MiningArguments
+    from st_synth.data.mining import MiningArguments
 
     (mining,) = SettingsParser([MiningArguments]).parse_settings(
         {"relative_margin": None, "range_max": 6}, "mine"

