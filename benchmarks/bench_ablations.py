@@ -106,9 +106,9 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    from st_synth.cli import _parse_sets
+    from st_synth.pipeline import parse_overrides
 
-    base = _parse_sets(args.set)
+    base = parse_overrides(args.set)
     if args.variants is None:
         trains_with = pipeline.plan_run(pipeline.load_config(args.config, base)).data_args.use_instructions
         skip = "with_instructions" if trains_with else "no_instructions"

@@ -88,7 +88,7 @@ def _generate(config: Any, target: GenerateOutput) -> int:
     from st_synth.generation.cache import AnswerCache, CacheError
     from st_synth.generation.client import EndpointError
     from st_synth.generation.config import check_output_folder
-    from st_synth.generation.stage import generation_report_summary, served_builder
+    from st_synth.generation.stage import DatasetNotSaved, generate, generation_report_summary, save_dataset
 
     batch = bool(target.batch_export or target.batch_import)
     try:
@@ -122,32 +122,26 @@ def _generate(config: Any, target: GenerateOutput) -> int:
     try:
         if target.batch:
             builder = _batch_api(config, target)
-        elif builder is None:
-            with served_builder(config) as builder:
-                builder.build()
-    except (CacheError, ValueError) as error:
+        if builder is None:
+            builder = generate(config, output)
+        else:  # finished through a batch route
+            save_dataset(builder, output)
+    except (CacheError, ValueError, DatasetNotSaved) as error:
         return _fail("generate", error, 1)
     except EndpointError as error:
         return _fail("generate", error, 1, "endpoint error")
     except RuntimeError as error:  # BatchAPIError, openai.APIError
         return _fail("generate", error, 1, "batch error" if target.batch else "error")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if target.batch:
             print("st-synth generate: interrupted. The batches already submitted keep running at the endpoint "
                   f"and are recorded in the cache {config.cache_path}: run the same command again to collect "
                   "them (nothing is submitted or paid twice).", file=sys.stderr)  # fmt: skip
             return 130
-        stored = ((builder and builder.report) or {}).get("answers_stored", 0)
+        stored = getattr(stop, "answers_stored", 0)
         print(f"st-synth generate: interrupted. {stored} answers from this run are safe in the cache "
               f"{config.cache_path}; run the same command again to resume from them.", file=sys.stderr)  # fmt: skip
         return 130
-    try:
-        builder.save(output)
-    except OSError as error:
-        print(f"st-synth generate: error: cannot save the dataset to {output} ({error.strerror or error}). "
-              f"Every answer is in the cache {config.cache_path}: fix that and run the same command again "
-              "(it sends no request).", file=sys.stderr)  # fmt: skip
-        return 1
     report = builder.report or {}
     print(generation_report_summary(report))
     print(f"saved to {output}")
@@ -309,39 +303,22 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
     from pathlib import Path
 
     from st_synth.common.names import CARD_DATA_FILE
-    from st_synth.evaluation import evaluate as evaluation
+    from st_synth.evaluation.evaluate import score_table
+    from st_synth.evaluation.stage import evaluate_models
 
     facts_file = Path(target.model) / CARD_DATA_FILE
     facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
     try:
-        tasks = settings.resolve()
-        compared = settings.compared_models(facts.get("base_model"), facts.get("instruction_template"))
-
-        def scored(model: Any, instructions: bool = settings.instructions, **extra: Any) -> dict[str, Any]:
-            return evaluation.evaluate(model, tasks, overrides=settings.overrides, use_instructions=instructions,
-                                       batch_size=settings.batch_size, max_seq_length=settings.max_seq_length,
-                                       protocol=settings.protocol, **extra)  # fmt: skip
-
-        payload = scored(target.model, output=target.output)
-        comparison = {name: scored(load(), instructions)["summary"]["main_score"]
-                      for name, (_, load, instructions) in compared.items()}  # fmt: skip
-        variants = {
-            name: scored(target.model, **extra)["summary"] for name, extra in settings.variants().items()
-        }
+        result = evaluate_models(settings, target.model, base_model=facts.get("base_model"),
+                                 instruction_template=facts.get("instruction_template"))  # fmt: skip
     except ValueError as error:
         return _fail("evaluate", error)
-    if variants:  # each cut size and precision is a column of the table (and of the card)
-        comparison.update({name: summary["main_score"] for name, summary in variants.items()})
-        if target.output:
-            payload["by_dimension"] = {
-                dim: variants[f"{dim} dims"]["main_score"] for dim in settings.truncate_dim
-            }
-            payload["by_precision"] = {p: {"main_score": variants[p]["main_score"], "bytes_per_vector":
-                                           variants[p]["bytes_per_vector"]} for p in settings.precision}  # fmt: skip
-            Path(target.output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    scores = payload["summary"]["main_score"]
+    payload, scores = result.trained, result.scores["trained"]
+    comparison = {name: column for name, column in result.scores.items() if name != "trained"}
+    if target.output:
+        Path(target.output).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     if comparison:
-        print(evaluation.score_table({"trained": scores, **comparison}))
+        print(score_table({"trained": scores, **comparison}))
     else:
         for task, score in scores.items():
             print(f"{task}: {score:.4f}")

@@ -42,7 +42,7 @@ from st_synth.common.names import (
 )
 from st_synth.data.filtering import ConsistencyFilter
 from st_synth.data.mining import MiningArguments
-from st_synth.evaluation.evaluate import EvaluationArguments, score_table
+from st_synth.evaluation.evaluate import EvaluationArguments, resolve_tasks, score_table
 from st_synth.generation.config import GenerationConfig
 from st_synth.training.arguments import DataArguments, ModelArguments, OutputArguments
 from st_synth.training.losses import LossArguments
@@ -266,22 +266,18 @@ def run(plan: RunPlan, echo=print) -> dict[str, Any]:
 
 
 def _generate(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
-    from st_synth.generation.cache import AnswerCache
     from st_synth.generation.local_llm import resolve_backend
-    from st_synth.generation.stage import generation_report_summary, served_builder
+    from st_synth.generation.stage import generate, generation_report_summary
 
     g = plan.generation
     where = (f" (local {resolve_backend(g.llm_backend)} server)" if g.local
              else f" at {g.public_settings()['base_url']}")  # fmt: skip
     started = stages.start("generate", f"{g.num_examples} examples from {g.model}{where}")
-    AnswerCache.check(g.cache_path)  # a file that is no cache is refused before a server starts
-    with served_builder(g, corpus=plan.corpus()) as builder:
-        builder.build()
+    builder = generate(g, plan.output / RUN_SYNTHETIC_DIR, corpus=plan.corpus())
     if builder.server is not None and builder.server.fallback_from:
         stages.echo(
             f"      served by transformers serve: llama.cpp failed its warm-up ({builder.server.fallback_reason})"
         )
-    builder.save(plan.output / RUN_SYNTHETIC_DIR)
     report = builder.report or {}
     stages.done("generate", started, generation_report_summary(report).replace("\n", "\n      "))
     if not report.get("complete"):
@@ -369,75 +365,18 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     return record
 
 
-def _evaluate_cached(
-    name: str,
-    fingerprint: str,
-    plan: RunPlan,
-    load_model,
-    echo,
-    instructions: bool,
-    truncate_dim: int | None = None,
-    precision: str = "float32",
-) -> dict[str, float]:
-    from st_synth.evaluation.evaluate import evaluate, resolve_tasks
-
-    e = plan.evaluation
-    folder = plan.output / RUN_EVAL_DIR
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{name}.json"
-    key = _fingerprint(
-        fingerprint,
-        plan.tasks,
-        instructions,
-        e.max_seq_length,
-        e.task_instructions,
-        e.protocol,
-        *([truncate_dim] if truncate_dim else []),
-        *([precision] if precision != "float32" else []),
-    )
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("fingerprint") == key:
-            echo(f"      {name}: unchanged, scores from {path}")
-            return saved["summary"]["main_score"]
-    payload = evaluate(load_model(), resolve_tasks(plan.tasks), overrides=e.overrides, use_instructions=instructions,
-                       batch_size=e.batch_size, max_seq_length=e.max_seq_length, protocol=e.protocol,
-                       truncate_dim=truncate_dim, precision=precision)  # fmt: skip
-    payload["fingerprint"] = key
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    scores = payload["summary"]["main_score"]
-    echo(f"      {name}: " + ", ".join(f"{task} {score:.4f}" for task, score in scores.items())
-         + f" ({payload['summary']['wall_time_s']:.0f} s)")  # fmt: skip
-    return scores
-
-
 def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[str, dict[str, float]]:
-    from sentence_transformers import SentenceTransformer
+    from st_synth.evaluation.stage import evaluate_models
 
-    e = plan.evaluation
     started = stages.start("evaluate", ", ".join(plan.tasks))
-    compared = e.compared_models(plan.model_args.base_model, plan.model_args.instruction_template,
-                                 cache_dir=Path(plan.training_args.output_dir).parent)  # fmt: skip
-    results: dict[str, dict[str, float]] = {}
-    if "untrained" in compared:
-        fingerprint, load, instructions = compared.pop("untrained")
-        results["untrained"] = _evaluate_cached(
-            "untrained", fingerprint, plan, load, stages.echo, instructions
-        )
-    final = plan.final_model
-
-    def load_trained() -> SentenceTransformer:
-        return SentenceTransformer(str(final))
-
-    results["trained"] = _evaluate_cached("trained", trained_fingerprint, plan, load_trained, stages.echo,
-                                          e.instructions)  # fmt: skip
-    for name, (fingerprint, load, instructions) in compared.items():
-        results[name] = _evaluate_cached("reference", fingerprint, plan, load, stages.echo, instructions)
-    for name, extra in e.variants().items():  # cut sizes (Matryoshka) and quantized precisions
-        results[name] = _evaluate_cached(f"trained-{next(iter(extra.values()))}", trained_fingerprint, plan,
-                                         load_trained, stages.echo, e.instructions, **extra)  # fmt: skip
+    result = evaluate_models(
+        plan.evaluation, plan.final_model, tasks=resolve_tasks(plan.tasks), base_model=plan.model_args.base_model,
+        instruction_template=plan.model_args.instruction_template, cache_dir=Path(plan.training_args.output_dir).parent,
+        results_dir=plan.output / RUN_EVAL_DIR, model_fingerprint=trained_fingerprint,
+        echo=lambda line: stages.echo(f"      {line}"),
+    )  # fmt: skip
     stages.done("evaluate", started, f"results under {plan.output / RUN_EVAL_DIR}")
-    return results
+    return result.scores
 
 
 def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:

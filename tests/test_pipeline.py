@@ -147,6 +147,38 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     assert_images_linked(card, saved, ["scores", "storage"])
     assert not (final / "images" / "loss.png").exists()
 
+    # `st-synth generate`, `filter` and `evaluate` are the run's own stages: the same settings give the same
+    # dataset (every answer from the cache: no request), the same filter verdicts and the same scores.
+    g = _config(tmp_path, server.base_url)["generate"]
+    flags = [f"--{key}={','.join(f'{k}={v}' for k, v in value.items()) if isinstance(value, dict) else ','.join(value) if isinstance(value, list) else value}"
+             for key, value in g.items() if key != "show_progress"]  # fmt: skip
+    assert main(["generate", *flags, "--no_show_progress", "--output", str(tmp_path / "generated")]) == 0
+    assert server.chat_requests == sent
+    ran, generated = load_from_disk(str(run / "synthetic")), load_from_disk(str(tmp_path / "generated"))
+    assert {kind: split.to_list() for kind, split in generated.items()} == {
+        kind: split.to_list() for kind, split in ran.items()}  # fmt: skip
+    assert main(["filter", "--input", str(tmp_path / "generated"), "--output", str(tmp_path / "filtered"),
+                 "--top_k", "3", "--round_trip_top_k", "12"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "filtered" / "filter_report.json").read_text())
+    assert {kind: entry["kept"] for kind, entry in report["kinds"].items()} == {
+        kind: entry["kept"] for kind, entry in filtered["kinds"].items()}  # fmt: skip
+    tasks = ",".join(_config(tmp_path, server.base_url)["evaluate"]["tasks"])
+    assert main(["evaluate", "--model", str(final), "--tasks", tasks, "--reference", "all-MiniLM-L6-v2",
+                 "--max_seq_length", "32", "--truncate_dim", "16", "--precision", "binary",
+                 "--output", str(tmp_path / "results.json")]) == 0  # fmt: skip
+    by_cli, by_run = (
+        json.loads(path.read_text()) for path in (tmp_path / "results.json", run / "eval" / "trained.json")
+    )
+    assert by_cli["summary"]["main_score"] == pytest.approx(by_run["summary"]["main_score"], abs=1e-6)
+    assert by_cli["by_dimension"].keys() == by_run["by_dimension"].keys() == {"16"}
+    assert by_cli["by_dimension"]["16"] == pytest.approx(by_run["by_dimension"]["16"], abs=1e-6)
+    assert by_cli["by_precision"]["binary"]["main_score"] == pytest.approx(
+        by_run["by_precision"]["binary"]["main_score"], abs=1e-6
+    )
+    out = capsys.readouterr().out
+    reference = json.loads((run / "run_summary.json").read_text())["evaluation"]["all-MiniLM-L6-v2"]
+    assert all(f"{score:.4f}" in out for score in reference.values())
+
 
 @pytest.mark.parametrize(
     ("change", "message"),

@@ -26,8 +26,9 @@ def resolve_guide(name: str) -> str:
 
 def load_guide(name: str) -> Any:
     """The guide ``name`` (a SentenceTransformer folder or Hub id, or :data:`GUIDE_ALIAS`) as a model."""
+    from sentence_transformers import SentenceTransformer
 
-    return load_guide(name)
+    return SentenceTransformer(resolve_guide(name))
 
 
 def corpus_embeddings(model: Any, passages: list[str], batch_size: int = 32,
