@@ -42,6 +42,7 @@ from st_synth.common.names import (
 )
 from st_synth.data.filtering import ConsistencyFilter
 from st_synth.data.mining import MiningArguments
+from st_synth.data.reader import load_saved
 from st_synth.evaluation.evaluate import EvaluationArguments, resolve_tasks, score_table
 from st_synth.generation.config import GenerationConfig
 from st_synth.training.arguments import DataArguments, ModelArguments, OutputArguments
@@ -207,9 +208,7 @@ def _fingerprint(*parts: Any) -> str:
 
 def dataset_fingerprint(folder: str | Path) -> str:
     """A digest of a saved DatasetDict's rows (not of file names or times)."""
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(str(folder))
+    dataset = load_saved(folder)
     digest = hashlib.sha256()
     for name in sorted(dataset):
         digest.update(name.encode())

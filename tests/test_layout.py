@@ -104,6 +104,19 @@ def test_subpackages_import_only_those_below_them():
     assert upward == []
 
 
+def test_datasets_are_read_in_one_place():
+    """``load_dataset`` / ``load_from_disk`` are called by st_synth.data.reader alone (every stage reads through
+    it); st_synth/testing builds its fixtures in place."""
+    callers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in ("load_dataset", "load_from_disk"):
+                    callers.add(str(path.relative_to(PACKAGE)))
+    assert callers == {"data/reader.py"}
+
+
 def test_no_module_is_longer_than_600_lines():
     long = {path.name: n for path in PACKAGE.rglob("*.py") if (n := len(path.read_text().splitlines())) > 600}
     assert long == {}

@@ -3,7 +3,7 @@
 SOURCE is one of:
 
 - a folder of ``.txt`` / ``.md`` files (one document per file, read recursively, in sorted order);
-- a ``.jsonl``, ``.csv`` or ``.parquet`` file, or a folder written by ``datasets``' ``save_to_disk``, or a
+- a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file, or a folder written by ``datasets``' ``save_to_disk``, or a
   Hub dataset id, each with a text column (``text_column``, default ``text``);
 - ``builtin:NAME``: corpora that ship in packages st-synth already depends on, chosen among texts no shipped
   evaluation task uses (:data:`BUILTIN_CORPORA`).
@@ -16,19 +16,20 @@ passages equal after normalisation are kept once (the first). Sampling is a pure
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from datasets import DatasetDict
+
 from st_synth.common.arguments import decode_json
 from st_synth.common.names import unknown_name
 from st_synth.common.text import normalize, seeded_rng
 from st_synth.data.guide import resolve_guide
+from st_synth.data.reader import FILE_FORMATS, read_dataset
 
 
 def _lee_background() -> list[str]:
@@ -50,7 +51,6 @@ BUILTIN_CORPORA: dict[str, tuple[Any, str]] = {
     "lee-background": (_lee_background, "gensim's lee_background.cor: 300 Australian news articles (not LeeDocSTS's 50)"),
     "wikipedia": (_wikipedia, "gensim's English Wikipedia sample: first prose paragraph of each section, ~100 articles"),
 }  # fmt: skip
-FILE_FORMATS = (".jsonl", ".csv", ".parquet")
 TEXT_FILES = (".txt", ".md")
 
 
@@ -117,30 +117,11 @@ def load_documents(source: str, text_column: str = "text") -> list[str]:
             if not files:
                 raise ValueError(f"Corpus folder {source} holds no {' or '.join(TEXT_FILES)} files.")
             documents = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-        elif path.is_file() and path.suffix.lower() == ".jsonl":
-            rows = [
-                json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-            ]
-            documents = _column(rows, text_column, source, sorted({k for row in rows for k in row}))
-        elif path.is_file() and path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                rows = list(reader)
-            documents = _column(rows, text_column, source, list(reader.fieldnames or []))
-        elif path.is_file() and path.suffix.lower() == ".parquet":
-            from datasets import Dataset
-
-            dataset = Dataset.from_parquet(str(path))
-            documents = _column(dataset, text_column, source, dataset.column_names)
-        elif path.is_file():
+        elif path.is_file() and path.suffix.lower() not in FILE_FORMATS:
             raise ValueError(f"Corpus file {source}: unknown format; use one of {', '.join(FILE_FORMATS)}, "
                              f"or a folder of {'/'.join(TEXT_FILES)} files.")  # fmt: skip
         else:
-            from datasets import DatasetDict
-
-            from st_synth.data.reader import load_saved_or_hub
-
-            dataset = load_saved_or_hub(source, "Corpus")
+            dataset = read_dataset(source, "Corpus")
             if isinstance(dataset, DatasetDict):
                 dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
             documents = _column(dataset, text_column, source, dataset.column_names)

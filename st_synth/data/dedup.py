@@ -15,12 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datasets import DatasetDict, concatenate_datasets, load_from_disk
+from datasets import DatasetDict, concatenate_datasets
 
 from st_synth.common.names import REPORT_FILE
 from st_synth.common.taxonomy import PROVENANCE_COLUMNS
 from st_synth.common.text import normalize
 from st_synth.data.neardup import ExactKeys, NearDuplicateIndex, check_threshold, exact_key, signature
+from st_synth.data.reader import load_saved
 
 DEDUP_REPORT = "dedup_report.json"
 
@@ -30,7 +31,7 @@ def _load(folder: Path) -> tuple[int, DatasetDict, dict[str, Any]]:
         raise ValueError(f"{folder} is not a saved DatasetDict (an `st-synth generate` output folder).")
     report_file = folder / REPORT_FILE
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    return int(report.get("shard_index", 0)), load_from_disk(str(folder)), report
+    return int(report.get("shard_index", 0)), load_saved(folder), report
 
 
 def dedup_shards(

@@ -28,7 +28,9 @@ from sentence_transformers import SentenceTransformer
 
 from st_synth.common.names import FILTER_REPORT_FILE, REPORT_FILE
 from st_synth.common.taxonomy import get_kind, kinds_where
+from st_synth.data.corpus import Corpus, CorpusArguments
 from st_synth.data.guide import GUIDE_ALIAS, corpus_embeddings, load_guide
+from st_synth.data.reader import load_saved
 
 
 @dataclass
@@ -163,12 +165,10 @@ def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyF
     """Filter a `st-synth generate` folder into ``target`` (same layout, plus filter_report.json). A dataset
     grounded in a corpus (its report says which) is filtered against that corpus's passages, reloaded with
     the report's settings unless given."""
-    from datasets import load_from_disk
-
     source, target = Path(source), Path(target)
     if passages is None:
         passages = grounding_passages(source)
-    filtered, report = settings.apply(load_from_disk(str(source)), passages=passages, cache_folder=cache_folder,
+    filtered, report = settings.apply(load_saved(source), passages=passages, cache_folder=cache_folder,
                                       grounded_kinds=grounded_kinds_of(source))  # fmt: skip
     filtered.save_to_disk(str(target))
     if (source / REPORT_FILE).is_file():
@@ -191,8 +191,6 @@ def grounded_kinds_of(folder: str | Path) -> list[str] | None:
 
 def grounding_passages(folder: str | Path) -> list[str] | None:
     """The passages of the corpus a `st-synth generate` folder was grounded in (None: not grounded)."""
-    from st_synth.data.corpus import Corpus, CorpusArguments
-
     settings = _corpus_settings(folder)
     if not settings:
         return None

@@ -18,9 +18,13 @@ from typing import Any
 from datasets import Dataset, Features
 
 from st_synth.common.arguments import decode_json
+from st_synth.common.names import FILTER_REPORT_FILE, MINING_REPORT_FILE, REPORT_FILE
+from st_synth.common.taxonomy import TASK_KINDS
 from st_synth.common.text import normalize
-from st_synth.data.corpus import CorpusArguments
+from st_synth.data.corpus import Corpus, CorpusArguments
+from st_synth.data.filtering import grounded_kinds_of, grounding_passages
 from st_synth.data.guide import load_guide
+from st_synth.data.reader import read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +202,6 @@ def mining_pool(data: Any, grounded: list[str] | None = None) -> tuple[list[str]
     mining model finds. A split named after a kind whose positives are labels (classification) is never
     mined and never lends its labels as candidates. Returns (candidates, mineable split names).
     """
-    from st_synth.common.taxonomy import TASK_KINDS
 
     def labels(name: str) -> bool:
         return name in TASK_KINDS and not TASK_KINDS[name].in_batch_negatives
@@ -229,13 +232,8 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
 
     from datasets import DatasetDict
 
-    from st_synth.common.names import FILTER_REPORT_FILE, MINING_REPORT_FILE, REPORT_FILE
-    from st_synth.data.corpus import Corpus
-    from st_synth.data.filtering import grounded_kinds_of, grounding_passages
-    from st_synth.data.reader import load_saved_or_hub
-
     source, target = Path(source), Path(target)
-    data = load_saved_or_hub(source, "Pairs to mine for")
+    data = read_dataset(source, "Pairs to mine for")
     data = data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
     if not any({"query", "positive"} <= set(split.column_names) for split in data.values()):
         raise ValueError(f"{source} has no split with query and positive columns; it has: "

@@ -31,12 +31,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from st_synth.common.arguments import decode_json
 from st_synth.common.prepared import build_once
 from st_synth.data.guide import load_guide
 from st_synth.data.mining import MiningArguments, mine_negatives
+from st_synth.data.reader import load_saved, read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ ROLE_COLUMNS = {
     "positive": ("positive", "pos", "answer", "document", "sentence2"),
     "negative": ("negative", "neg", "hard_negative"),
 }
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -113,26 +113,11 @@ def parse_sources(value: Any) -> list[PublicSource]:
 
 
 def _load_split(source: PublicSource, split: str) -> Dataset:
-    path = Path(source.path)
-    try:
-        if path.is_dir():
-            data = load_from_disk(str(path))
-            if isinstance(data, DatasetDict):
-                if split not in data:
-                    raise ValueError(f"has no split {split!r}; it has: {', '.join(data)}")
-                return data[split]
-            return data
-        if path.suffix in FILE_FORMATS and path.is_file():
-            return load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
-        return load_dataset(source.path, source.subset, split=split)
-    except ValueError as error:
-        raise ValueError(f"Public dataset {source.name!r} ({source.path}): {error}") from None
-    except (ConnectionError, OSError, FileNotFoundError) as error:
-        raise ValueError(
-            f"Public dataset {source.name!r}: cannot load {source.path!r}"
-            f"{f' ({source.subset})' if source.subset else ''} split {split!r} ({type(error).__name__}: {error}). "
-            "Hub ids need the network; give a local copy as path otherwise."
-        ) from None
+    """One split of a public source: a saved folder's split, a data file (one split), or a Hub split."""
+    label = f"Public dataset {source.name!r}"
+    if source.subset:
+        label += f" (subset {source.subset})"
+    return read_dataset(source.path, label, subset=source.subset, split=split)
 
 
 def _role_columns(source: PublicSource, available: list[str]) -> dict[str, str]:
@@ -199,7 +184,7 @@ def prepare_public(sources: list[PublicSource], seed: int, mining: MiningArgumen
     folder = build_once(Path(cache_dir) / fingerprint(sources, seed, mining),
                         lambda into: _prepare_into(into, sources, seed, mining),
                         complete=lambda path: (path / "public_data_report.json").is_file())  # fmt: skip
-    return load_from_disk(str(folder / "data")), json.loads((folder / "public_data_report.json").read_text())
+    return load_saved(folder / "data"), json.loads((folder / "public_data_report.json").read_text())
 
 
 def _prepare_into(folder: Path, sources: list[PublicSource], seed: int, mining: MiningArguments) -> None:

@@ -1,7 +1,18 @@
-"""Reading a dataset the user named: a folder written by ``datasets``' ``save_to_disk``, or a Hub dataset id.
+"""The one reader of datasets the user names: every stage that takes a dataset (the corpus, the training data,
+extra and public datasets, mining, the filter, dedup, the run) reads it here.
 
-A name that is neither fails with one message that says what was looked for and why it was not found (no
-such file or folder, the Hub unreachable or offline), before any request is paid for.
+A source is a folder written by ``datasets``' ``save_to_disk``, a data file (:data:`FILE_FORMATS`), or a Hub
+dataset id (with its subset and split). A name that is none of these fails with one message that says what
+was looked for and why it was not found (no such file or folder, a format it cannot read, the Hub
+unreachable or offline), before any request is paid for.
+
+Example::
+
+    from st_synth.data.reader import read_dataset
+
+    pairs = read_dataset("pairs.jsonl", "Training data")            # a Dataset
+    synthetic = read_dataset("outputs/run/data", "Training data")   # the DatasetDict a run saved
+    nq = read_dataset("sentence-transformers/natural-questions", "Public dataset", split="train")
 """
 
 from __future__ import annotations
@@ -11,10 +22,34 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+# File suffix -> the `datasets` builder that reads it.
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
-def load_saved_or_hub(source: str | Path, what: str, **kwargs: Any) -> Dataset | DatasetDict:
-    """``source`` as a saved dataset folder if it is a folder here, else as a Hub dataset id (``kwargs`` go to
-    ``load_dataset``). ``what`` names it in errors ("Corpus", "Training data", ...).
+
+def load_saved(folder: str | Path) -> Dataset | DatasetDict:
+    """A folder written by ``save_to_disk`` (a stage's own output), memory-mapped.
+
+    Raises:
+        ValueError: naming ``folder`` when ``save_to_disk`` did not write it.
+    """
+    try:
+        return load_from_disk(str(folder))
+    except FileNotFoundError as error:
+        raise ValueError(f"{folder} is not a folder that `save_to_disk` wrote: {error}") from None
+
+
+def read_dataset(source: str | Path, what: str, *, subset: str | None = None, split: str | None = None,
+                 **kwargs: Any) -> Dataset | DatasetDict:  # fmt: skip
+    """``source`` as a dataset: a saved folder, a data file, or a Hub dataset id.
+
+    Args:
+        source: a folder written by ``save_to_disk``, a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet``
+            file, or a Hub dataset id.
+        what: names the source in errors ("Corpus", "Training data", ...).
+        subset: the Hub dataset's configuration, if it has several.
+        split: the split to return (of a saved DatasetDict or a Hub dataset); all splits when None. A data
+            file is one split.
+        kwargs: passed to ``datasets.load_dataset`` for a Hub id.
 
     Raises:
         ValueError: naming ``source`` and what went wrong.
@@ -23,18 +58,33 @@ def load_saved_or_hub(source: str | Path, what: str, **kwargs: Any) -> Dataset |
     path = Path(source)
     if path.is_dir():
         try:
-            return load_from_disk(source)
+            data = load_from_disk(source)
         except FileNotFoundError as error:
             raise ValueError(
                 f"{what} {source} is a folder but not one `save_to_disk` wrote: {error}"
             ) from None
+        if split is not None and isinstance(data, DatasetDict):
+            if split not in data:
+                raise ValueError(f"{what} {source} has no split {split!r}; it has: {', '.join(data)}")
+            return data[split]
+        return data
+    if path.is_file():
+        if path.suffix.lower() not in FILE_FORMATS:
+            raise ValueError(f"{what} file {source}: unknown format; use one of "
+                             f"{', '.join(FILE_FORMATS)}, a `save_to_disk` folder or a Hub dataset id.")  # fmt: skip
+        try:
+            return load_dataset(FILE_FORMATS[path.suffix.lower()], data_files=source, split="train")
+        except Exception as error:  # any parse failure of the file, named
+            if "corresponds to no data" in str(error):  # `datasets`' words for a file without rows
+                raise ValueError(f"{what} {source} is empty: it has no rows.") from None
+            raise ValueError(f"{what} {source} could not be read as {FILE_FORMATS[path.suffix.lower()]}: "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None  # fmt: skip
     try:
-        return load_dataset(source, **kwargs)
-    # No such repo, no network, offline mode, a file of no known format.
+        return load_dataset(source, subset, split=split, **kwargs)
+    # No such repo, no network, offline mode.
     except (OSError, ValueError) as error:
-        where = "is a file of no format it can read" if path.is_file() else "is no file or folder here"
         raise ValueError(
-            f"{what} {source!r} {where}, and loading it as a Hub dataset failed ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}). Check the path, or the Hub id and "
-            "your network (HF_HUB_OFFLINE)."
+            f"{what} {source!r} is no file or folder here, and loading it as a Hub dataset failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}). Check the "
+            "path, or the Hub id and your network (HF_HUB_OFFLINE)."
         ) from None

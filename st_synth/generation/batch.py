@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from st_synth.generation.builder import SyntheticDatasetBuilder
 from st_synth.generation.cache import AnswerCache
-from st_synth.generation.client import URL, answer_from, is_transient
+from st_synth.generation.client import URL, answer_from, is_transient, starting_mode
 
 _EXPORTED = "batch:exported:"
 _ROUND = "batch:round"
@@ -169,8 +170,6 @@ class BatchAPIRun:
     ) -> None:  # fmt: skip
         import openai
 
-        from st_synth.generation.client import starting_mode
-
         self.config, self.cache, self.log = config, cache, log
         self.poll_interval, self.max_rounds = poll_interval, max_rounds
         self.max_requests, self.max_bytes = max_requests, max_bytes
@@ -200,8 +199,6 @@ class BatchAPIRun:
     # -- rounds ----------------------------------------------------------------------------------------
     def run(self) -> Any:
         """Rounds until the plan needs no more answers; returns the finished (replayed) builder."""
-        from st_synth.generation.builder import SyntheticDatasetBuilder
-
         for _ in range(self.max_rounds):
             self._adopt_orphans()
             collected = [self.collect(batch_id) for batch_id, record in self.records().items()

@@ -12,7 +12,7 @@ from typing import Any
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
-from st_synth.common.arguments import current_setting_name, decode_json
+from st_synth.common.arguments import SettingsParser, current_setting_name, decode_json
 from st_synth.model.embedder import (
     DEFAULT_INSTRUCTION_TEMPLATE,
 )
@@ -206,8 +206,6 @@ TRAIN_DATACLASSES = (ModelArguments, DataArguments, LossArguments, OutputArgumen
 
 def make_train_parser() -> Any:
     """The parser of ``st-synth train`` and ``recipes/train_mistral.py`` (one definition, trl's pattern)."""
-    from st_synth.common.arguments import SettingsParser
-
     description = ("Train an e5-style embedder: LoRA on a decoder LLM, InfoNCE over in-batch and hard negatives. "
                    "Give --config FILE.yaml (or the file first; its keys are these flags' names), then flags to "
                    "override it.")  # fmt: skip

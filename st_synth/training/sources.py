@@ -12,7 +12,10 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from st_synth.common.names import REPORT_FILE, unknown_name
 from st_synth.common.taxonomy import TASK_KINDS, get_kind
-from st_synth.data.reader import load_saved_or_hub
+from st_synth.data.mining import MiningArguments
+from st_synth.data.public_data import parse_sources, prepare_public
+from st_synth.data.reader import read_dataset
+from st_synth.evaluation.decontamination import Decontaminator, evaluation_texts
 from st_synth.model.embedder import (
     check_instruction_template,
     format_instruction,
@@ -32,7 +35,7 @@ def _load_any(path_or_id: str) -> Dataset | DatasetDict:
         if name not in BUILTIN_TRAINING_SOURCES:
             raise unknown_name("builtin source", name, BUILTIN_TRAINING_SOURCES)
         return BUILTIN_TRAINING_SOURCES[name]()
-    return load_saved_or_hub(path_or_id, "Training data")
+    return read_dataset(path_or_id, "Training data")
 
 
 # What load_sources' report holds beside the generated dataset's own report (its generation_report.json).
@@ -105,9 +108,6 @@ MIXED_SOURCE = "mixed"
 def _public_sources(data: DataArguments, report: dict[str, Any]) -> dict[str, tuple[Dataset, bool]]:
     """The public datasets (``public_datasets``), prepared or read from their cache; their report goes in
     ``report["public_data"]``. Name -> (rows with an instruction column, symmetric)."""
-    from st_synth.data.mining import MiningArguments
-    from st_synth.data.public_data import parse_sources, prepare_public
-
     specs = parse_sources(data.public_datasets)
     mining = MiningArguments(mining_model=data.public_mining_model, query_prompt=data.public_mining_query_prompt,
                              corpus_prompt=data.public_mining_corpus_prompt)  # fmt: skip
@@ -132,8 +132,6 @@ def _mixed(sources: dict[str, Dataset]) -> Dataset:
 def _decontaminator(tasks: list[str]) -> Any:
     """A function (name, raw dataset) -> the dataset without rows overlapping the texts of ``tasks``, that
     counts what it dropped in its ``report`` (the identity when no task is named)."""
-    from st_synth.evaluation.decontamination import Decontaminator, evaluation_texts
-
     checker = Decontaminator(evaluation_texts(tasks)) if tasks else None
 
     def clean(name: str, dataset: Dataset) -> Dataset:

@@ -20,6 +20,9 @@ from sentence_transformers.sentence_transformer.trainer import SentenceTransform
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 from transformers import set_seed
 
+from st_synth.cards.hub import push_model
+from st_synth.cards.render import language_codes, st_card_metadata, write_model_card
+from st_synth.common.arguments import with_yaml
 from st_synth.common.names import ADAPTER_DIR, FINAL_DIR, SUMMARY_FILE
 from st_synth.model.backbones import resolve_base_model
 from st_synth.model.embedder import (
@@ -33,7 +36,7 @@ from st_synth.training.arguments import (
     make_train_parser,
 )
 from st_synth.training.losses import LOSSES, LossArguments, build_loss
-from st_synth.training.sampling import LENGTH_GROUPED, LengthGroupedBatchSampler
+from st_synth.training.sampling import LENGTH_GROUPED, LengthGroupedBatchSampler, SourceAlignedBatchSampler
 from st_synth.training.sources import SOURCE_REPORTS, load_sources
 from st_synth.training.speed import (
     apply_fused_kernels,
@@ -51,8 +54,6 @@ TRACE_ENV = "ST_SYNTH_TRACE_DIR"
 
 def run_recipe(argv: list[str]) -> dict[str, Any]:
     """``[CONFIG.yaml] [flags]`` -> train; what ``st-synth train`` and ``recipes/train_mistral.py`` run."""
-    from st_synth.common.arguments import with_yaml
-
     parser = make_train_parser()
     model_args, data_args, loss_args, output_args, training_args = parser.parse_args_into_dataclasses(
         args=with_yaml(parser, list(argv))
@@ -217,16 +218,12 @@ def train(
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
-        from st_synth.cards.render import write_model_card
-
         adapter_dir, final_dir = output / ADAPTER_DIR, output / FINAL_DIR
         model.save_pretrained(str(adapter_dir))
         if output_args.merge:
             merge_lora(model)
             model.save_pretrained(str(final_dir))
         target = final_dir if output_args.merge else adapter_dir
-        from st_synth.cards.render import language_codes, st_card_metadata
-
         dataset_id = output_args.dataset_id or (
             data_args.dataset if data_args.dataset and not Path(data_args.dataset).exists() else None
         )
@@ -242,8 +239,6 @@ def train(
         for folder in {adapter_dir, target}:
             write_model_card(folder, **card_info, repo_id=repo_id)
         if repo_id:
-            from st_synth.cards.hub import push_model
-
             summary["pushed"] = push_model(target, repo_id, private=output_args.hub_private or None)
     return summary
 
@@ -278,8 +273,6 @@ class RecipeTrainer(SentenceTransformerTrainer):
         )  # fmt: skip
 
     def get_multi_dataset_batch_sampler(self, dataset, batch_samplers, generator=None, seed=0):
-        from st_synth.training.sampling import SourceAlignedBatchSampler
-
         if self.accelerator.split_batches or self.accelerator.dispatch_batches:
             raise ValueError(
                 "accelerator_config split_batches / dispatch_batches would cut batches across sources; "
