@@ -15,7 +15,7 @@ variants that generate the same requests train on the same examples):
                      negatives of retrieval, classification and sts), with the earlier main job's mix of
                      kinds and number of examples
 * heuristic_added:   the grounded data plus the two heuristic pairs sources of earlier main jobs
-                     (builtin:lee-background halves, builtin:wiki-sections; 160 pairs each)
+                     (builtin:lee-background-pairs halves, builtin:wikipedia-section-pairs; 160 pairs each)
 * no_instructions / with_instructions: queries without / with their task instruction, in training and in
                      evaluation (the default list holds whichever of the two differs from the config)
 * no_hard_negatives: in-batch negatives only (neither mined nor LLM-written negatives)
@@ -46,8 +46,8 @@ from pathlib import Path
 from st_synth import pipeline
 
 HEURISTIC_PAIRS = [
-    "lee_background=builtin:lee-background|Retrieve semantically similar text.",
-    "wiki_sections=builtin:wiki-sections|Given a Wikipedia article title and section heading, retrieve the passage of that section.",
+    "lee_background=builtin:lee-background-pairs|Retrieve semantically similar text.",
+    "wiki_sections=builtin:wikipedia-section-pairs|Given a Wikipedia article title and section heading, retrieve the passage of that section.",
 ]
 VARIANTS: dict[str, dict[str, dict]] = {
     "full": {},

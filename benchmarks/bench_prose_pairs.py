@@ -8,7 +8,7 @@ copying the passage or writing one short sentence; the heuristic pairs (a news d
 Wikipedia heading and its paragraph) are what teach the main job. This benchmark asks the same local server
 for a long text in plain prose, no response format, on the same real texts the heuristic pairs come from (the
 first halves of the first 160 usable `lee_background.cor` documents, clipped to 70 words, and the first 160
-`builtin:wiki-sections` paragraphs), and trains on pairs (real text, LLM text):
+`builtin:wikipedia-section-pairs` paragraphs), and trains on pairs (real text, LLM text):
 
 * follow_on:  "Here is the start of a text ... What comes next? Write the next paragraph of the text."
 * retelling:  "Here is a news story / a text ... Retell this story / text in your own words, in three or four

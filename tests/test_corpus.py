@@ -52,9 +52,14 @@ def test_bad_corpora_fail_before_any_request_naming_what_they_hold(tmp_path):
     with pytest.raises(ValueError, match=r"holds no \.txt or \.md files"):
         load_documents(str(tmp_path / "nothing"))
     with pytest.raises(
-        ValueError, match=r"Unknown builtin corpus 'lee'.*Choose one of: lee-background, wikipedia"
+        ValueError,
+        match=r"Unknown builtin source of documents 'lee'.*Choose one of: lee-background, wikipedia",
     ):
         load_documents("builtin:lee")
+    with pytest.raises(
+        ValueError, match=r"builtin source of documents 'wikipedia-section-pairs'.*Choose one of"
+    ):
+        load_documents("builtin:wikipedia-section-pairs")  # pairs are no corpus
     (tmp_path / "c.xml").write_text("<x/>")
     with pytest.raises(ValueError, match="unknown format"):
         load_documents(str(tmp_path / "c.xml"))

@@ -434,7 +434,7 @@ def test_builtin_real_source_is_disjoint_from_the_evaluation_documents():
     from st_synth.data.offline_tasks import gensim_test_data
 
     data = DataArguments(
-        extra_datasets=["lee_background=builtin:lee-background|Retrieve semantically similar text."]
+        extra_datasets=["lee_background=builtin:lee-background-pairs|Retrieve semantically similar text."]
     )
     sources, _ = load_sources(data, "Instruct: {instruction}\nQuery: ")
     pairs = sources["lee_background"]
@@ -445,9 +445,17 @@ def test_builtin_real_source_is_disjoint_from_the_evaluation_documents():
     evaluation_docs = (gensim_test_data() / "lee.cor").read_text(errors="replace").split("\n")
     assert not any(doc[:80] in text for doc in evaluation_docs if doc for text in pairs["positive"])
     with pytest.raises(
-        ValueError, match=r"Unknown builtin source 'lee'\. Choose one of: lee-background, wiki-sections"
+        ValueError,
+        match=r"Unknown builtin source of pairs 'lee'\. .*Choose one of: lee-background-pairs, wikipedia-section-pairs",
     ):
         load_sources(DataArguments(extra_datasets=["x=builtin:lee|t"]), "Instruct: {instruction}\nQuery: ")
+    # The name these pairs had before the one registry (a corpus of the same name gives documents) still works.
+    with pytest.warns(
+        FutureWarning, match="'builtin:lee-background' as pairs is now called 'builtin:lee-background-pairs'"
+    ):
+        old, _ = load_sources(DataArguments(extra_datasets=["lee=builtin:lee-background|Retrieve semantically similar text."]),
+                              "Instruct: {instruction}\nQuery: ")  # fmt: skip
+    assert old["lee"]["positive"] == pairs["positive"]
 
 
 def test_wikitext_becomes_plain_prose():
@@ -465,7 +473,7 @@ def test_wikitext_becomes_plain_prose():
 
 
 def test_wikipedia_sections_are_real_clean_and_spread_over_articles():
-    data = DataArguments(extra_datasets=["wiki=builtin:wiki-sections|Retrieve the section."])
+    data = DataArguments(extra_datasets=["wiki=builtin:wikipedia-section-pairs|Retrieve the section."])
     pairs = load_sources(data, "Instruct: {instruction}\nQuery: ")[0]["wiki"]
     queries = [q.removeprefix("Instruct: Retrieve the section.\nQuery: ") for q in pairs["query"]]
     assert pairs.num_rows > 1000

@@ -5,8 +5,8 @@ SOURCE is one of:
 - a folder of ``.txt`` / ``.md`` files (one document per file, read recursively, in sorted order);
 - a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file, or a folder written by ``datasets``' ``save_to_disk``, or a
   Hub dataset id, each with a text column (``text_column``, default ``text``);
-- ``builtin:NAME``: corpora that ship in packages st-synth already depends on, chosen among texts no shipped
-  evaluation task uses (:data:`BUILTIN_CORPORA`).
+- ``builtin:NAME``: documents that ship in packages st-synth already depends on, chosen among texts no
+  shipped evaluation task uses (:mod:`st_synth.data.builtin`).
 
 Documents are cut into passages of at most ``passage_tokens`` tokens of ``tokenizer`` (whole sentences where
 a sentence fits; a longer sentence is cut at the token limit), passages under ``min_tokens`` are dropped, and
@@ -26,31 +26,12 @@ from typing import Any
 from datasets import DatasetDict
 
 from st_synth.common.arguments import decode_json
-from st_synth.common.names import unknown_name
 from st_synth.common.text import normalize, seeded_rng
+from st_synth.data.builtin import PREFIX
+from st_synth.data.builtin import names as builtin_names
 from st_synth.data.guide import resolve_guide
 from st_synth.data.reader import FILE_FORMATS, read_dataset
 
-
-def _lee_background() -> list[str]:
-    from st_synth.data.offline_tasks import gensim_test_data
-
-    text = (gensim_test_data() / "lee_background.cor").read_text(encoding="utf-8", errors="replace")
-    return [line.strip() for line in text.strip().split("\n") if line.strip()]
-
-
-def _wikipedia() -> list[str]:
-    from st_synth.data.offline_tasks import wikipedia_section_pairs
-
-    return list(wikipedia_section_pairs(min_words=20)["positive"])
-
-
-# name -> (loader, what it is). News, encyclopedia text: no shipped evaluation task uses these texts
-# (LeeDocSTS is gensim's other Lee file, lee.cor; the newsgroups and chatterbot files are not corpora here).
-BUILTIN_CORPORA: dict[str, tuple[Any, str]] = {
-    "lee-background": (_lee_background, "gensim's lee_background.cor: 300 Australian news articles (not LeeDocSTS's 50)"),
-    "wikipedia": (_wikipedia, "gensim's English Wikipedia sample: first prose paragraph of each section, ~100 articles"),
-}  # fmt: skip
 TEXT_FILES = (".txt", ".md")
 
 
@@ -60,7 +41,7 @@ class CorpusArguments:
 
     corpus: str | list[str] | None = field(default=None, metadata={
         "help": "SOURCE[,SOURCE...] (a list in YAML): a folder of .txt/.md files, a .jsonl/.csv/.parquet file, a "
-        f"`datasets` folder or Hub id, or builtin:NAME ({', '.join(BUILTIN_CORPORA)}). Generation is then grounded "
+        f"`datasets` folder or Hub id, or builtin:NAME ({', '.join(builtin_names('documents'))}). Generation is then grounded "
         "in its passages.", "flag_type": str | None, "metavar": "SOURCE"})  # fmt: skip
     text_column: str = field(
         default="text", metadata={"help": "The text column of a table or dataset corpus."}
@@ -101,11 +82,8 @@ def _column(rows: list[dict[str, Any]] | Any, column: str, source: str, found: l
 
 def load_documents(source: str, text_column: str = "text") -> list[str]:
     """The documents of ``source`` (see the module docstring); fails naming what it found."""
-    if source.startswith("builtin:"):
-        name = source.removeprefix("builtin:")
-        if name not in BUILTIN_CORPORA:
-            raise unknown_name("builtin corpus", name, BUILTIN_CORPORA)
-        documents = BUILTIN_CORPORA[name][0]()
+    if source.startswith(PREFIX):
+        documents = list(read_dataset(source, "Corpus", builtin="documents")["text"])
     else:
         path = Path(source)
         if (

@@ -184,10 +184,6 @@ def wikipedia_section_pairs(min_words: int = 40) -> Dataset:
     return Dataset.from_dict({"query": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
 
 
-BUILTIN_TRAINING_SOURCES = {"lee-background": lee_background_pairs, "wiki-sections": wikipedia_section_pairs}
-"""Real training data that ships in packages: ``train.extra_datasets: ["NAME=builtin:lee-background|..."]``."""
-
-
 class _Bunch(dict):
     """Stands in for scikit-learn's ``Bunch`` (a dict) when reading gensim's pickled newsgroup sample."""
 

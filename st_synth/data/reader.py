@@ -1,8 +1,9 @@
 """The one reader of datasets the user names: every stage that takes a dataset (the corpus, the training data,
 extra and public datasets, mining, the filter, dedup, the run) reads it here.
 
-A source is a folder written by ``datasets``' ``save_to_disk``, a data file (:data:`FILE_FORMATS`), or a Hub
-dataset id (with its subset and split). A name that is none of these fails with one message that says what
+A source is a folder written by ``datasets``' ``save_to_disk``, a data file (:data:`FILE_FORMATS`), a Hub
+dataset id (with its subset and split), or ``builtin:NAME`` (:mod:`st_synth.data.builtin`: real documents or
+pairs that ship in packages). A name that is none of these fails with one message that says what
 was looked for and why it was not found (no such file or folder, a format it cannot read, the Hub
 unreachable or offline), before any request is paid for.
 
@@ -22,6 +23,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from st_synth.data.builtin import PREFIX, Gives, load_builtin
+
 # File suffix -> the `datasets` builder that reads it.
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -39,7 +42,7 @@ def load_saved(folder: str | Path) -> Dataset | DatasetDict:
 
 
 def read_dataset(source: str | Path, what: str, *, subset: str | None = None, split: str | None = None,
-                 **kwargs: Any) -> Dataset | DatasetDict:  # fmt: skip
+                 builtin: Gives = "pairs", **kwargs: Any) -> Dataset | DatasetDict:  # fmt: skip
     """``source`` as a dataset: a saved folder, a data file, or a Hub dataset id.
 
     Args:
@@ -49,12 +52,16 @@ def read_dataset(source: str | Path, what: str, *, subset: str | None = None, sp
         subset: the Hub dataset's configuration, if it has several.
         split: the split to return (of a saved DatasetDict or a Hub dataset); all splits when None. A data
             file is one split.
+        builtin: what a ``builtin:NAME`` source must give here: ``pairs`` (training data) or ``documents``
+            (a corpus).
         kwargs: passed to ``datasets.load_dataset`` for a Hub id.
 
     Raises:
         ValueError: naming ``source`` and what went wrong.
     """
     source = str(source)
+    if source.startswith(PREFIX):
+        return load_builtin(source, builtin)
     path = Path(source)
     if path.is_dir():
         try:

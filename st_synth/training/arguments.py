@@ -58,8 +58,8 @@ class DataArguments:
     extra_datasets: list[str] = field(
         default_factory=list,
         metadata={"help": "Your own labeled data as NAME=PATH_OR_HUB_ID|INSTRUCTION; its first three columns "
-                  "are read as (query, positive[, negative]). PATH may be builtin:lee-background (real "
-                  "half-document pairs from news gensim ships) or builtin:wiki-sections (real heading/passage "
+                  "are read as (query, positive[, negative]). PATH may be builtin:lee-background-pairs (real "
+                  "half-document pairs from news gensim ships) or builtin:wikipedia-section-pairs (real heading/passage "
                   "pairs from its Wikipedia sample)."},
     )  # fmt: skip
     max_examples_per_source: int | None = field(default=None)

@@ -10,7 +10,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from st_synth.common.names import REPORT_FILE, unknown_name
+from st_synth.common.names import REPORT_FILE
 from st_synth.common.taxonomy import TASK_KINDS, get_kind
 from st_synth.data.mining import MiningArguments
 from st_synth.data.public_data import parse_sources, prepare_public
@@ -25,17 +25,6 @@ from st_synth.training.arguments import DataArguments
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("query", "positive", "negative")
-
-
-def _load_any(path_or_id: str) -> Dataset | DatasetDict:
-    if path_or_id.startswith("builtin:"):
-        from st_synth.data.offline_tasks import BUILTIN_TRAINING_SOURCES
-
-        name = path_or_id.removeprefix("builtin:")
-        if name not in BUILTIN_TRAINING_SOURCES:
-            raise unknown_name("builtin source", name, BUILTIN_TRAINING_SOURCES)
-        return BUILTIN_TRAINING_SOURCES[name]()
-    return read_dataset(path_or_id, "Training data")
 
 
 # What load_sources' report holds beside the generated dataset's own report (its generation_report.json).
@@ -53,7 +42,7 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
     report: dict[str, Any] = {}
     clean = _decontaminator(data.decontaminate)
     if data.dataset:
-        synthetic = _load_any(data.dataset)
+        synthetic = read_dataset(data.dataset, "Training data")
         if not isinstance(synthetic, DatasetDict):
             raise ValueError(
                 f"{data.dataset} holds one split; `st-synth generate` writes one split per kind."
@@ -182,7 +171,7 @@ def _prepare_extra(spec: str, template: str, use_instructions: bool = True,
     path, bar, instruction = rest.partition("|")
     if not sep or not bar or not name.strip() or not path.strip() or not instruction.strip():
         raise ValueError(f"Extra dataset {spec!r} must look like NAME=PATH_OR_HUB_ID|INSTRUCTION.")
-    dataset = _load_any(path.strip())
+    dataset = read_dataset(path.strip(), f"Extra dataset {name.strip()!r}")
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise ValueError(f"{path} has no 'train' split; it has: {', '.join(dataset)}.")
