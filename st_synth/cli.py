@@ -341,7 +341,7 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
 def _add_run(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "run",
-        help="The whole path from one YAML file: generate, filter, train, evaluate, model card (and push).",
+        help="The whole path from one YAML file: generate, filter, mine, train, evaluate, model card (and push).",
         description="Each stage reuses what is still valid from an earlier run under the same output folder. "
         "The YAML sections take the flags of `st-synth generate`, `filter`, `train` and `evaluate` as keys.",
     )

@@ -31,6 +31,7 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 
 from st_synth.common.arguments import SettingsError, SettingsParser, yaml_settings
 from st_synth.common.names import (
+    ADAPTER_DIR,
     FINAL_DIR,
     RUN_DATA_DIR,
     RUN_EMBEDDINGS_DIR,
@@ -379,19 +380,19 @@ def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[
 
 
 def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
-    from st_synth.cards.render import render_model_card
+    from st_synth.cards.package import package_model
 
     final = plan.final_model
     started = stages.start("package", f"model card in {final}")
     evaluation = summary["evaluation"]
     comparison = {name: scores for name, scores in evaluation.items() if name != "trained"}
-    readme = render_model_card(final, evaluation=evaluation["trained"], comparison=comparison,
-                               consistency_filter=summary["filter"], mining=summary["mining"],
-                               variants=plan.evaluation.variants())  # fmt: skip
-    detail = f"{readme}"
-    if plan.run.push_to_hub:
-        from st_synth.cards.hub import push_model
-
-        detail += f"; pushed to {push_model(final, plan.run.push_to_hub, private=plan.run.private or None)}"
+    # One push: to run.push_to_hub, or to the train section's hub_model_id where that asked for a push.
+    repo_id = plan.run.push_to_hub or summary["training"].get("hub_model_id")
+    packaged = package_model(final, also=[final.parent / ADAPTER_DIR], repo_id=repo_id,
+                             private=plan.run.private or plan.output_args.hub_private or None,
+                             evaluation=evaluation["trained"], comparison=comparison,
+                             consistency_filter=summary["filter"], mining=summary["mining"],
+                             variants=plan.evaluation.variants())  # fmt: skip
+    detail = packaged["card"] + (f"; pushed to {packaged['pushed']}" if packaged["pushed"] else "")
     stages.done("package", started, detail)
-    return str(readme)
+    return packaged["card"]

@@ -196,6 +196,46 @@ def test_push_uploads_weights_configs_and_card(backbone, synthetic, tmp_path, mo
     assert cli_main(["push", str(tmp_path), "--repo", "me/tiny-e5"]) == 2  # not a model folder
 
 
+def test_training_alone_leaves_the_card_and_the_push_to_one_package_stage(
+    backbone, synthetic, tmp_path, monkeypatch
+):
+    """What `st-synth run` does: training saves the weights and the card's facts; the package stage, after
+    evaluation, renders the card once (scores in it) and pushes once."""
+    from huggingface_hub import HfApi
+
+    from st_synth.cards.package import package_model
+    from st_synth.common.names import CARD_DATA_FILE
+
+    commits = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, *, repo_id, folder_path, **kw: commits.append(
+        (repo_id, (Path(folder_path) / "README.md").read_text())) or f"https://hub.local/commit/{len(commits)}")  # fmt: skip
+    args = RecipeTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=2,
+                                   use_cpu=True, save_strategy="no", push_to_hub=True, hub_model_id="me/tiny-e5")  # fmt: skip
+    model_args = ModelArguments(base_model=backbone, max_seq_length=32, lora_r=4, lora_alpha=8)
+    summary = train(model_args, DataArguments(dataset=synthetic), args, OutputArguments(), package=False)
+    final, adapter = tmp_path / "run" / "final", tmp_path / "run" / "adapter"
+    assert commits == [] and "pushed" not in summary and summary["hub_model_id"] == "me/tiny-e5"
+    assert (
+        summary["model"] == str(final)
+        and (final / CARD_DATA_FILE).is_file()
+        and (adapter / CARD_DATA_FILE).is_file()
+    )
+    assert (
+        "LeeDocSTS" not in (final / "README.md").read_text()
+    )  # sentence-transformers' own card, not ours yet
+    packaged = package_model(
+        final, also=[adapter], repo_id=summary["hub_model_id"], evaluation={"LeeDocSTS": 0.5}
+    )
+    assert packaged == {"card": str(final / "README.md"), "pushed": "https://hub.local/commit/1"}
+    assert len(commits) == 1 and commits[0][0] == "me/tiny-e5"
+    assert "| LeeDocSTS | 0.5000 |" in commits[0][1]
+    adapter_card = (
+        adapter / "README.md"
+    ).read_text()  # rendered from its facts too (scores only on the model)
+    assert 'SentenceTransformer("me/tiny-e5")' in adapter_card and "| LeeDocSTS |" not in adapter_card
+
+
 @pytest.mark.slow
 def test_two_processes_gather_negatives_and_agree_on_weights(backbone, synthetic, tmp_path):
     """A real torchrun run on CPU (gloo): each rank's loss scores its queries against the candidates of

@@ -103,7 +103,7 @@ def render_dataset_card(
     )
 
 
-def write_model_card(
+def write_card_facts(
     folder: str | Path,
     *,
     model_args: Any,
@@ -116,7 +116,9 @@ def write_model_card(
     repo_id: str | None = None,
     evaluation: dict[str, float] | None = None,
 ) -> Path:
-    """Render README.md into a saved model folder, and keep the card's facts beside it for updates.
+    """Save the card's facts (what training knows: recipe, data, loss, departures from the paper) beside a
+    saved model, for the package stage to render README.md from (:func:`render_model_card`,
+    :func:`st_synth.cards.package.package_model`) and for later updates. Returns the facts file.
 
     ``card_metadata`` is the Hub metadata sentence-transformers' own card data gives the trained model
     (language, license, base model, datasets, tags, widget); see :func:`st_card_metadata`."""
@@ -175,7 +177,7 @@ def write_model_card(
     }  # fmt: skip
     facts["departures"] = departures(data_args, training_args, summary, facts["training"]["own_negatives"])
     (folder / CARD_DATA_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
-    return render_model_card(folder)
+    return folder / CARD_DATA_FILE
 
 
 def departures(

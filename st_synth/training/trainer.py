@@ -20,8 +20,8 @@ from sentence_transformers.sentence_transformer.trainer import SentenceTransform
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 from transformers import set_seed
 
-from st_synth.cards.hub import push_model
-from st_synth.cards.render import language_codes, st_card_metadata, write_model_card
+from st_synth.cards.package import package_model
+from st_synth.cards.render import language_codes, st_card_metadata, write_card_facts
 from st_synth.common.arguments import with_yaml
 from st_synth.common.names import ADAPTER_DIR, FINAL_DIR, SUMMARY_FILE
 from st_synth.model.backbones import resolve_base_model
@@ -150,8 +150,18 @@ def train(
     training_args: SentenceTransformerTrainingArguments,
     output_args: OutputArguments | None = None,
     loss_args: LossArguments | None = None,
+    *,
+    package: bool = True,
 ) -> dict[str, Any]:
-    """Train, save the adapter and the merged model, write the card; return the training summary."""
+    """Train, save the adapter and the merged model and the card's facts; return the training summary.
+
+    Args:
+        model_args, data_args, training_args, output_args, loss_args: the recipe's settings
+            (:mod:`st_synth.training.arguments`).
+        package: also run the package stage (:func:`~st_synth.cards.package.package_model`): render the card
+            and push to ``hub_model_id`` when ``push_to_hub``. ``st-synth run`` passes False and packages once,
+            after evaluation.
+    """
     output_args = output_args or OutputArguments()
     loss_args = loss_args or LossArguments()
     # Validate the checkpoint to resume from and the data before loading a multi-GB backbone.
@@ -237,9 +247,14 @@ def train(
         }  # fmt: skip
         (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         for folder in {adapter_dir, target}:
-            write_model_card(folder, **card_info, repo_id=repo_id)
-        if repo_id:
-            summary["pushed"] = push_model(target, repo_id, private=output_args.hub_private or None)
+            write_card_facts(folder, **card_info, repo_id=repo_id)
+        summary["model"] = str(target)
+        summary["hub_model_id"] = repo_id
+        if package:
+            packaged = package_model(target, also=[adapter_dir], repo_id=repo_id,
+                                     private=output_args.hub_private or None)  # fmt: skip
+            if packaged["pushed"]:
+                summary["pushed"] = packaged["pushed"]
     return summary
 
 
