@@ -533,6 +533,8 @@ VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``st-synth`` command: ``main(argv)`` runs one subcommand and returns its exit status (see
+    ``st-synth --help``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # -v / --verbose is st-synth's own, before or after the command (no stage has a flag of that name).
     verbose = any(arg in VERBOSE_FLAGS for arg in argv)

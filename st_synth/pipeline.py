@@ -137,6 +137,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The run config ``path`` (YAML) with ``overrides`` ({section: {key: value}}, as ``--set`` gives them)
+    merged into its sections; a file that cannot be read as such a mapping fails naming the sections.
+    :func:`plan_run` then checks every section."""
     config = yaml_settings(path, "Run config", "recipes/configs/local-smollm2.yaml",
                            holds=f"with sections {', '.join(SECTIONS)}")  # fmt: skip
     for section, values in (overrides or {}).items():

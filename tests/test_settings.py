@@ -324,3 +324,21 @@ print(f"imported, {len(seen)} warnings in all")
     lines = done.stdout.strip().splitlines()
     assert lines[-1].startswith("imported"), done.stdout
     assert lines[:-1] == [], "\n".join(lines[:-1])
+
+
+def test_settings_that_take_several_names_read_a_string_or_a_list_the_same():
+    from st_synth.common.text import name_list
+    from st_synth.data.corpus import corpus_sources
+    from st_synth.data.mining import MiningArguments
+    from st_synth.evaluation.evaluate import EvaluationArguments
+
+    assert name_list("retrieval, sts") == name_list(["retrieval", " sts "]) == ["retrieval", "sts"]
+    assert name_list(["LeeDocSTS,ChatterbotQARetrieval", "", "x"]) == [
+        "LeeDocSTS",
+        "ChatterbotQARetrieval",
+        "x",
+    ]
+    assert name_list(None) == name_list("") == []
+    assert EvaluationArguments(tasks=["LeeDocSTS, x"]).tasks == ["LeeDocSTS", "x"]
+    assert corpus_sources("a.jsonl, builtin:wikipedia") == ["a.jsonl", "builtin:wikipedia"]
+    assert MiningArguments(splits="retrieval, sts").splits == ["retrieval", "sts"]

@@ -73,6 +73,12 @@ def test_recipe_script_trains_saves_and_writes_the_card(backbone, synthetic, tmp
                  "## Departures from the paper", "`no_in_batch_negatives: []`", "`mix_sources: true`",
                  'prompt="Instruct: Given a claim, find documents that refute the claim\\nQuery: "'):  # fmt: skip
         assert fact in card, fact
+    # The loss section names the loss classes trained and cites each with its own `citation`.
+    trained = sorted(set(summary["loss"].values()))
+    assert summary["loss_citations"].keys() == set(trained) and "OwnNegativesLoss" in trained
+    assert "| loss | " + ", ".join(f"`{name}`" for name in summary["loss_citations"]) + ": InfoNCE" in card
+    for name, citation in summary["loss_citations"].items():
+        assert citation.startswith("@") and f"#### {name}\n\n```bibtex\n{citation}\n```" in card
 
 
 def capture_batches(losses: dict, model) -> dict[str, list[list[str]]]:

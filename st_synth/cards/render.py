@@ -80,6 +80,8 @@ def write_dataset_card(
 def render_dataset_card(
     dataset: DatasetDict, report: dict[str, Any], repo_id: str, images: list[dict[str, str]] | None = None
 ) -> str:
+    """The dataset card (README.md) of a generated dataset: Hub metadata, how to load it, what it holds per
+    kind and language, and how it was generated (the report)."""
     splits = [
         {
             "name": name,
@@ -144,7 +146,9 @@ def write_card_facts(
         "merged": not adapter.is_file(),
         "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
                  "targets": list(model_args.lora_target_modules)},
+        "loss_citations": summary.get("loss_citations", {}),
         "training": {
+            "losses": list(summary.get("loss_citations", {})),
             "temperature": loss_args.temperature,
             "scale": round(1 / loss_args.temperature, 4),
             "own_negatives": [n for n in loss_args.no_in_batch_negatives if n in summary["sources"]],

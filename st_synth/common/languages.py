@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterable, Mapping
 
 from st_synth.common.names import unknown_name
+from st_synth.common.text import name_list
 
 XLMR_LANGUAGES: tuple[str, ...] = (
     "Afrikaans", "Albanian", "Amharic", "Arabic", "Armenian", "Assamese", "Azerbaijani", "Basque",
@@ -79,7 +80,7 @@ def resolve_language_weights(languages: str | Iterable[str] | Mapping[str, float
     if languages is None or (isinstance(languages, str) and languages.strip().lower() == "paper"):
         return paper_language_weights()
     if isinstance(languages, str):
-        languages = [part for part in languages.split(",") if part.strip()]
+        languages = name_list(languages)
     if isinstance(languages, Mapping):
         raw = {canonical_language(name): float(weight) for name, weight in languages.items()}
     else:

@@ -202,6 +202,7 @@ def kinds_help() -> str:
 
 
 def get_kind(name: str) -> TaskKind:
+    """The task kind named ``name`` (see :data:`TASK_KINDS`); an unknown name fails listing them."""
     try:
         return TASK_KINDS[name]
     except KeyError:

@@ -26,7 +26,7 @@ from typing import Any
 from datasets import DatasetDict
 
 from st_synth.common.arguments import decode_json
-from st_synth.common.text import normalize, seeded_rng
+from st_synth.common.text import name_list, normalize, seeded_rng
 from st_synth.data.builtin import PREFIX
 from st_synth.data.builtin import names as builtin_names
 from st_synth.data.guide import resolve_guide
@@ -67,10 +67,7 @@ class CorpusArguments:
 
 def corpus_sources(value: str | list[str] | None) -> list[str]:
     """The sources of a corpus setting: a list, or one string of comma-separated sources."""
-    if not value:
-        return []
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    return [str(part).strip() for part in parts if str(part).strip()]
+    return name_list(value)
 
 
 def _column(rows: list[dict[str, Any]] | Any, column: str, source: str, found: list[str]) -> list[str]:

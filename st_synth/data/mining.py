@@ -20,7 +20,7 @@ from datasets import Dataset, Features
 from st_synth.common.arguments import decode_json
 from st_synth.common.names import FILTER_REPORT_FILE, MINING_REPORT_FILE, REPORT_FILE
 from st_synth.common.taxonomy import TASK_KINDS
-from st_synth.common.text import normalize
+from st_synth.common.text import name_list, normalize
 from st_synth.data.corpus import Corpus, CorpusArguments
 from st_synth.data.filtering import grounded_kinds_of, grounding_passages
 from st_synth.data.guide import load_guide
@@ -76,9 +76,7 @@ class MiningArguments:
 
     def __post_init__(self) -> None:
         value = decode_json(self.splits, "splits")
-        self.splits = (
-            [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
-        )
+        self.splits = name_list(value) if isinstance(value, str) else value
         if not 0 <= self.range_min < self.range_max:
             raise ValueError(f"need 0 <= range_min < range_max, got {self.range_min} and {self.range_max}")
         if not 0 < self.max_positive_similarity <= 1:

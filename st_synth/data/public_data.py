@@ -35,6 +35,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from st_synth.common.arguments import decode_json
 from st_synth.common.prepared import build_once
+from st_synth.common.text import name_list
 from st_synth.data.guide import load_guide
 from st_synth.data.mining import MiningArguments, mine_negatives
 from st_synth.data.reader import load_saved, read_dataset
@@ -97,7 +98,7 @@ def parse_sources(value: Any) -> list[PublicSource]:
         if not 0 < ratio <= 1:
             raise ValueError(f"{label}: sample_ratio must be in (0, 1], got {ratio}.")
         split = entry.get("split") or "train"
-        split = tuple(s.strip() for s in (split.split(",") if isinstance(split, str) else split) if s.strip())
+        split = tuple(name_list(split))
         columns = dict(entry.get("columns") or {})
         if set(columns) - set(TEXT_ROLES):
             raise ValueError(f"{label}: columns maps roles {', '.join(TEXT_ROLES)}; got {sorted(columns)}.")

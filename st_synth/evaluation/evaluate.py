@@ -31,6 +31,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from st_synth.common.names import unknown_name
+from st_synth.common.text import name_list
 from st_synth.data.guide import load_guide
 from st_synth.evaluation.instructions import get_instruction, has_instruction
 from st_synth.model.backbones import resolve_base_model
@@ -60,12 +61,14 @@ PRECISIONS = {"float32": 4.0, "int8": 1.0, "uint8": 1.0, "binary": 0.125, "ubina
 
 
 def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming them."""
     if precision not in PRECISIONS:
         raise unknown_name("embedding precision", precision, PRECISIONS)
     return precision
 
 
 def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of the evaluation protocols (``auto``, ``e5``, ``st-synth``), else a ValueError."""
     if protocol not in PROTOCOLS:
         raise unknown_name("evaluation protocol", protocol, PROTOCOLS)
     return protocol
@@ -365,7 +368,7 @@ class EvaluationArguments:
     )
 
     def __post_init__(self) -> None:
-        self.tasks = [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
+        self.tasks = name_list(self.tasks)
         check_protocol(self.protocol)
         for precision in self.precision:
             check_precision(precision)

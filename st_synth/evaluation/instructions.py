@@ -121,6 +121,12 @@ def get_instruction(task_name: str, task_type: str | None = None) -> str:
 
 
 def register_instruction(task_name: str, instruction: str) -> None:
+    """Give the mteb task ``task_name`` the instruction ``instruction`` (what :func:`get_instruction` returns for
+    it, over any built-in one); an empty instruction is refused.
+
+    Example::
+
+        register_instruction("MyDomainRetrieval", "Given a support question, retrieve the answer")"""
     if not instruction.strip():
         raise ValueError("An instruction must not be empty.")
     INSTRUCTIONS[task_name] = instruction.strip()

@@ -23,6 +23,8 @@ class CacheError(RuntimeError):
 
 
 def request_key(model: str, body: dict) -> str:
+    """The cache key of a request: a digest of the model name and the request body (messages, sampling,
+    response format), so the same request gives the same key in any process or run."""
     canonical = json.dumps(
         {"model": model, **body}, sort_keys=True, ensure_ascii=False, separators=(",", ":")
     )
@@ -47,6 +49,16 @@ _REFUSED = "batch:refused:"  # + request key: a batch engine refused it (see mar
 
 
 class AnswerCache:
+    """Every answer a generation run paid for, in one SQLite file, keyed by the request (:func:`request_key`):
+    a rerun, a resumed run or another shard asks the cache first, so no request is paid twice. Also keeps the
+    run's metadata (the endpoint's confirmed response format, Batch API records). Safe across threads; one
+    writer at a time across processes (SQLite's own locking).
+
+    Example::
+
+        cache = AnswerCache("answers.sqlite")
+        cache.get(key)  # the stored answer (content and token counts), or None"""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()

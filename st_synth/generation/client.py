@@ -62,6 +62,8 @@ class RequestRefused(RuntimeError):
 
 @dataclass
 class Answer:
+    """One answer: its text, the tokens it cost, and whether it came from the cache."""
+
     content: str | None
     finish_reason: str | None
     prompt_tokens: int
@@ -84,6 +86,9 @@ def is_transient(status: int) -> bool:
 
 @dataclass
 class ClientStats:
+    """What a client did in a run: requests sent, cache hits, retries and tokens (paid and cached), for the
+    generation report's accounting."""
+
     requests_sent: int = 0
     answers_stored: int = 0
     cache_hits: int = 0
@@ -110,6 +115,10 @@ class ClientStats:
 
 @dataclass
 class RetryPolicy:
+    """How transient failures are retried: at most ``max_retries`` times, waiting a random time up to
+    ``base_delay * 2**retry`` seconds (full jitter, capped at ``max_delay``), or the server's ``Retry-After``
+    when it sends one."""
+
     max_retries: int = 8
     base_delay: float = 0.5
     max_delay: float = 60.0
@@ -131,6 +140,7 @@ def redact_url(url: str) -> str:
 
 
 def is_loopback(url: str) -> bool:
+    """Whether ``url`` points at this machine (a local server needs no API key)."""
     host = urlsplit(url).hostname or ""
     if host == "localhost":
         return True
@@ -217,6 +227,11 @@ def starting_mode(response_format: str, cache: AnswerCache, model: str) -> str:
 
 
 class ChatClient:
+    """Chat requests to an OpenAI-compatible endpoint through the ``openai`` client: answers come from the
+    cache first, else are sent at most ``concurrency`` at a time, retried on rate limits, 5xx and timeouts
+    (:class:`RetryPolicy`), in the most structured response format the endpoint accepts, and stored in the
+    cache as they arrive. A deferred client (the batch route) sends nothing: it collects Batch API lines."""
+
     def __init__(
         self,
         client: openai.AsyncOpenAI | Sequence[openai.AsyncOpenAI],

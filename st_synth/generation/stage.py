@@ -89,6 +89,7 @@ def save_dataset(builder: SyntheticDatasetBuilder, output: str | Path) -> None:
 
 
 def generation_report_summary(report: dict[str, Any]) -> str:
+    """The generation report in a few lines: kept per kind, requests, cache hits, tokens, drops, cost."""
     kept = ", ".join(f"{k} {v}" for k, v in report["kept_by_kind"].items())
     lines = [
         f"kept {report['num_examples_kept']}/{report['num_examples_requested']} ({kept})",

@@ -39,6 +39,7 @@ TEXT_ONLY = {"text": {"method": "forward", "method_output_name": "last_hidden_st
 
 
 def check_instruction_template(template: str) -> str:
+    """``template`` if it holds ``{instruction}`` exactly once, else a ValueError saying so."""
     if not isinstance(template, str) or template.count("{instruction}") != 1:
         raise ValueError(
             f"The instruction template {template!r} must contain '{{instruction}}' exactly once, to say where "

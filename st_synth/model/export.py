@@ -49,6 +49,9 @@ _LONG = "The river rose through the night and by morning the bridge to the old m
 
 @dataclass
 class ExportArguments:
+    """The settings of ``st-synth export``: the model folder, an empty folder for the ONNX Runtime copy, the
+    weight quantization (or none), the opset, and whether the copy is checked against the original."""
+
     model: str = field(
         metadata={"help": "A SentenceTransformer folder or Hub id (e.g. a `st-synth run` model)."}
     )

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments:
+    """The model of the recipe: the backbone (a Hub id, a folder, or the ``smollm2-135m`` / ``tiny``
+    shortcuts), its sequence length and instruction template, and the LoRA settings (the paper's: rank 16,
+    alpha 32, dropout 0.1 on the attention and MLP projections). The fields are the flags of ``st-synth
+    train`` and the keys of its YAML file."""
+
     base_model: str = field(
         default="smollm2-135m",
         metadata={"help": "Decoder backbone: a folder, a Hub id, 'smollm2-135m' (the packaged pretrained "
@@ -53,6 +58,10 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    """The training data: the generated dataset (a saved folder or Hub id; each task kind one source), extra
+    and public datasets, instructions, hard negatives, held-out rows and the evaluation tasks whose texts no
+    training row may contain. The fields are the flags of ``st-synth train`` and the keys of its YAML file."""
+
     dataset: str = field(default="", metadata={"help": "Folder written by `st-synth generate`, or a Hub id."})
     kinds: list[str] | None = field(default=None, metadata={"help": "Train on these kinds (splits) only."})
     extra_datasets: list[str] = field(
@@ -126,6 +135,9 @@ class DataArguments:
 
 @dataclass
 class OutputArguments:
+    """What is saved beside the weights: whether the LoRA adapter is merged into the backbone, and the card's
+    license, dataset id and Hub visibility."""
+
     merge: bool = field(default=True, metadata={"help": "Also save the LoRA merged into the weights."})
     hub_private: bool = field(
         default=False, metadata={"help": "Create the Hub repo (push_to_hub) as private."}

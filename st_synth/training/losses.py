@@ -223,3 +223,20 @@ def build_loss(name: str, model: SentenceTransformer, settings: LossArguments) -
             )
         return MatryoshkaLoss(model, loss, settings.matryoshka_dims)
     return loss
+
+
+def loss_citations(losses: dict[str, nn.Module]) -> dict[str, str]:
+    """Each loss class trained, by name, with its own ``citation`` (sentence-transformers' losses carry their
+    BibTeX; a wrapper such as ``MatryoshkaLoss`` and the loss inside it are both named), in training order.
+
+    Example::
+
+        >>> loss_citations({"sts": MultipleNegativesRankingLoss(model)})
+        {'MultipleNegativesRankingLoss': '@misc{henderson2017efficient, ...}'}
+    """
+    found: dict[str, str] = {}
+    for loss in losses.values():
+        for part in (loss, getattr(loss, "loss", None)):
+            if isinstance(part, nn.Module):
+                found.setdefault(type(part).__name__, (getattr(part, "citation", None) or "").strip())
+    return found

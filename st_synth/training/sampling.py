@@ -27,6 +27,10 @@ SOURCE_ORDERS = ("proportional", "round_robin")
 
 
 class LengthGroupedBatchSampler(DefaultBatchSampler):
+    """Rows of similar length batched together, no duplicate text in a batch (see the module docstring): the
+    shuffled rows are cut into windows of ``batch_size * window_batches``, each sorted by length and cut into
+    batches, and the batches shuffled. Give it as ``batch_sampler`` (``length_grouped`` in YAML)."""
+
     def __init__(
         self,
         dataset: Dataset,

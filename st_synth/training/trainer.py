@@ -35,7 +35,7 @@ from st_synth.training.arguments import (
     OutputArguments,
     make_train_parser,
 )
-from st_synth.training.losses import LOSSES, LossArguments, build_loss
+from st_synth.training.losses import LOSSES, LossArguments, build_loss, loss_citations
 from st_synth.training.sampling import LENGTH_GROUPED, LengthGroupedBatchSampler, SourceAlignedBatchSampler
 from st_synth.training.sources import SOURCE_REPORTS, load_sources
 from st_synth.training.speed import (
@@ -108,6 +108,9 @@ def build_losses(model: SentenceTransformer, sources: DatasetDict, settings: Los
 
 
 def build_model(model_args: ModelArguments, cache_dir: str | Path | None = None) -> SentenceTransformer:
+    """The embedder the recipe trains: the backbone as a sentence-transformers model (last-token pooling, EOS
+    guaranteed, instruction prompts) with LoRA adapters from ``model_args`` and the speed options (packed
+    sequences, fused kernels) where they apply."""
     import torch
     from peft import LoraConfig
 
@@ -224,6 +227,7 @@ def train(
         if training_args.batch_sampler is LengthGroupedBatchSampler
         else str(getattr(training_args.batch_sampler, "value", training_args.batch_sampler)),
         "loss": {name: type(loss).__name__ for name, loss in losses.items()},
+        "loss_citations": loss_citations(losses),
         **source_reports,
         "log_history": trainer.state.log_history,
     }
