@@ -64,6 +64,53 @@ class EvaluateTarget:
         "recipe)."})  # fmt: skip
 
 
+@dataclass
+class RunCommand:
+    """The flags of ``st-synth run`` (the config's top-level keys are :class:`st_synth.pipeline.RunArguments`;
+    a flag given here overrides its key)."""
+
+    config: str | None = field(
+        default=None, metadata={"help": "Run config, e.g. recipes/configs/local-smollm2.yaml."}
+    )
+    config_file: str | None = field(default=None, metadata={"nargs": "?", "metavar": "CONFIG.yaml",
+                                                            "help": "The same as --config."})  # fmt: skip
+    set: list[str] = field(default_factory=list, metadata={
+        "action": "append", "metavar": "SECTION.KEY=VALUE",
+        "help": "Override one setting (VALUE is read as YAML), e.g. --set generate.num_examples=50 (repeatable)."})  # fmt: skip
+    output: str | None = field(
+        default=None, metadata={"help": "Output folder (overrides the config's `output`)."}
+    )
+    push_to_hub: str | None = field(default=None, metadata={
+        "metavar": "REPO", "help": "Push the trained model to this repo (overrides the config's `push_to_hub`)."})  # fmt: skip
+    private: bool = field(
+        default=False, metadata={"help": "Create the Hub repo as private (overrides the config's `private`)."}
+    )
+
+
+@dataclass
+class PushTarget:
+    """The settings of ``st-synth push``."""
+
+    folder: str = field(
+        metadata={"nargs": None, "help": "A saved SentenceTransformer folder, e.g. outputs/e5-model/final."}
+    )
+    repo: str = field(metadata={"help": "Hub repository id, e.g. you/e5-smollm2."})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+
+@dataclass
+class DedupShards:
+    """The settings of ``st-synth dedup``."""
+
+    inputs: list[str] = field(
+        metadata={"nargs": "+", "help": "The `st-synth generate` folders of the shards."}
+    )
+    output: str = field(metadata={"help": "Folder for the joined DatasetDict and dedup_report.json."})
+    no_near_duplicates: bool = field(default=False, metadata={"help": "Remove exact repeats only."})
+    near_duplicate_threshold: float = field(default=0.8, metadata={
+        "help": "Jaccard similarity of character 5-grams (0.8 to 1.0) from which two examples are near-duplicates."})  # fmt: skip
+
+
 def _fail(command: str, error: BaseException, code: int = 2, kind: str = "error") -> int:
     print(f"st-synth {command}: {kind}: {error}", file=sys.stderr)
     return code
@@ -75,7 +122,7 @@ def _add_generate(subparsers: Any) -> None:
 
     subparsers.add_parser(
         "generate",
-        help="Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.",
+        help=COMMANDS["generate"][0],
         description="Brainstorm tasks and write one JSON example per task with an LLM; save a DatasetDict "
         "with one split per kind plus generation_report.json. Answers are cached: re-running the same "
         "command resumes where it stopped and re-pays nothing.",
@@ -225,7 +272,7 @@ def _add_filter(subparsers: Any) -> None:
 
     subparsers.add_parser(
         "filter",
-        help="Keep the generated examples a guide encoder agrees with (the `filter` stage of `st-synth run`).",
+        help=COMMANDS["filter"][0],
         dataclass_types=(ConsistencyFilter, FilterFolders),
     ).set_defaults(func=_filter)
 
@@ -255,7 +302,7 @@ def _add_mine(subparsers: Any) -> None:
 
     subparsers.add_parser(
         "mine",
-        help="Give (query, positive) pairs a hard negative mined from a corpus (the `mine` stage of `st-synth run`).",
+        help=COMMANDS["mine"][0],
         dataclass_types=(MiningArguments, CorpusArguments, MineFolders),
     ).set_defaults(func=_mine)
 
@@ -291,7 +338,7 @@ def _add_evaluate(subparsers: Any) -> None:
 
     subparsers.add_parser(
         "evaluate",
-        help="Evaluate a model on mteb tasks, each with its instruction.",
+        help=COMMANDS["evaluate"][0],
         description="Each task with its instruction, by the paper authors' protocol for e5-style models (retrieval "
         "instructs queries only, other task types every text; classification unnormalised) or st-synth's (--protocol).",
         dataclass_types=(EvaluationArguments, EvaluateTarget),
@@ -339,29 +386,16 @@ def _evaluate(settings: Any, target: EvaluateTarget) -> int:
 
 # -- run --------------------------------------------------------------------------------------------------
 def _add_run(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    subparsers.add_parser(
         "run",
-        help="The whole path from one YAML file: generate, filter, mine, train, evaluate, model card (and push).",
+        help=COMMANDS["run"][0],
         description="Each stage reuses what is still valid from an earlier run under the same output folder. "
-        "The YAML sections take the flags of `st-synth generate`, `filter`, `train` and `evaluate` as keys.",
-    )
-    p.add_argument("--config", help="Run config, e.g. recipes/configs/local-smollm2.yaml.")
-    p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="The same as --config.")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="Override one setting (VALUE is read as YAML), e.g. --set generate.num_examples=50 (repeatable).",
-    )
-    p.add_argument("--output", default=None, help="Output folder (overrides the config's `output`).")
-    p.add_argument("--push-to-hub", "--push_to_hub", default=None, metavar="REPO",
-                   help="Push the trained model to this repo (overrides the config's `push_to_hub`).")  # fmt: skip
-    p.add_argument("--private", action="store_true", default=None, help="Create the Hub repo as private.")
-    p.set_defaults(func=_run)
+        "The YAML sections take the flags of `st-synth generate`, `filter`, `mine`, `train` and `evaluate` as keys.",
+        dataclass_types=(RunCommand,),
+    ).set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: RunCommand) -> int:
     from st_synth import pipeline
 
     if (args.config is None) == (args.config_file is None):
@@ -369,7 +403,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = pipeline.load_config(args.config or args.config_file, pipeline.parse_overrides(args.set))
         for key in pipeline.RUN_KEYS:
-            if getattr(args, key) is not None:
+            if getattr(args, key) not in (None, False):  # given on the command line
                 config[key] = getattr(args, key)
         plan = pipeline.plan_run(config)
     except (ValueError, TypeError, RuntimeError) as error:
@@ -387,7 +421,7 @@ def _add_export(subparsers: Any) -> None:
 
     subparsers.add_parser(
         "export",
-        help="Export a model to ONNX Runtime (optionally with int8 weights), checked against the original.",
+        help=COMMANDS["export"][0],
         description="The folder loads with SentenceTransformer(folder, trust_remote_code=True) wherever "
         "onnxruntime is installed; prompts, EOS handling and last-token pooling are the model's own.",
         dataclass_types=(ExportArguments,),
@@ -414,18 +448,15 @@ def _export(settings: Any) -> int:
 
 # -- push -------------------------------------------------------------------------------------------------
 def _add_push(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    subparsers.add_parser(
         "push",
-        help="Upload a trained model folder (weights, configs, prompts, card) to the Hugging Face Hub.",
+        help=COMMANDS["push"][0],
         description="The token comes from huggingface_hub's own lookup (HF_TOKEN or `hf auth login`).",
-    )
-    p.add_argument("folder", help="A saved SentenceTransformer folder, e.g. outputs/e5-model/final.")
-    p.add_argument("--repo", required=True, help="Hub repository id, e.g. you/e5-smollm2.")
-    p.add_argument("--private", action="store_true")
-    p.set_defaults(func=_push)
+        dataclass_types=(PushTarget,),
+    ).set_defaults(func=_push)
 
 
-def _push(args: argparse.Namespace) -> int:
+def _push(args: PushTarget) -> int:
     from st_synth.cards.hub import push_model
 
     try:
@@ -438,23 +469,17 @@ def _push(args: argparse.Namespace) -> int:
 
 # -- dedup ------------------------------------------------------------------------------------------------
 def _add_dedup(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    subparsers.add_parser(
         "dedup",
-        help="Join the shards of a generation into one dataset without repeats across shards.",
+        help=COMMANDS["dedup"][0],
         description="Walk the shards in shard_index order and drop every example that repeats an earlier one "
         "(the same texts, or a near-duplicate by the generator's MinHash rule). Nothing is asked again: "
         "dedup_report.json counts what was removed, per kind.",
-    )
-    p.add_argument("inputs", nargs="+", help="The `st-synth generate` folders of the shards.")
-    p.add_argument("--output", required=True, help="Folder for the joined DatasetDict and dedup_report.json.")
-    p.add_argument("--no_near_duplicates", action="store_true", help="Remove exact repeats only.")
-    p.add_argument("--near_duplicate_threshold", type=float, default=0.8,
-                   help="Jaccard similarity of character 5-grams (0.8 to 1.0) from which two examples are "
-                   "near-duplicates.")  # fmt: skip
-    p.set_defaults(func=_dedup)
+        dataclass_types=(DedupShards,),
+    ).set_defaults(func=_dedup)
 
 
-def _dedup(args: argparse.Namespace) -> int:
+def _dedup(args: DedupShards) -> int:
     from st_synth.data.dedup import DEDUP_REPORT, dedup_shards
     from st_synth.generation.config import check_output_folder
 
@@ -476,29 +501,20 @@ def _dedup(args: argparse.Namespace) -> int:
     return 0
 
 
-# name -> (one-line help, adds the full subparser). A command's parser (and its imports: mteb for evaluate)
+# name -> (one-line help, adds the full subparser): the one place each command's help is written. A command's parser (and its imports: mteb for evaluate)
 # is built only when that command runs, so `st-synth generate` starts fast. `train` has none here: main()
 # passes its arguments to the recipe's parser (st_synth.training.trainer.make_train_parser).
 COMMANDS: dict[str, tuple[str, Any]] = {
-    "generate": (
-        "Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.",
-        _add_generate,
-    ),
+    "generate": ("Generate a synthetic embedding dataset through an OpenAI-compatible endpoint.", _add_generate),
     "dedup": ("Join the shards of a generation into one dataset without repeats across shards.", _add_dedup),
-    "filter": ("Keep the generated examples a guide encoder agrees with.", _add_filter),
-    "mine": ("Give (query, positive) pairs hard negatives mined from a corpus.", _add_mine),
+    "filter": ("Keep the generated examples a guide encoder agrees with (the run's filter stage).", _add_filter),
+    "mine": ("Give (query, positive) pairs a hard negative mined from a corpus (the run's mine stage).", _add_mine),
     "train": ("Train with the recipe: LoRA, InfoNCE (as recipes/train_mistral.py).", None),
     "evaluate": ("Evaluate a model on mteb tasks, each with its instruction.", _add_evaluate),
-    "run": (
-        "The whole path from one YAML file: generate, filter, train, evaluate, card (and push).",
-        _add_run,
-    ),
-    "export": (
-        "Export a model to ONNX Runtime (optionally int8), checked against the original.",
-        _add_export,
-    ),
-    "push": ("Upload a trained model folder to the Hugging Face Hub.", _add_push),
-}
+    "run": ("The whole path from one YAML file: generate, filter, mine, train, evaluate, card (and push).", _add_run),
+    "export": ("Export a model to ONNX Runtime (optionally int8 weights), checked against the original.", _add_export),
+    "push": ("Upload a trained model folder (weights, configs, prompts, card) to the Hugging Face Hub.", _add_push),
+}  # fmt: skip
 
 
 EXIT_CODES = """exit status:

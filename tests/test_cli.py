@@ -107,3 +107,36 @@ def test_training_and_mining_inputs_that_are_not_there_are_refused(tmp_path, cap
     (tmp_path / "not-a-dataset").mkdir()
     _refused(capsys, ["mine", "--input", str(tmp_path / "not-a-dataset"), "--output", str(tmp_path / "mined")],
              "not one `save_to_disk` wrote")  # fmt: skip
+
+
+def test_run_push_and_dedup_flags_come_from_their_dataclasses():
+    import dataclasses
+
+    from st_synth.cli import DedupShards, PushTarget, RunCommand, build_parser
+
+    for command, dtype, argv in [
+        ("run", RunCommand, ["run", "c.yaml", "--set", "train.seed=1", "--set", "evaluate.baseline=false",
+                             "--output", "o", "--push_to_hub", "me/m", "--private"]),
+        ("push", PushTarget, ["push", "folder", "--repo", "me/m", "--private"]),
+        ("dedup", DedupShards, ["dedup", "a", "b", "--output", "o", "--no_near_duplicates",
+                                "--near_duplicate_threshold", "0.9"]),
+    ]:  # fmt: skip
+        parser, commands = build_parser(command)
+        sub = commands[command]
+        assert sub.dataclass_types == [dtype]
+        flags = {option for action in sub._actions for option in action.option_strings} | {
+            action.dest for action in sub._actions if not action.option_strings}  # fmt: skip
+        for f in dataclasses.fields(dtype):  # every field is a flag of its own name, or a positional
+            assert f"--{f.name}" in flags or f.name in flags, f.name
+        (settings,) = sub.namespace_to_dataclasses(parser.parse_args(argv))
+        if command == "run":
+            assert (settings.config_file, settings.set, settings.output, settings.push_to_hub, settings.private) == (
+                "c.yaml", ["train.seed=1", "evaluate.baseline=false"], "o", "me/m", True)  # fmt: skip
+        elif command == "push":
+            assert (settings.folder, settings.repo, settings.private) == ("folder", "me/m", True)
+        else:
+            assert (settings.inputs, settings.no_near_duplicates, settings.near_duplicate_threshold) == (
+                ["a", "b"], True, 0.9)  # fmt: skip
+    with pytest.raises(SystemExit) as exited:  # the folder is required: argparse's usage error
+        main(["push", "--repo", "me/m"])
+    assert exited.value.code == 2

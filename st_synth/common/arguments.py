@@ -128,6 +128,8 @@ class SettingsParser(HfArgumentParser):
     - A field may give ``metadata={"flag_type": str}`` when its Python type is richer than one flag can
       say (``GenerationConfig.kinds`` takes a string, a list or a mapping in Python; one string as a flag;
       YAML lists and mappings arrive as JSON).
+    - ``metadata={"nargs": "?"}`` (or ``"+"``) makes a field positional, ``metadata={"action": "append"}`` a
+      repeatable flag (``--set A --set B``).
     - Renamed flags are read under their new names (:func:`translate_flags`).
     - :meth:`parse_settings` reads a mapping (a YAML section) through the same flags.
     """
@@ -139,6 +141,20 @@ class SettingsParser(HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser: Any, field: dataclasses.Field) -> None:
         metadata = dict(field.metadata)
+        if "nargs" in metadata or "action" in metadata:  # a positional argument, or a repeatable flag
+            name = field.name if "nargs" in metadata else f"--{field.name}"
+            default = (
+                field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            )
+            extra = {
+                key: metadata[key] for key in ("nargs", "action", "metavar") if metadata.get(key) is not None
+            }
+            if default is not dataclasses.MISSING:
+                extra["default"] = default
+            elif name.startswith("--"):
+                extra["required"] = True
+            parser.add_argument(name, help=metadata.get("help"), **extra)
+            return
         if "flag_type" in metadata:
             field = copy.copy(field)
             field.type = metadata.pop("flag_type")
