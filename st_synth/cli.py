@@ -72,10 +72,10 @@ class RunCommand:
     config: str | None = field(
         default=None, metadata={"help": "Run config, e.g. recipes/configs/local-smollm2.yaml."}
     )
-    config_file: str | None = field(default=None, metadata={"nargs": "?", "metavar": "CONFIG.yaml",
+    config_file: str | None = field(default=None, metadata={"positional": "?", "metavar": "CONFIG.yaml",
                                                             "help": "The same as --config."})  # fmt: skip
     set: list[str] = field(default_factory=list, metadata={
-        "action": "append", "metavar": "SECTION.KEY=VALUE",
+        "repeatable": True, "metavar": "SECTION.KEY=VALUE",
         "help": "Override one setting (VALUE is read as YAML), e.g. --set generate.num_examples=50 (repeatable)."})  # fmt: skip
     output: str | None = field(
         default=None, metadata={"help": "Output folder (overrides the config's `output`)."}
@@ -92,7 +92,10 @@ class PushTarget:
     """The settings of ``st-synth push``."""
 
     folder: str = field(
-        metadata={"nargs": None, "help": "A saved SentenceTransformer folder, e.g. outputs/e5-model/final."}
+        metadata={
+            "positional": None,
+            "help": "A saved SentenceTransformer folder, e.g. outputs/e5-model/final.",
+        }
     )
     repo: str = field(metadata={"help": "Hub repository id, e.g. you/e5-smollm2."})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
@@ -103,7 +106,7 @@ class DedupShards:
     """The settings of ``st-synth dedup``."""
 
     inputs: list[str] = field(
-        metadata={"nargs": "+", "help": "The `st-synth generate` folders of the shards."}
+        metadata={"positional": "+", "help": "The `st-synth generate` folders of the shards."}
     )
     output: str = field(metadata={"help": "Folder for the joined DatasetDict and dedup_report.json."})
     no_near_duplicates: bool = field(default=False, metadata={"help": "Remove exact repeats only."})

@@ -128,8 +128,9 @@ class SettingsParser(HfArgumentParser):
     - A field may give ``metadata={"flag_type": str}`` when its Python type is richer than one flag can
       say (``GenerationConfig.kinds`` takes a string, a list or a mapping in Python; one string as a flag;
       YAML lists and mappings arrive as JSON).
-    - ``metadata={"nargs": "?"}`` (or ``"+"``) makes a field positional, ``metadata={"action": "append"}`` a
-      repeatable flag (``--set A --set B``).
+    - ``metadata={"positional": NARGS}`` makes a field positional (NARGS: ``None`` for exactly one, ``"?"``,
+      ``"+"``), ``metadata={"repeatable": True}`` a flag given once per value (``--set A --set B``). (Not
+      ``nargs`` / ``action``: transformers' own fields carry those for ``HfArgumentParser``.)
     - Renamed flags are read under their new names (:func:`translate_flags`).
     - :meth:`parse_settings` reads a mapping (a YAML section) through the same flags.
     """
@@ -141,19 +142,20 @@ class SettingsParser(HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser: Any, field: dataclasses.Field) -> None:
         metadata = dict(field.metadata)
-        if "nargs" in metadata or "action" in metadata:  # a positional argument, or a repeatable flag
-            name = field.name if "nargs" in metadata else f"--{field.name}"
-            default = (
-                field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-            )
-            extra = {
-                key: metadata[key] for key in ("nargs", "action", "metavar") if metadata.get(key) is not None
-            }
-            if default is not dataclasses.MISSING:
-                extra["default"] = default
+        if "positional" in metadata or metadata.get("repeatable"):  # st-synth's own: see the class docstring
+            if "positional" in metadata:
+                name, kwargs = field.name, {"nargs": metadata["positional"]}
+            else:
+                name, kwargs = f"--{field.name}", {"action": "append"}
+            if field.default_factory is not dataclasses.MISSING:
+                kwargs["default"] = field.default_factory()
+            elif field.default is not dataclasses.MISSING:
+                kwargs["default"] = field.default
             elif name.startswith("--"):
-                extra["required"] = True
-            parser.add_argument(name, help=metadata.get("help"), **extra)
+                kwargs["required"] = True  # (a positional without a default is required as it is)
+            if "metavar" in metadata:
+                kwargs["metavar"] = metadata["metavar"]
+            parser.add_argument(name, help=metadata.get("help"), **kwargs)
             return
         if "flag_type" in metadata:
             field = copy.copy(field)
