@@ -140,3 +140,30 @@ def test_run_push_and_dedup_flags_come_from_their_dataclasses():
     with pytest.raises(SystemExit) as exited:  # the folder is required: argparse's usage error
         main(["push", "--repo", "me/m"])
     assert exited.value.code == 2
+
+
+def test_every_other_path_flag_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """The filter, dedup, push, export and evaluate inputs and the extra training datasets: a path that is not
+    there gets exit 2 and one line naming it, before any model is loaded or trained."""
+    import datasets
+
+    from st_synth.testing.toy import write_toy_synthetic
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = str(tmp_path / "no-such-thing")
+    _refused(capsys, ["filter", "--input", missing, "--output", str(tmp_path / "f")], missing, "save_to_disk")
+    _refused(capsys, ["dedup", missing, "--output", str(tmp_path / "d")], missing, "not a saved DatasetDict")
+    _refused(capsys, ["push", missing, "--repo", "me/m"], missing, "not a saved SentenceTransformer folder")
+    _refused(capsys, ["export", "--model", missing, "--output", str(tmp_path / "e")], missing)
+    _refused(capsys, ["evaluate", "--model", missing, "--tasks", "LeeDocSTS", "--output", str(tmp_path / "r.json")],
+             "Cannot load a SentenceTransformer", missing)  # fmt: skip
+    data = str(write_toy_synthetic(tmp_path / "data", rows_per_kind=4))
+    datasets.disable_progress_bars()  # `datasets`' own bars on stderr are not the message
+    capsys.readouterr()
+    try:
+        _refused(capsys, ["train", "--config", str(ROOT / "recipes" / "configs" / "smollm2-cpu.yaml"), "--base_model", "tiny",
+                          "--dataset", data, "--extra_datasets", f"x={missing}|Retrieve.", "--output_dir", str(tmp_path / "m")],
+                 "Extra dataset 'x'", missing)  # fmt: skip
+    finally:
+        datasets.enable_progress_bars()
+    assert not any((tmp_path / name).exists() for name in ("f", "d", "e", "r.json", "m"))
