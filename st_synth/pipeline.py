@@ -41,6 +41,7 @@ from st_synth.common.names import (
     RUN_SUMMARY_FILE,
     RUN_SYNTHETIC_DIR,
 )
+from st_synth.common.prepared import fingerprint as run_fingerprint
 from st_synth.data.filtering import ConsistencyFilter
 from st_synth.data.mining import MiningArguments
 from st_synth.data.reader import load_saved
@@ -203,13 +204,6 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     )  # fmt: skip
 
 
-def _fingerprint(*parts: Any) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
-
-
 def dataset_fingerprint(folder: str | Path) -> str:
     """A digest of a saved DatasetDict's rows (not of file names or times)."""
     dataset = load_saved(folder)
@@ -345,7 +339,7 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     from st_synth.training.trainer import train
 
     final = plan.final_model
-    fingerprint = _fingerprint(
+    fingerprint = run_fingerprint(
         plan.train_settings | {"dataset": dataset_fingerprint(plan.output / RUN_DATA_DIR)}
     )
     marker = final / RUN_FILE

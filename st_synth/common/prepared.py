@@ -10,12 +10,15 @@ build killed halfway leaves only a temporary folder that the next build removes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +88,12 @@ def build_once(folder: str | Path, build: Callable[[Path], None],
             shutil.rmtree(temporary, ignore_errors=True)
             raise
     return folder
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short digest of ``parts`` (anything JSON can write, other values by ``str``): what a stage's saved
+    result is keyed on, so it is reused only while the inputs and settings that made it are unchanged."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

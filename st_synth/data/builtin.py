@@ -58,19 +58,18 @@ def _wikipedia_section_pairs() -> Any:
 @dataclass(frozen=True)
 class Builtin:
     """One builtin source: what it gives (``documents``: a ``text`` column; ``pairs``: ``query`` and
-    ``positive``), its loader, and a line for help texts."""
+    ``positive``) and its loader (the module docstring says what each one is)."""
 
     gives: Gives
     load: Callable[[], Any]
-    about: str
 
 
 BUILTINS: dict[str, Builtin] = {
-    "lee-background": Builtin("documents", _lee_background, "300 Australian news articles (gensim)"),
-    "wikipedia": Builtin("documents", _wikipedia, "section paragraphs of ~100 English Wikipedia articles (gensim)"),
-    "lee-background-pairs": Builtin("pairs", _lee_background_pairs, "those news articles, first half -> second half"),
-    "wikipedia-section-pairs": Builtin("pairs", _wikipedia_section_pairs, "Wikipedia 'Title: Section' -> its paragraph"),
-}  # fmt: skip
+    "lee-background": Builtin("documents", _lee_background),
+    "wikipedia": Builtin("documents", _wikipedia),
+    "lee-background-pairs": Builtin("pairs", _lee_background_pairs),
+    "wikipedia-section-pairs": Builtin("pairs", _wikipedia_section_pairs),
+}
 # Names that read as pairs before the registry was one (a documents source had the same name): (old) -> new.
 RENAMED_PAIRS = {"lee-background": "lee-background-pairs", "wiki-sections": "wikipedia-section-pairs"}
 

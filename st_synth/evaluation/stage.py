@@ -4,13 +4,13 @@ readings (cut sizes, quantized precisions), each scored on the same tasks with t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from st_synth.common.prepared import fingerprint as fingerprint_of
 from st_synth.evaluation.evaluate import EvaluationArguments, evaluate
 
 
@@ -27,10 +27,6 @@ class EvaluationResult:
 
     scores: dict[str, dict[str, float]]
     trained: dict[str, Any]
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def evaluate_models(
@@ -71,7 +67,7 @@ def evaluate_models(
 
     def scored(name: str, fingerprint: str | None, load: Callable[[], Any], instructions: bool,
                **extra: Any) -> dict[str, Any]:  # fmt: skip
-        key = None if fingerprint is None else _key(fingerprint, task_names, instructions, settings.max_seq_length,
+        key = None if fingerprint is None else fingerprint_of(fingerprint, task_names, instructions, settings.max_seq_length,
                                                    settings.task_instructions, settings.protocol, extra)  # fmt: skip
         path = folder / f"{name}.json" if folder is not None else None
         if key is not None and path is not None and path.is_file():
