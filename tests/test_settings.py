@@ -328,7 +328,7 @@ print(f"imported, {len(seen)} warnings in all")
 
 def test_settings_that_take_several_names_read_a_string_or_a_list_the_same():
     from st_synth.common.text import name_list
-    from st_synth.data.corpus import corpus_sources
+    from st_synth.data.corpus import CorpusArguments
     from st_synth.data.mining import MiningArguments
     from st_synth.evaluation.evaluate import EvaluationArguments
 
@@ -340,5 +340,5 @@ def test_settings_that_take_several_names_read_a_string_or_a_list_the_same():
     ]
     assert name_list(None) == name_list("") == []
     assert EvaluationArguments(tasks=["LeeDocSTS, x"]).tasks == ["LeeDocSTS", "x"]
-    assert corpus_sources("a.jsonl, builtin:wikipedia") == ["a.jsonl", "builtin:wikipedia"]
+    assert CorpusArguments(corpus="a.jsonl, builtin:wikipedia").corpus == ["a.jsonl", "builtin:wikipedia"]
     assert MiningArguments(splits="retrieval, sts").splits == ["retrieval", "sts"]

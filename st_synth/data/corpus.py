@@ -40,7 +40,7 @@ class CorpusArguments:
     """Where grounded generation and hard-negative mining take their passages from."""
 
     corpus: str | list[str] | None = field(default=None, metadata={
-        "help": "SOURCE[,SOURCE...] (a list in YAML): a folder of .txt/.md files, a .jsonl/.csv/.parquet file, a "
+        "help": "SOURCE[,SOURCE...] (a list in YAML): a folder of .txt/.md files, a .jsonl/.json/.csv/.parquet file, a "
         f"`datasets` folder or Hub id, or builtin:NAME ({', '.join(builtin_names('documents'))}). Generation is then grounded "
         "in its passages.", "flag_type": str | None, "metavar": "SOURCE"})  # fmt: skip
     text_column: str = field(
@@ -58,16 +58,11 @@ class CorpusArguments:
     )
 
     def __post_init__(self) -> None:
-        self.corpus = corpus_sources(decode_json(self.corpus, "corpus")) or None
+        self.corpus = name_list(decode_json(self.corpus, "corpus")) or None
         if self.passage_tokens < 8:
             raise ValueError(f"passage_tokens must be at least 8, got {self.passage_tokens}")
         if not 1 <= self.min_tokens <= self.passage_tokens:
             raise ValueError(f"min_tokens must be in 1..passage_tokens, got {self.min_tokens}")
-
-
-def corpus_sources(value: str | list[str] | None) -> list[str]:
-    """The sources of a corpus setting: a list, or one string of comma-separated sources."""
-    return name_list(value)
 
 
 def _column(rows: list[dict[str, Any]] | Any, column: str, source: str, found: list[str]) -> list[str]:
@@ -188,7 +183,7 @@ class Corpus:
 
     @classmethod
     def load(cls, settings: CorpusArguments) -> Corpus:
-        sources = corpus_sources(settings.corpus)
+        sources = name_list(settings.corpus)
         if not sources:
             raise ValueError("No corpus given: pass --corpus SOURCE.")
         tokenizer = _tokenizer(settings.passage_tokenizer)
