@@ -198,7 +198,8 @@ def _generate(config: Any, target: GenerateOutput) -> int:
     if target.push_to_hub:
         from st_synth.cards.hub import push_dataset
 
-        url = push_dataset(builder.dataset, report, target.push_to_hub, private=target.private or None)
+        url = push_dataset(builder.dataset, report, target.push_to_hub, metadata=builder.metadata,
+                           private=target.private or None)  # fmt: skip
         print(f"pushed to {url}")
     return 0 if report.get("complete") else 3
 
@@ -484,6 +485,7 @@ def _add_dedup(subparsers: Any) -> None:
 
 def _dedup(args: DedupShards) -> int:
     from st_synth.data.dedup import DEDUP_REPORT, dedup_shards
+    from st_synth.data.examples import InstructionFormat, save_examples
     from st_synth.generation.config import check_output_folder
 
     try:
@@ -493,7 +495,7 @@ def _dedup(args: DedupShards) -> int:
         )
     except (ValueError, FileNotFoundError) as error:
         return _fail("dedup", error)
-    dataset.save_to_disk(str(output))
+    save_examples(dataset, output, InstructionFormat.of(report))
     (output / DEDUP_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     removed = ", ".join(
         f"{kind} {c['duplicate']} + {c['near_duplicate']}" for kind, c in report["removed_by_kind"].items()

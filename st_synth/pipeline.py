@@ -197,6 +197,13 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     model_args, data_args, loss_args, output_args, training_args = make_train_parser().parse_settings(
         settings, "train"
     )
+    # The saved data carries the instructions as the run trains with them, unless `generate` says otherwise.
+    section = config.get("generate") or {}
+    if "instruction_template" not in section:
+        generation.instruction_template = model_args.instruction_template
+    if "instructions" not in section:
+        symmetric = "e5" if data_args.symmetric_instructions else "anchor"
+        generation.instructions = symmetric if data_args.use_instructions else "none"
     return RunPlan(
         run=run, generation=generation, consistency=consistency, mining=mining, model_args=model_args, data_args=data_args,
         loss_args=loss_args, output_args=output_args, training_args=training_args, evaluation=evaluation,

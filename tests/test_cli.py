@@ -106,7 +106,7 @@ def test_training_and_mining_inputs_that_are_not_there_are_refused(tmp_path, cap
     _refused(capsys, ["mine", "--input", missing, "--output", str(tmp_path / "mined")], "no-such-data")
     (tmp_path / "not-a-dataset").mkdir()
     _refused(capsys, ["mine", "--input", str(tmp_path / "not-a-dataset"), "--output", str(tmp_path / "mined")],
-             "not one `save_to_disk` wrote")  # fmt: skip
+             "neither `save_to_disk` wrote nor `datasets` can read")  # fmt: skip
 
 
 def test_run_push_and_dedup_flags_come_from_their_dataclasses():
@@ -147,11 +147,12 @@ def test_every_other_path_flag_is_refused_in_one_line(tmp_path, capsys, monkeypa
     there gets exit 2 and one line naming it, before any model is loaded or trained."""
     import datasets
 
-    from st_synth.testing.toy import write_toy_synthetic
+    from st_synth.data.toy import write_toy_synthetic
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = str(tmp_path / "no-such-thing")
-    _refused(capsys, ["filter", "--input", missing, "--output", str(tmp_path / "f")], missing, "save_to_disk")
+    _refused(capsys, ["filter", "--input", missing, "--output", str(tmp_path / "f")], missing,
+             "is no file or folder here")  # fmt: skip
     _refused(capsys, ["dedup", missing, "--output", str(tmp_path / "d")], missing, "not a saved DatasetDict")
     _refused(capsys, ["push", missing, "--repo", "me/m"], missing, "not a saved SentenceTransformer folder")
     _refused(capsys, ["export", "--model", missing, "--output", str(tmp_path / "e")], missing)

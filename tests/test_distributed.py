@@ -22,8 +22,8 @@ from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 from torch.utils.data import ConcatDataset
 
 from st_synth.common.taxonomy import TASK_KINDS
+from st_synth.data.toy import write_toy_synthetic
 from st_synth.testing.tiny import build_tiny_mistral
-from st_synth.testing.toy import write_toy_synthetic
 from st_synth.training.sampling import LengthGroupedBatchSampler, SourceAlignedBatchSampler
 from tests.helpers import free_port
 
@@ -111,10 +111,10 @@ def test_round_robin_order_and_bad_settings():
 
 
 def test_all_six_kinds_of_toy_data_have_their_kinds_columns(tmp_path):
-    from datasets import load_from_disk
+    from st_synth.data.examples import load_examples
 
     folder = write_toy_synthetic(tmp_path / "six", rows_per_kind=UNEVEN, kinds=tuple(UNEVEN))
-    data = load_from_disk(str(folder))
+    data = load_examples(folder)
     for kind, n in UNEVEN.items():
         assert data[kind].num_rows == n
         assert tuple(data[kind].column_names) == TASK_KINDS[kind].columns

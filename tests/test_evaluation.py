@@ -77,8 +77,8 @@ def test_unknown_task_names_fail_with_close_matches():
 
 def test_cli_evaluates_and_updates_the_card(tmp_path, monkeypatch, capsys):
     from st_synth.cli import main
+    from st_synth.data.toy import write_toy_synthetic
     from st_synth.evaluation import evaluate as evaluation
-    from st_synth.testing.toy import write_toy_synthetic
     from st_synth.training.arguments import DataArguments, ModelArguments, RecipeTrainingArguments
     from st_synth.training.trainer import train
 

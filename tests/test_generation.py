@@ -20,6 +20,7 @@ from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.common.languages import XLMR_LANGUAGES, paper_language_weights, resolve_language_weights
 from st_synth.common.names import REPORT_FILE
 from st_synth.common.taxonomy import TASK_KINDS
+from st_synth.data.examples import load_examples
 from st_synth.generation.client import EndpointError
 from st_synth.generation.prompting import example_request, plan_examples
 from st_synth.generation.validation import Rejected, parse_example, parse_tasks
@@ -450,9 +451,15 @@ def test_output_folder_is_ready_for_sentence_transformers(fake_server, tmp_path)
     )
     builder.build()
     out = builder.save(tmp_path / "out")
-    loaded = load_from_disk(str(out))
-    assert list(loaded) == list(TASK_KINDS)
+    saved = load_from_disk(str(out))
+    assert list(saved) == list(TASK_KINDS)
+    loaded = load_examples(out)  # the working form: texts without instructions, metadata joined back
     for kind, split in loaded.items():
+        assert saved[kind].column_names == [
+            "anchor",
+            "positive",
+            *(["negative"] if TASK_KINDS[kind].has_negative else []),
+        ]
         assert split.column_names == list(TASK_KINDS[kind].columns)
         assert ("negative" in split.column_names) == TASK_KINDS[kind].has_negative
         assert split.num_rows > 0 and all(row["instruction"] for row in split)
@@ -507,17 +514,18 @@ def test_push_to_hub_uploads_data_and_card(fake_server, tmp_path, monkeypatch):
         return "https://hub.local/commit/1"
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    push_dataset(dataset, builder.report, "me/synthetic", token="hf_SECRET_TOKEN")
+    push_dataset(dataset, builder.report, "me/synthetic", metadata=builder.metadata, token="hf_SECRET_TOKEN")
     assert calls[0][:2] == ("create", "me/synthetic") and calls[1] == ("upload", "me/synthetic", "dataset")
     images = ["kinds", "languages", "lengths"] + (["drops"] if builder.report["drops"] else [])
     assert set(uploaded) == {
         "README.md", "generation_report.json",
-        "data/retrieval-00000-of-00001.parquet", "data/sts-00000-of-00001.parquet",
+        "retrieval/train-00000-of-00001.parquet", "sts/train-00000-of-00001.parquet",
+        "metadata/retrieval-00000-of-00001.parquet", "metadata/sts-00000-of-00001.parquet",
         *(f"images/{name}.png" for name in images),
     }  # fmt: skip
     card = uploaded["README.md"].decode()
     assert_images_linked(card, uploaded, images)
-    assert "`fake-llm`" in card and "| `retrieval` |" in card and "path: data/sts-*" in card
+    assert "`fake-llm`" in card and "| `retrieval` |" in card and "path: sts/train-*" in card
     assert f"near-duplicate\n(retrieval {near['retrieval']}, sts {near['sts']})" in card
     assert all(b"hf_SECRET_TOKEN" not in blob for blob in uploaded.values())
 
@@ -581,10 +589,14 @@ def test_kept_examples_are_spooled_to_arrow_files_and_orphaned_spools_removed(
     monkeypatch.setattr(spool_module.Spool, "FLUSH", 5)
     server = fake_server()
     builder = SyntheticDatasetBuilder(make_config(server, tmp_path, num_examples=40, kinds="retrieval,sts"))
-    dataset = builder.build()
+    builder.build()
+    dataset = builder.examples
     assert not orphan.exists() and alive.exists()
     spools = [p for p in tmp_path.glob(f"{spool_module.SPOOL_PREFIX}{os.getpid()}-*")]
-    assert len(spools) == 1 and {p.name for p in spools[0].iterdir()} == {"retrieval.arrow", "sts.arrow"}
+    # The kinds' files, and the formatted texts (datasets' cache files) beside them.
+    assert len(spools) == 1 and {p.name for p in spools[0].iterdir() if not p.name.startswith("cache-")} == {
+        "retrieval.arrow", "sts.arrow"}  # fmt: skip
     assert {kind: Path(data.cache_files[0]["filename"]).parent for kind, data in dataset.items()} == {
         "retrieval": spools[0], "sts": spools[0]}  # fmt: skip
+    assert all(Path(data.cache_files[0]["filename"]).parent == spools[0] for data in builder.dataset.values())
     assert sum(len(d) for d in dataset.values()) == 40 == builder.report["num_examples_kept"]

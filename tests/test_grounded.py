@@ -61,7 +61,8 @@ def example_prompts(server) -> list[str]:
 def test_each_prompt_carries_its_passage_and_the_passage_is_its_side(fake_server, tmp_path):
     server = fake_server(bad_answer_rate=0.2)
     builder = SyntheticDatasetBuilder(grounded_config(server, tmp_path))
-    data = builder.build()
+    builder.build()
+    data = builder.examples
     passages = builder.corpus.passages
     prompts = example_prompts(server)
     assert prompts and all(any(prompt.endswith(f"Passage: {p}") for p in passages) for prompt in prompts)
@@ -254,7 +255,8 @@ def test_retellings_in_prose_beside_free_kinds_in_one_run(fake_server, tmp_path)
     config = grounded_config(server, tmp_path, kinds=RETELL, grounded_kinds="long_long",
                              grounded_prompts="long_long=retelling")  # fmt: skip
     builder = SyntheticDatasetBuilder(config)
-    data = builder.build()
+    builder.build()
+    data = builder.examples
     passages = builder.corpus.passages
     plans = {plan.index: plan for plan in builder.shard_plans()}
     assert {p.kind for p in plans.values() if p.passage is not None} == {"long_long"}
@@ -289,7 +291,8 @@ def test_retellings_in_prose_beside_free_kinds_in_one_run(fake_server, tmp_path)
     sent = server.chat_requests
     again = SyntheticDatasetBuilder(grounded_config(server, tmp_path, kinds=RETELL, grounded_kinds="long_long",
                                                     grounded_prompts="long_long=retelling"))  # fmt: skip
-    assert rows(again.build()) == rows(data)
+    again.build()
+    assert rows(again.examples) == rows(data)
     assert server.chat_requests == sent and again.report["requests_sent"] == 0
 
 
@@ -299,7 +302,8 @@ def test_a_truncated_retelling_keeps_its_sentences_and_a_short_one_is_dropped(fa
     config = grounded_config(server, tmp_path, kinds="long_long", grounded_prompts="long_long=retelling",
                              num_examples=2, concurrency=1)  # fmt: skip
     builder = SyntheticDatasetBuilder(config)
-    data = builder.build()
+    builder.build()
+    data = builder.examples
     assert server.fault_log[:2] == ["truncated", "malformed"]
     first = data["long_long"]["query"][0]
     assert first.startswith("In short, ") and first.endswith(".") and "Then the tow" not in first

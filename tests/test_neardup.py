@@ -11,6 +11,7 @@ from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.cli import main
+from st_synth.data.examples import load_examples
 from st_synth.data.neardup import ExactKeys, NearDuplicateIndex, signature, similarity
 from st_synth.testing.openai_server import REPEATED_TEXT
 
@@ -95,7 +96,8 @@ def build(server, tmp_path, name: str, **settings):
                               num_examples=80, seed=3, kinds="retrieval,sts", languages="English,German",
                               show_progress=False, **settings)  # fmt: skip
     builder = SyntheticDatasetBuilder(config)
-    return builder.build(), builder.report
+    builder.build()
+    return builder.examples, builder.report
 
 
 def repeated_rows(dataset) -> dict[str, list[int]]:
@@ -143,13 +145,13 @@ def test_dedup_joins_shards_and_removes_repeats_across_them(fake_server, tmp_pat
                      "--no_show_progress"])  # fmt: skip
         assert code == 0, capsys.readouterr().err
         folders.append(str(folder))
-    shards = [load_from_disk(f) for f in folders]
+    shards = [load_examples(f) for f in folders]
     # Each shard kept one row with the repeated text per kind; the union has two, and dedup keeps shard 0's.
     assert all(len(rows) == 1 for s in shards for rows in repeated_rows(s).values())
     capsys.readouterr()
     assert main(["dedup", *reversed(folders), "--output", str(tmp_path / "union")]) == 0
     out = capsys.readouterr().out
-    union = load_from_disk(str(tmp_path / "union"))
+    union = load_examples(tmp_path / "union")
     report = json.loads((tmp_path / "union" / "dedup_report.json").read_text())
     assert [i["shard_index"] for i in report["inputs"]] == [0, 1]
     assert report["removed_by_kind"] == {"retrieval": {"duplicate": 0, "near_duplicate": 1},

@@ -13,6 +13,7 @@ import yaml
 from datasets import load_from_disk
 
 from st_synth.cli import main
+from st_synth.data.examples import InstructionFormat, load_examples, save_examples
 from st_synth.pipeline import load_config, plan_run, score_table
 from tests.helpers import assert_images_linked
 
@@ -66,7 +67,7 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
     # Grounded retrieval, titles and retellings get negatives mined over the corpus; free sts has its own.
     mined = {kind for kind in ("retrieval", "short_short", "long_long") if filtered["kinds"][kind]["kept"]}
     assert mined and set(summary["mining"]["splits"]) == mined
-    data = load_from_disk(str(run / "data"))
+    data = load_examples(run / "data")
     for kind in summary["mining"]["splits"]:
         assert data[kind].column_names == [
             "instruction",
@@ -300,12 +301,12 @@ def test_the_mine_stage_without_a_corpus_mines_among_the_datas_own_positives(tmp
         }
         plan = plan_run(config)
         assert plan.stages[2] == "mine"
-        written.save_to_disk(str(plan.output / "data"))
+        save_examples(written, plan.output / "data", InstructionFormat())
         (plan.output / "data" / "generation_report.json").write_text("{}")
         lines = []
         report = _mine(plan, _Stages(plan, lines.append))
         assert lines[0] == "[3/6] mine: hard negatives among the data's own positives with all-MiniLM-L6-v2"
-        data = load_from_disk(str(plan.output / "data"))
+        data = load_examples(plan.output / "data")
         assert (plan.output / "data" / "generation_report.json").is_file()
         assert json.loads((plan.output / "data" / "mining_report.json").read_text()) == report
         assert (

@@ -8,11 +8,11 @@ import re
 from collections import Counter
 
 import pytest
-from datasets import load_from_disk
 
 from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.common.languages import resolve_language_weights
 from st_synth.common.taxonomy import PAPER_KIND_COUNTS, TASK_KINDS, resolve_kind_weights
+from st_synth.data.examples import load_examples
 from st_synth.generation.prompting import (
     PROMPT_VERSIONS,
     brainstorm_request,
@@ -124,8 +124,9 @@ def test_rows_and_report_record_their_templates(fake_server, tmp_path):
     config = GenerationConfig(model=server.model, base_url=server.base_url, num_examples=60, languages="English,German",
                               cache=str(tmp_path / "cache.sqlite"), concurrency=4, show_progress=False, block_size=16)  # fmt: skip
     builder = SyntheticDatasetBuilder(config)
-    data = builder.build()
+    builder.build()
     builder.save(tmp_path / "out")
+    data = builder.examples
     report = builder.report
     assert report["prompts_version"] == "v2"
     by_template = report["kept_by_template"]
@@ -137,7 +138,7 @@ def test_rows_and_report_record_their_templates(fake_server, tmp_path):
             assert len(parts) == (2 if TASK_KINDS[kind_name].brainstorm else 1)
         examples = sum(n for t, n in by_template.items() if t.startswith(f"v2/{kind_name}_example."))
         assert examples == report["kept_by_kind"][kind_name] == split.num_rows
-    assert load_from_disk(str(tmp_path / "out"))["sts"]["template"] == data["sts"]["template"]
+    assert load_examples(tmp_path / "out")["sts"]["template"] == data["sts"]["template"]
 
 
 def test_v1_and_v2_answers_never_share_a_cache_entry(fake_server, tmp_path):

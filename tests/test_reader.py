@@ -43,6 +43,14 @@ def test_a_saved_folder_and_its_splits(tmp_path):
         read_dataset(tmp_path / "saved", "Training data", split="dev")
 
 
+def test_a_folder_of_data_files_reads_like_a_hub_repo(tmp_path):
+    folder = tmp_path / "pairs-repo"
+    folder.mkdir()
+    _write(folder, ".parquet")
+    data = read_dataset(folder, "Training data", split="train")
+    assert data.to_dict() == ROWS
+
+
 def test_what_cannot_be_read_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "notes.xyz").write_text("x")
@@ -57,7 +65,9 @@ def test_what_cannot_be_read_is_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"header-only.csv is empty: it has no rows"):
         read_dataset(tmp_path / "header-only.csv", "Corpus")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(ValueError, match=r"folder is a folder but not one `save_to_disk` wrote"):
+    with pytest.raises(
+        ValueError, match=r"folder is a folder that neither `save_to_disk` wrote nor `datasets` can"
+    ):
         read_dataset(tmp_path / "folder", "Pairs")
     with pytest.raises(ValueError, match=r"is not a folder that `save_to_disk` wrote"):
         load_saved(tmp_path / "folder")

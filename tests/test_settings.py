@@ -20,11 +20,11 @@ from st_synth.cli import build_parser
 from st_synth.common.arguments import SettingsParser
 from st_synth.data.filtering import ConsistencyFilter
 from st_synth.data.mining import MiningArguments
+from st_synth.data.toy import write_toy_synthetic
 from st_synth.evaluation.evaluate import EvaluationArguments
 from st_synth.generation.config import GenerationConfig
 from st_synth.pipeline import RunArguments, load_config, plan_run
 from st_synth.testing.tiny import build_tiny_mistral
-from st_synth.testing.toy import write_toy_synthetic
 from st_synth.training.arguments import TRAIN_DATACLASSES, make_train_parser
 
 ROOT = Path(__file__).resolve().parents[1]

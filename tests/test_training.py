@@ -14,8 +14,8 @@ import torch
 import yaml
 from sentence_transformers import SentenceTransformer
 
+from st_synth.data.toy import TOPICS, write_toy_synthetic
 from st_synth.testing.tiny import build_tiny_mistral
-from st_synth.testing.toy import TOPICS, write_toy_synthetic
 from st_synth.training.arguments import (
     DataArguments,
     ModelArguments,
@@ -150,15 +150,16 @@ def test_bad_data_is_refused_before_loading_a_model(synthetic, change, message):
 
 
 def test_bad_settings_are_refused(backbone, synthetic, tmp_path):
-    from datasets import Dataset, load_from_disk
+    from datasets import Dataset
 
+    from st_synth.data.examples import load_examples
     from st_synth.training.sources import _refuse_empty
 
     with pytest.raises(ValueError, match="'sts' is empty"):
         _refuse_empty("sts", Dataset.from_dict({"query": ["a"]}).select([]))
-    data = load_from_disk(synthetic)
-    data["sts"] = load_from_disk(synthetic)["sts"].remove_columns("instruction")
-    data.save_to_disk(str(tmp_path / "nocol"))
+    data = load_examples(synthetic)
+    data["sts"] = data["sts"].remove_columns("instruction")
+    data.save_to_disk(str(tmp_path / "nocol"))  # the working form saved as such (st-synth 0.1's layout)
     with pytest.raises(ValueError, match=r"lacks columns \['instruction'\]"):
         load_sources(DataArguments(dataset=str(tmp_path / "nocol")), "Instruct: {instruction}\nQuery: ")
     with pytest.raises(ValueError, match="exactly once"):

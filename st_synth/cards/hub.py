@@ -13,6 +13,7 @@ from huggingface_hub import HfApi
 
 from st_synth.cards.render import write_dataset_card
 from st_synth.common.names import REPORT_FILE
+from st_synth.data.examples import METADATA
 
 logger = logging.getLogger(__name__)
 
@@ -22,19 +23,28 @@ def push_dataset(
     report: dict[str, Any],
     repo_id: str,
     *,
+    metadata: DatasetDict,
     token: str | None = None,
     private: bool | None = None,
 ) -> str:
-    """Upload ``dataset`` as parquet shards with a dataset card and the generation report.
+    """Upload a generated dataset as parquet files with a dataset card and the generation report: each kind's
+    texts (``dataset``) as a configuration of its own (a Hub configuration has one set of columns for all its
+    splits, and the kinds with a negative have one more), split ``train``; what
+    :mod:`st_synth.data.examples` saves beside them (``metadata``) as the ``metadata`` configuration, one split
+    per kind. So ``load_dataset(repo_id, "retrieval", split="train")`` gives what sentence-transformers trains
+    on and ``load_dataset(repo_id, "metadata")`` the rest, row for row.
 
     The token comes from ``token`` or huggingface_hub's own lookup (``HF_TOKEN``, ``hf auth login``) and
     is never written anywhere.
     """
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "data").mkdir()
-        for split, data in dataset.items():
-            data.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+        for kind in dataset:
+            (folder / kind).mkdir()
+            dataset[kind].to_parquet(str(folder / kind / "train-00000-of-00001.parquet"))
+        (folder / METADATA).mkdir()
+        for kind, data in metadata.items():
+            data.to_parquet(str(folder / METADATA / f"{kind}-00000-of-00001.parquet"))
         write_dataset_card(folder, dataset, report, repo_id)
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         return _upload(folder, repo_id, "dataset", "Upload synthetic embedding data generated with st-synth",

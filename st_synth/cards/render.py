@@ -14,6 +14,7 @@ from st_synth.common.arguments import current_setting_name
 from st_synth.common.languages import ISO_CODES
 from st_synth.common.names import ADAPTER_DIR, CARD_DATA_FILE, FINAL_DIR, RUN_MODEL_DIR
 from st_synth.common.taxonomy import TASK_KINDS
+from st_synth.data.examples import InstructionFormat
 
 
 def _template(name: str) -> jinja2.Template:
@@ -102,6 +103,7 @@ def render_dataset_card(
         languages_summary=summary,
         size_category=_size_category(sum(s["rows"] for s in splits)),
         images=images or [],
+        instructions=InstructionFormat.of(report),
     )
 
 

@@ -20,8 +20,8 @@ from datasets import DatasetDict, concatenate_datasets
 from st_synth.common.names import REPORT_FILE
 from st_synth.common.taxonomy import PROVENANCE_COLUMNS
 from st_synth.common.text import normalize
+from st_synth.data.examples import load_examples, saved_format
 from st_synth.data.neardup import ExactKeys, NearDuplicateIndex, check_threshold, exact_key, signature
-from st_synth.data.reader import load_saved
 
 DEDUP_REPORT = "dedup_report.json"
 
@@ -31,13 +31,14 @@ def _load(folder: Path) -> tuple[int, DatasetDict, dict[str, Any]]:
         raise ValueError(f"{folder} is not a saved DatasetDict (an `st-synth generate` output folder).")
     report_file = folder / REPORT_FILE
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    return int(report.get("shard_index", 0)), load_saved(folder), report
+    return int(report.get("shard_index", 0)), load_examples(folder, "Shard"), report
 
 
 def dedup_shards(
     folders: list[str | Path], near_duplicates: bool = True, threshold: float = 0.8
 ) -> tuple[DatasetDict, dict[str, Any]]:
-    """The union of the generation folders ``folders`` without repeats, and its report."""
+    """The union of the generation folders ``folders`` without repeats (the working form,
+    :mod:`st_synth.data.examples`), and its report."""
     if near_duplicates:
         check_threshold(threshold)
     if not folders:
@@ -48,6 +49,10 @@ def dedup_shards(
         raise ValueError(
             f"Two folders are the same shard (shard_index {sorted(shards)}): give each shard once."
         )
+    formats = {saved_format(folder) for *_, folder in loaded}
+    if len(formats) > 1:
+        raise ValueError(f"The shards carry their instructions differently ({sorted(f.mode for f in formats)}); "
+                         "generate every shard with the same --instructions and --instruction_template.")  # fmt: skip
     kinds = list(dict.fromkeys(kind for _, data, _, _ in loaded for kind in data))
     splits, removed, kept_by_kind = {}, {}, {}
     for kind in kinds:
@@ -88,5 +93,6 @@ def dedup_shards(
         "num_examples_kept": sum(kept_by_kind.values()),
         "kept_by_kind": kept_by_kind,
         "removed_by_kind": removed,
+        "instructions": formats.pop().describe(),
     }
     return DatasetDict(splits), report

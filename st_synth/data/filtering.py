@@ -29,8 +29,8 @@ from sentence_transformers import SentenceTransformer
 from st_synth.common.names import FILTER_REPORT_FILE, REPORT_FILE
 from st_synth.common.taxonomy import get_kind, kinds_where
 from st_synth.data.corpus import Corpus, CorpusArguments
+from st_synth.data.examples import load_examples, save_examples, saved_format
 from st_synth.data.guide import GUIDE_ALIAS, corpus_embeddings, load_guide
-from st_synth.data.reader import load_saved
 
 
 @dataclass
@@ -168,9 +168,9 @@ def filter_folder(source: str | Path, target: str | Path, settings: ConsistencyF
     source, target = Path(source), Path(target)
     if passages is None:
         passages = grounding_passages(source)
-    filtered, report = settings.apply(load_saved(source), passages=passages, cache_folder=cache_folder,
-                                      grounded_kinds=grounded_kinds_of(source))  # fmt: skip
-    filtered.save_to_disk(str(target))
+    filtered, report = settings.apply(load_examples(source, "Data to filter"), passages=passages,
+                                      cache_folder=cache_folder, grounded_kinds=grounded_kinds_of(source))  # fmt: skip
+    save_examples(filtered, target, saved_format(source))
     if (source / REPORT_FILE).is_file():
         (target / REPORT_FILE).write_text((source / REPORT_FILE).read_text())
     (target / FILTER_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -22,9 +22,9 @@ from st_synth.common.names import FILTER_REPORT_FILE, MINING_REPORT_FILE, REPORT
 from st_synth.common.taxonomy import TASK_KINDS
 from st_synth.common.text import name_list, normalize
 from st_synth.data.corpus import Corpus, CorpusArguments
+from st_synth.data.examples import read_examples, save_like
 from st_synth.data.filtering import grounded_kinds_of, grounding_passages
 from st_synth.data.guide import load_guide
-from st_synth.data.reader import read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +231,7 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
     from datasets import DatasetDict
 
     source, target = Path(source), Path(target)
-    data = read_dataset(source, "Pairs to mine for")
-    data = data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
+    data, instructions = read_examples(source, "Pairs to mine for")
     if not any({"query", "positive"} <= set(split.column_names) for split in data.values()):
         raise ValueError(f"{source} has no split with query and positive columns; it has: "
                          + "; ".join(f"{n}: {', '.join(s.column_names)}" for n, s in data.items()))  # fmt: skip
@@ -283,7 +282,7 @@ def mine_folder(source: str | Path, target: str | Path, settings: MiningArgument
     splits = {
         name: mined.get(name, split) for name, split in data.items() if name not in wanted or name in mined
     }
-    DatasetDict(splits).save_to_disk(str(target))
+    save_like(DatasetDict(splits), target, instructions)
     for name in (
         REPORT_FILE,
         FILTER_REPORT_FILE,

@@ -41,13 +41,22 @@ def load_saved(folder: str | Path) -> Dataset | DatasetDict:
         raise ValueError(f"{folder} is not a folder that `save_to_disk` wrote: {error}") from None
 
 
+def _saved_to_disk(folder: Path) -> bool:
+    """Whether ``save_to_disk`` wrote ``folder`` (a DatasetDict or a Dataset)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else "no detail"
+
+
 def read_dataset(source: str | Path, what: str, *, subset: str | None = None, split: str | None = None,
                  builtin: Gives = "pairs", **kwargs: Any) -> Dataset | DatasetDict:  # fmt: skip
     """``source`` as a dataset: a saved folder, a data file, or a Hub dataset id.
 
     Args:
         source: a folder written by ``save_to_disk``, a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet``
-            file, or a Hub dataset id.
+            file, a folder of such files (a downloaded Hub dataset repo too), or a Hub dataset id.
         what: names the source in errors ("Corpus", "Training data", ...).
         subset: the Hub dataset's configuration, if it has several.
         split: the split to return (of a saved DatasetDict or a Hub dataset); all splits when None. A data
@@ -63,13 +72,14 @@ def read_dataset(source: str | Path, what: str, *, subset: str | None = None, sp
     if source.startswith(PREFIX):
         return load_builtin(source, builtin)
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and not _saved_to_disk(path):  # data files, or a downloaded Hub dataset repo
         try:
-            data = load_from_disk(source)
-        except FileNotFoundError as error:
-            raise ValueError(
-                f"{what} {source} is a folder but not one `save_to_disk` wrote: {error}"
-            ) from None
+            return load_dataset(source, subset, split=split, **kwargs)
+        except Exception as error:  # any failure to find or parse its files, named
+            raise ValueError(f"{what} {source} is a folder that neither `save_to_disk` wrote nor `datasets` can "
+                             f"read as data files ({type(error).__name__}: {_first_line(error)}).") from None  # fmt: skip
+    if path.is_dir():
+        data = load_from_disk(source)
         if split is not None and isinstance(data, DatasetDict):
             if split not in data:
                 raise ValueError(f"{what} {source} has no split {split!r}; it has: {', '.join(data)}")
@@ -85,13 +95,13 @@ def read_dataset(source: str | Path, what: str, *, subset: str | None = None, sp
             if "corresponds to no data" in str(error):  # `datasets`' words for a file without rows
                 raise ValueError(f"{what} {source} is empty: it has no rows.") from None
             raise ValueError(f"{what} {source} could not be read as {FILE_FORMATS[path.suffix.lower()]}: "
-                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None  # fmt: skip
+                             f"{_first_line(error)}") from None  # fmt: skip
     try:
         return load_dataset(source, subset, split=split, **kwargs)
     # No such repo, no network, offline mode.
     except (OSError, ValueError) as error:
         raise ValueError(
             f"{what} {source!r} is no file or folder here, and loading it as a Hub dataset failed "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}). Check the "
+            f"({type(error).__name__}: {_first_line(error)}). Check the "
             "path, or the Hub id and your network (HF_HUB_OFFLINE)."
         ) from None

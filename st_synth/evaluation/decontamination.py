@@ -22,6 +22,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 
 from st_synth.common.text import normalize
+from st_synth.data.examples import TEXT_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ DEFAULT_NGRAM = 13
 # A lone word ("Alabama", "Asia": a Wikipedia heading and a newsgroup or chatterbot text) is vocabulary, not
 # benchmark text: exact matches count from two words up.
 MIN_EXACT_WORDS = 2
-TEXT_COLUMNS = ("query", "positive", "negative")
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from st_synth.common.names import REPORT_FILE
 from st_synth.common.taxonomy import TASK_KINDS
 from st_synth.data.corpus import Corpus
+from st_synth.data.examples import to_saved, write_saved
 from st_synth.data.neardup import ExactKeys, NearDuplicateIndex, exact_key, signature
 from st_synth.generation import grounding
 from st_synth.generation.cache import AnswerCache
@@ -54,8 +55,12 @@ class SyntheticDatasetBuilder:
         config = GenerationConfig(model="gpt-4o-mini", num_examples=1000, kinds="retrieval,sts",
                                   languages="English,German", cache="cache.sqlite")
         builder = SyntheticDatasetBuilder(config)
-        dataset = builder.build()          # a DatasetDict, one split per kind
-        builder.save("synthetic-data")     # save_to_disk + generation_report.json
+        dataset = builder.build()          # one split per kind: anchor, positive[, negative]
+        builder.save("synthetic-data")     # the texts, metadata/ beside them, generation_report.json
+
+    ``builder.examples`` holds the same examples in the working form (instruction, query, positive[,
+    negative], language, template) and ``builder.metadata`` what is saved in ``metadata/``
+    (:mod:`st_synth.data.examples`).
     """
 
     def __init__(
@@ -87,6 +92,8 @@ class SyntheticDatasetBuilder:
         self.health_check = health_check
         self.report_extra = dict(report_extra or {})
         self.dataset: DatasetDict | None = None
+        self.examples: DatasetDict | None = None
+        self.metadata: DatasetDict | None = None
         self.report: dict[str, Any] | None = None
         self.server: Any = None  # the managed local server answering this build, if any (served_builder)
 
@@ -118,14 +125,15 @@ class SyntheticDatasetBuilder:
         finally:
             cache.close()
         # A batch round with requests still pending has no dataset yet (st_synth.generation.batch).
-        self.dataset = DatasetDict() if self.pending else run.to_dataset()
+        self.examples = DatasetDict() if self.pending else run.to_dataset()
+        self.dataset, self.metadata = to_saved(self.examples, c.instruction_format)
         return self.dataset
 
     def save(self, output: str | Path) -> Path:
         if self.dataset is None or self.report is None:
             raise RuntimeError("Call build() before save().")
         output = Path(output)
-        self.dataset.save_to_disk(str(output))
+        write_saved(self.dataset, self.metadata, output)
         (output / REPORT_FILE).write_text(json.dumps(self.report, indent=2, ensure_ascii=False) + "\n")
         return output
 

@@ -15,6 +15,7 @@ from st_synth.common.languages import resolve_language_weights
 from st_synth.common.names import REPORT_FILE
 from st_synth.common.taxonomy import BITEXT_LOW_SCORES, TASK_KINDS, get_kind, kinds_help, resolve_kind_weights
 from st_synth.data.corpus import CorpusArguments
+from st_synth.data.examples import INSTRUCTION_MODES, InstructionFormat
 from st_synth.data.neardup import check_threshold
 from st_synth.generation.client import RESPONSE_FORMATS, is_loopback, redact_url
 from st_synth.generation.grounding import check_groundable, check_prompt_variants
@@ -26,6 +27,7 @@ from st_synth.generation.local_llm import (
     start_local_server,
 )
 from st_synth.generation.prompting import DEFAULT_PROMPTS_VERSION, PROMPT_VERSIONS, check_prompts_version
+from st_synth.model.embedder import DEFAULT_INSTRUCTION_TEMPLATE
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_REQUEST_TIMEOUT = 120.0
@@ -202,6 +204,21 @@ class GenerationConfig(CorpusArguments):
         default=0.8,
         metadata=_help("Jaccard similarity (0.8 to 1.0) from which two examples are near-duplicates."),
     )
+    instructions: str = field(
+        default="e5",
+        metadata=_help(
+            "How the saved texts carry each example's task instruction: "
+            + "; ".join(f"{name}: {what}" for name, what in INSTRUCTION_MODES.items())
+            + ". The instruction itself is in the dataset's metadata either way.",
+            choices=list(INSTRUCTION_MODES),
+        ),
+    )
+    instruction_template: str = field(
+        default=DEFAULT_INSTRUCTION_TEMPLATE,
+        metadata=_help(
+            "The text around the instruction ({instruction} exactly once): the embedder's query template."
+        ),
+    )
     show_progress: bool = field(default=True, metadata=_help("A progress bar (--no_show_progress hides it)."))
     kind_weights: dict[str, float] = field(init=False, repr=False)
     grounded: tuple[str, ...] = field(init=False, repr=False, default=())  # the kinds grounded in the corpus
@@ -221,6 +238,7 @@ class GenerationConfig(CorpusArguments):
         if self.prompts_version != "auto":
             check_prompts_version(self.prompts_version)
         self.language_weights = resolve_language_weights(self.languages)
+        InstructionFormat(self.instructions, self.instruction_template)  # refused here, before any request
         checks = [
             (isinstance(self.num_examples, int) and self.num_examples > 0,
              f"num_examples must be a positive integer, got {self.num_examples!r}"),
@@ -293,6 +311,11 @@ class GenerationConfig(CorpusArguments):
             )
 
     @property
+    def instruction_format(self) -> InstructionFormat:
+        """How the saved texts carry the instructions (:mod:`st_synth.data.examples`)."""
+        return InstructionFormat(self.instructions, self.instruction_template)
+
+    @property
     def cache_path(self) -> Path:
         return Path(self.cache) if self.cache else Path.home() / ".cache" / "st_synth" / "answers.sqlite"
 
@@ -360,6 +383,7 @@ class GenerationConfig(CorpusArguments):
             "shard_index": self.shard_index,
             "block_size": self.block_size,
             "near_duplicate_threshold": self.near_duplicate_threshold if self.near_duplicates else None,
+            "instructions": self.instruction_format.describe(),
             **({"corpus": {"sources": self.corpus, "text_column": self.text_column,
                            "passage_tokens": self.passage_tokens, "min_tokens": self.min_tokens,
                            "passage_tokenizer": self.passage_tokenizer, "grounded_kinds": list(self.grounded),

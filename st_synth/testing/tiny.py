@@ -7,6 +7,9 @@ initialised two-layer Mistral. ``eos_style`` reproduces the tokenizer behaviours
 * ``"bos_only"``: adds BOS only, no EOS (like Mistral's tokenizer, whose ``add_eos_token`` flag some
   transformers versions ignore);
 * ``"bos_eos"``: adds BOS and EOS itself, with a separate pad token.
+
+``vocabulary="bytes"`` gives a byte-level tokenizer instead (one token per byte, no merges), whose
+``decode`` gives back every text exactly: for tests that read what a loss received.
 """
 
 from __future__ import annotations
@@ -33,18 +36,31 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(eos_style: str = "none", chat_template: bool = False):
-    """A ``PreTrainedTokenizerFast`` over :data:`WORDS` (plus specials), built in well under a second."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def build_tokenizer(eos_style: str = "none", chat_template: bool = False, vocabulary: str = "words"):
+    """A ``PreTrainedTokenizerFast`` over :data:`WORDS` (plus specials), or over bytes
+    (``vocabulary="bytes"``), built in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(WORDS), ":", ".", ",", "?", "\n"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(" ", behavior="removed"), pre_tokenizers.Split("\n", behavior="isolated"),
-         pre_tokenizers.Punctuation()]
-    )  # fmt: skip
+    if vocabulary == "bytes":
+        symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+        backend = Tokenizer(
+            models.BPE({t: i for i, t in enumerate([*specials, *symbols])}, [], unk_token="<unk>")
+        )
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+    elif vocabulary == "words":
+        vocab = {
+            token: i for i, token in enumerate([*specials, *dict.fromkeys(WORDS), ":", ".", ",", "?", "\n"])
+        }
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(" ", behavior="removed"), pre_tokenizers.Split("\n", behavior="isolated"),
+             pre_tokenizers.Punctuation()]
+        )  # fmt: skip
+    else:
+        raise ValueError(f"Unknown vocabulary {vocabulary!r}; choose words or bytes.")
     flags = {"none": (False, False), "bos_only": (True, False), "bos_eos": (True, True)}
     if eos_style not in flags:
         raise ValueError(f"Unknown eos_style {eos_style!r}; choose one of: {', '.join(flags)}.")
@@ -55,7 +71,7 @@ def build_tokenizer(eos_style: str = "none", chat_template: bool = False):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>" if eos_style == "bos_eos" else "</s>",
-        model_max_length=256,
+        model_max_length=4096 if vocabulary == "bytes" else 256,
         add_bos_token=add_bos,
         add_eos_token=add_eos,
     )
@@ -72,12 +88,13 @@ def build_tiny_mistral(
     hidden_size: int = 32,
     num_layers: int = 2,
     seed: int = 0,
+    vocabulary: str = "words",
 ) -> Path:
     """Save a random two-layer Mistral and its tokenizer to ``output_dir``; return the folder."""
     import torch
     from transformers import MistralConfig, MistralModel
 
-    tokenizer = build_tokenizer(eos_style, chat_template)
+    tokenizer = build_tokenizer(eos_style, chat_template, vocabulary)
     config = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -85,7 +102,7 @@ def build_tiny_mistral(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=tokenizer.model_max_length,
         sliding_window=None,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -12,6 +12,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from st_synth.common.names import REPORT_FILE
 from st_synth.common.taxonomy import TASK_KINDS, get_kind
+from st_synth.data.examples import TEXT_COLUMNS, apply_instructions, load_examples
 from st_synth.data.mining import MiningArguments
 from st_synth.data.public_data import parse_sources, prepare_public
 from st_synth.data.reader import read_dataset
@@ -23,8 +24,6 @@ from st_synth.model.embedder import (
 from st_synth.training.arguments import DataArguments
 
 logger = logging.getLogger(__name__)
-
-TEXT_COLUMNS = ("query", "positive", "negative")
 
 
 # What load_sources' report holds beside the generated dataset's own report (its generation_report.json).
@@ -42,11 +41,7 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
     report: dict[str, Any] = {}
     clean = _decontaminator(data.decontaminate)
     if data.dataset:
-        synthetic = read_dataset(data.dataset, "Training data")
-        if not isinstance(synthetic, DatasetDict):
-            raise ValueError(
-                f"{data.dataset} holds one split; `st-synth generate` writes one split per kind."
-            )
+        synthetic = load_examples(data.dataset, "Training data")
         report_path = Path(data.dataset) / REPORT_FILE
         if report_path.is_file():
             report = json.loads(report_path.read_text())
@@ -71,7 +66,7 @@ def load_sources(data: DataArguments, instruction_template: str) -> tuple[Datase
                 raise ValueError(
                     f"Public dataset {name!r} has the name of another training source; rename it."
                 )
-            sources[name] = _instructed(clean(name, dataset), name, instruction_template, data.use_instructions,
+            sources[name] = apply_instructions(clean(name, dataset), name, instruction_template, data.use_instructions,
                                         symmetric and data.symmetric_instructions)  # fmt: skip
     if not data.hard_negatives:
         sources = {name: ds.remove_columns([c for c in ds.column_names if c == "negative"])
@@ -142,27 +137,7 @@ def _refuse_empty(name: str, dataset: Dataset) -> None:
 def _prepare_synthetic(split: Dataset, kind: str, template: str, use_instructions: bool = True,
                        symmetric_instructions: bool = True) -> Dataset:  # fmt: skip
     symmetric = TASK_KINDS[kind].symmetric and symmetric_instructions
-    return _instructed(split, kind, template, use_instructions, symmetric)
-
-
-def _instructed(split: Dataset, name: str, template: str, use_instructions: bool, symmetric: bool) -> Dataset:
-    """Rows with an ``instruction`` column -> text columns only, the instruction in ``template`` before the
-    query (and before every text where ``symmetric``)."""
-    needed = ["instruction", "query", "positive"]
-    missing = [column for column in needed if column not in split.column_names]
-    if missing:
-        raise ValueError(f"Split {name!r} lacks columns {missing}; it has {split.column_names}.")
-    texts = [column for column in TEXT_COLUMNS if column in split.column_names]
-
-    def instruct(row: dict[str, str]) -> dict[str, str]:
-        prefix = format_instruction(row["instruction"], template) if use_instructions else ""
-        # The paper: queries get the instruction; for symmetric tasks both sides do.
-        return {
-            column: (prefix + row[column] if column == "query" or symmetric else row[column])
-            for column in texts
-        }
-
-    return split.map(instruct, remove_columns=[c for c in split.column_names if c not in texts])
+    return apply_instructions(split, kind, template, use_instructions, symmetric)
 
 
 def _prepare_extra(spec: str, template: str, use_instructions: bool = True,

@@ -1,5 +1,6 @@
-"""A small learnable synthetic dataset in the exact layout `st-synth generate` writes (for tests, smoke
-runs and CPU benchmarks): topic words make positives findable and negatives come from other topics."""
+"""A small learnable synthetic dataset in the working form (:mod:`st_synth.data.examples`), saved in the exact
+layout `st-synth generate` writes (for tests, smoke runs and CPU benchmarks): topic words make positives
+findable and negatives come from other topics."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from datasets import Dataset, DatasetDict
 
 from st_synth.common.names import REPORT_FILE
 from st_synth.common.taxonomy import TASK_KINDS
+from st_synth.data.examples import InstructionFormat, save_examples
 
 TOPICS = {
     "animals": "cat cats dog dogs bird fish horse cow animal pet pets".split(),
@@ -75,11 +77,12 @@ def write_toy_synthetic(
     """Save the toy set like `st-synth generate` does, with a generation report beside it."""
     folder = Path(folder)
     data = toy_synthetic(rows_per_kind, seed, kinds)
-    data.save_to_disk(str(folder))
+    save_examples(data, folder, InstructionFormat())
     report = {
         "generator_model": "toy-generator", "kept_by_kind": {k: v.num_rows for k, v in data.items()},
         "kept_by_language": {"English": sum(v.num_rows for v in data.values())}, "languages": "English",
         "total_prompt_tokens": 1000, "total_completion_tokens": 2000, "total_cost_usd": 0.01,
+        "instructions": InstructionFormat().describe(),
     }  # fmt: skip
     (folder / REPORT_FILE).write_text(json.dumps(report))
     return folder
