@@ -264,6 +264,18 @@ def test_shipped_main_job_config_is_valid_and_overridable():
     assert off.data_args.decontaminate == []
 
 
+def test_the_run_saves_its_data_with_the_instructions_it_trains_with(tmp_path):
+    config = _config(tmp_path, "http://127.0.0.1:9/v1")
+    assert (plan_run(config).generation.instruction_format) == InstructionFormat()
+    template = "Task: {instruction}\nText: "
+    for train, mode in (({"use_instructions": False}, "none"), ({"symmetric_instructions": False}, "anchor")):
+        config["train"].update(train, instruction_template=template)
+        assert plan_run(config).generation.instruction_format == InstructionFormat(mode, template)
+        config["train"].pop(next(iter(train)))
+    config["generate"]["instructions"] = "none"  # the generate section's own choice wins
+    assert plan_run(config).generation.instruction_format == InstructionFormat("none", template)
+
+
 def test_score_table_reports_the_change():
     table = score_table({"untrained": {"A": 0.1}, "trained": {"A": 0.35}, "ref": {"A": 0.5}})
     assert table.splitlines()[2] == "| A | 0.1000 | 0.3500 | 0.5000 | +0.2500 |"
