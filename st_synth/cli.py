@@ -85,6 +85,9 @@ class RunCommand:
     private: bool = field(
         default=False, metadata={"help": "Create the Hub repo as private (overrides the config's `private`)."}
     )
+    push_dataset_to_hub: str | None = field(default=None, metadata={
+        "metavar": "REPO", "help": "Push the training data to this Hub dataset repo (overrides the config's "
+        "`push_dataset_to_hub`)."})  # fmt: skip
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``st-synth run --config FILE``: generate -> filter -> train -> evaluate -> card (-> push), one command.
+"""``st-synth run --config FILE``: generate -> filter -> mine -> train -> evaluate -> card (-> push), one command.
 
 The YAML file has one section per stage (see ``recipes/configs/local-smollm2.yaml``)::
 
@@ -9,6 +9,7 @@ The YAML file has one section per stage (see ``recipes/configs/local-smollm2.yam
     train: {base_model: smollm2-135m, max_seq_length: 128, ...}           # the recipe's fields
     evaluate: {tasks: [LeeDocSTS, ...], baseline: true, reference: all-MiniLM-L6-v2}
     push_to_hub: null                                                     # or you/repo
+    push_dataset_to_hub: null                                             # or you/data (the training data)
 
 Training is decontaminated against the evaluated tasks unless ``train.decontaminate`` says otherwise (``[]``:
 off). Every section is checked before anything starts (unknown keys and values name the valid choices). Each
@@ -60,13 +61,19 @@ RUN_SET_TRAIN_KEYS = ("dataset", "output_dir")
 
 @dataclasses.dataclass
 class RunArguments:
-    """The top level of an ``st-synth run`` YAML file (also ``st-synth run --output/--push_to_hub/--private``)."""
+    """The top level of an ``st-synth run`` YAML file (also ``st-synth run --output/--push_to_hub/--private/
+    --push_dataset_to_hub``)."""
 
     output: str = dataclasses.field(default="outputs/run", metadata={"help": "The run's folder."})
     push_to_hub: str | None = dataclasses.field(
         default=None, metadata={"help": "Push the trained model, with its card, to this Hub repo."}
     )
     private: bool = dataclasses.field(default=False, metadata={"help": "Create the Hub repo as private."})
+    push_dataset_to_hub: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Push the training data (the run's data/: filtered, mined) with its dataset card to this "
+                  "Hub dataset repo, after training; the model card's `datasets` names it."},
+    )  # fmt: skip
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunArguments))
@@ -194,6 +201,10 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     # No text of an evaluated task is trained on: decontamination against them, unless the file says otherwise.
     settings = {"save_strategy": "no", "decontaminate": tasks, **train, "dataset": str(output / RUN_DATA_DIR),
                 "output_dir": str(output / RUN_MODEL_DIR)}  # fmt: skip
+    if (
+        run.push_dataset_to_hub and "dataset_id" not in train
+    ):  # the model card names the data it was trained on
+        settings["dataset_id"] = run.push_dataset_to_hub
     model_args, data_args, loss_args, output_args, training_args = make_train_parser().parse_settings(
         settings, "train"
     )
@@ -383,6 +394,16 @@ def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[
     return result.scores
 
 
+def _push_training_data(plan: RunPlan, stages: _Stages) -> str:
+    """Push the data the run trained on (its data/ folder) to ``push_dataset_to_hub``; return the commit URL."""
+    from st_synth.cards.hub import push_dataset_folder
+
+    repo_id = plan.run.push_dataset_to_hub
+    url = push_dataset_folder(plan.output / RUN_DATA_DIR, repo_id, private=plan.run.private or None)
+    stages.echo(f"      training data pushed to {repo_id}: {url}")
+    return url
+
+
 def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
     from st_synth.cards.package import package_model
 
@@ -390,6 +411,8 @@ def _package(plan: RunPlan, stages: _Stages, summary: dict[str, Any]) -> str:
     started = stages.start("package", f"model card in {final}")
     evaluation = summary["evaluation"]
     comparison = {name: scores for name, scores in evaluation.items() if name != "trained"}
+    if plan.run.push_dataset_to_hub:
+        _push_training_data(plan, stages)
     # One push: to run.push_to_hub, or to the train section's hub_model_id where that asked for a push.
     repo_id = plan.run.push_to_hub or summary["training"].get("hub_model_id")
     packaged = package_model(final, also=[final.parent / ADAPTER_DIR], repo_id=repo_id,

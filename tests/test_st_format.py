@@ -204,3 +204,36 @@ def test_pushed_dataset_loads_and_trains_with_the_cards_snippet_as_printed(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'anchor': 'Instruct: " in result.stdout
+
+
+def test_the_run_pushes_the_data_it_trained_on_and_its_card_names_it(tmp_path, monkeypatch):
+    from st_synth.data.toy import write_toy_synthetic
+    from st_synth.pipeline import _push_training_data, _Stages, plan_run
+    from tests.test_pipeline import _config
+
+    uploaded: dict[str, dict[str, bytes]] = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+
+    def upload_folder(self, *, repo_id, folder_path, repo_type, **kw):
+        assert repo_type == "dataset"
+        files = uploaded.setdefault(repo_id, {})
+        for path in Path(folder_path).rglob("*"):
+            if path.is_file():
+                files[str(path.relative_to(folder_path))] = path.read_bytes()
+        return f"https://hub.local/{repo_id}/commit/1"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    config = {**_config(tmp_path, "http://127.0.0.1:9/v1"), "push_dataset_to_hub": "me/run-data"}
+    plan = plan_run(config)
+    assert plan.output_args.dataset_id == "me/run-data"  # the model card's `datasets`
+    write_toy_synthetic(plan.output / "data", rows_per_kind=6)
+    lines: list[str] = []
+    assert _push_training_data(plan, _Stages(plan, lines.append)) == "https://hub.local/me/run-data/commit/1"
+    files = uploaded["me/run-data"]
+    assert {"README.md", "generation_report.json", "retrieval/train-00000-of-00001.parquet",
+            "metadata/sts-00000-of-00001.parquet"} <= set(files)  # fmt: skip
+    assert "config_name: classification" in files["README.md"].decode()
+    assert lines == ["      training data pushed to me/run-data: https://hub.local/me/run-data/commit/1"]
+    # A train section that names its own dataset_id keeps it.
+    config["train"]["dataset_id"] = "me/elsewhere"
+    assert plan_run(config).output_args.dataset_id == "me/elsewhere"

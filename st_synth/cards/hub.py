@@ -14,6 +14,7 @@ from huggingface_hub import HfApi
 from st_synth.cards.render import write_dataset_card
 from st_synth.common.names import REPORT_FILE
 from st_synth.data.examples import METADATA
+from st_synth.data.reader import load_saved
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,20 @@ def push_dataset(
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         return _upload(folder, repo_id, "dataset", "Upload synthetic embedding data generated with st-synth",
                        token=token, private=private)  # fmt: skip
+
+
+def push_dataset_folder(
+    folder: str | Path, repo_id: str, *, token: str | None = None, private: bool | None = None
+) -> str:
+    """:func:`push_dataset` for a folder st-synth saved (``st-synth generate``, ``filter``, ``mine``, a run's
+    ``data/``): its texts, its ``metadata/`` and its generation report."""
+    folder = Path(folder)
+    if not (folder / METADATA).is_dir():
+        raise ValueError(f"{folder} is not a folder of examples st-synth saved (it has no {METADATA}/).")
+    report_file = folder / REPORT_FILE
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    return push_dataset(load_saved(folder), report, repo_id, metadata=load_saved(folder / METADATA), token=token,
+                        private=private)  # fmt: skip
 
 
 def push_model(

@@ -82,7 +82,8 @@ def write_toy_synthetic(
         "generator_model": "toy-generator", "kept_by_kind": {k: v.num_rows for k, v in data.items()},
         "kept_by_language": {"English": sum(v.num_rows for v in data.values())}, "languages": "English",
         "total_prompt_tokens": 1000, "total_completion_tokens": 2000, "total_cost_usd": 0.01,
-        "instructions": InstructionFormat().describe(),
+        "instructions": InstructionFormat().describe(), "prompts_version": "v1", "temperature": 1.0, "top_p": 1.0,
+        "seed": seed, "requests_sent": 0, "cache_hits": 0, "retries": 0, "drops": {}, "near_duplicate_threshold": None,
     }  # fmt: skip
     (folder / REPORT_FILE).write_text(json.dumps(report))
     return folder
