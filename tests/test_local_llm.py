@@ -101,3 +101,57 @@ def test_cli_generate_takes_the_backend_limits_unless_given(monkeypatch, tmp_pat
     )
     limits = [(config.max_tokens, config.request_timeout, config.response_format) for config in seen]
     assert limits == [(384, 600.0, "text"), (100, 30.0, "json_object"), (None, 120.0, "auto")]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (the local extra)"
+)
+def test_local_model_serves_the_users_own_gguf_with_its_settings(tmp_path):
+    """--local_model: llama.cpp serves the user's file under the file's name, with the context size, threads and
+    GPU layers given; the run's model name and prompts follow."""
+    import shutil
+    import urllib.request
+
+    from st_synth.generation.config import GenerationConfig, serving
+
+    own = tmp_path / "my-model.gguf"
+    shutil.copy(local_llm.packaged_smollm2_gguf(), own)
+    config = GenerationConfig(local=True, local_model=str(own), llm_context=1024, llm_backend="llama.cpp",
+                              num_examples=2, kinds="sts", languages="English", cache=str(tmp_path / "c.sqlite"))  # fmt: skip
+    assert config.model == "my-model" and config.prompts_version == "v2"
+    with serving(config) as (served, server):
+        command = server.command()
+        assert command[command.index("--model") + 1] == str(own)
+        assert (
+            command[command.index("--n_ctx") + 1] == "1024"
+            and command[command.index("--n_gpu_layers") + 1] == "0"
+        )
+        assert served.model == "my-model" and served.base_url == server.base_url
+        with urllib.request.urlopen(f"{server.base_url}/models", timeout=10) as answer:
+            assert "my-model" in answer.read().decode()
+
+
+def test_a_local_model_that_cannot_be_served_is_refused_before_a_server_starts(tmp_path, monkeypatch):
+    from st_synth.generation.config import GenerationConfig
+    from st_synth.generation.local_llm import resolve_local_model
+
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    for spec, message in ((str(tmp_path / "weights.bin"), "llama.cpp serves GGUF files"),
+                          ("no-such-model", "is no .gguf file here; give a .gguf file or REPO_ID:FILE.gguf")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            GenerationConfig(local=True, local_model=spec)
+    with pytest.raises(ValueError, match="local_model is what --local serves: add --local"):
+        GenerationConfig(model="m", local_model="someone/repo:model.gguf")
+    for name, value, message in (
+        ("llm_context", 10, "at least 256"),
+        ("llm_gpu_layers", -2, "-1 .all. or more"),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be {message}"):
+            GenerationConfig(local=True, **{name: value})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = GenerationConfig(
+        local=True, local_model="someone/repo:model-q4.gguf"
+    )  # the download waits for serving
+    assert config.model == "model-q4"
+    with pytest.raises(ValueError, match=r"downloading model-q4.gguf from someone/repo failed"):
+        resolve_local_model(config.local_model)

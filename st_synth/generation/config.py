@@ -24,6 +24,8 @@ from st_synth.generation.local_llm import (
     SMOLLM2_ALIAS,
     LocalLLMServer,
     backend_generation_defaults,
+    check_local_model,
+    resolve_local_model,
     start_local_server,
 )
 from st_synth.generation.prompting import DEFAULT_PROMPTS_VERSION, PROMPT_VERSIONS, check_prompts_version
@@ -128,7 +130,18 @@ class GenerationConfig(CorpusArguments):
             choices=list(BACKENDS),
         ),
     )
+    local_model: str | None = field(
+        default=None,
+        metadata=_help(
+            "The model --local serves instead of the packaged SmolLM2-135M: a .gguf file, or REPO_ID:FILE.gguf on the "
+            "Hub (downloaded once). --model defaults to the file's name."
+        ),
+    )
     llm_threads: int = field(default=1, metadata=_help("CPU threads of the local server."))
+    llm_context: int = field(default=4096, metadata=_help("Context size (tokens) of the local server."))
+    llm_gpu_layers: int = field(
+        default=0, metadata=_help("Layers llama.cpp offloads to the GPU (-1: all; needs a CUDA/Metal build).")
+    )
     concurrency: int = field(default=16, metadata=_help("Requests in flight at once."))
     temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the generator."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling of the generator."))
@@ -255,6 +268,9 @@ class GenerationConfig(CorpusArguments):
             (self.llm_backend in BACKENDS,
              f"llm_backend {self.llm_backend!r} is unknown; choose one of: {', '.join(BACKENDS)}"),
             (self.llm_threads >= 1, f"llm_threads must be at least 1, got {self.llm_threads}"),
+            (self.llm_context >= 256, f"llm_context must be at least 256 tokens, got {self.llm_context}"),
+            (self.llm_gpu_layers >= -1, f"llm_gpu_layers must be -1 (all) or more, got {self.llm_gpu_layers}"),
+            (self.local or not self.local_model, "local_model is what --local serves: add --local"),
             (not (self.local and self.base_url),
              "local starts its own endpoint on 127.0.0.1; drop base_url or local"),
             (0 <= self.temperature <= 2, f"temperature must be in [0, 2], got {self.temperature}"),
@@ -302,13 +318,24 @@ class GenerationConfig(CorpusArguments):
         backend = backend_generation_defaults(self.llm_backend) if self.local else {}
         for name in self.unset_limits:
             setattr(self, name, backend.get(name, STANDARD_LIMITS[name]))
+        if self.local_model:
+            check_local_model(self.local_model)
         if self.local and self.model is None:
-            self.model = SMOLLM2_ALIAS
+            self.model = self.local_alias
         # The packaged 135M model cannot follow v2's brainstorms (docs/generation.md).
         if self.prompts_version == "auto":
             self.prompts_version = (
-                "v1" if self.local and self.model == SMOLLM2_ALIAS else DEFAULT_PROMPTS_VERSION
+                "v1"
+                if self.local and not self.local_model and self.model == SMOLLM2_ALIAS
+                else DEFAULT_PROMPTS_VERSION
             )
+
+    @property
+    def local_alias(self) -> str:
+        """The name the local server answers to: the packaged model's, or the local_model file's stem."""
+        if not self.local_model:
+            return SMOLLM2_ALIAS
+        return Path(self.local_model.rpartition(":")[2] if ":" in self.local_model else self.local_model).stem
 
     @property
     def instruction_format(self) -> InstructionFormat:
@@ -437,13 +464,16 @@ def serving(config: GenerationConfig) -> Iterator[tuple[GenerationConfig, LocalL
     if not config.local:
         yield config, None
         return
-    server = LocalLLMServer(backend=config.llm_backend, threads=config.llm_threads)
+    model_path = resolve_local_model(config.local_model) if config.local_model else None
+    server = LocalLLMServer(model_path, backend=config.llm_backend, alias=config.local_alias,
+                            threads=config.llm_threads, context=config.llm_context,
+                            gpu_layers=config.llm_gpu_layers)  # fmt: skip
     running = start_local_server(server)
     try:
         limits = {**STANDARD_LIMITS, **backend_generation_defaults(running.backend)}
         changes = {key: limits[key] for key in config.unset_limits}
         if config.model in (None, running.alias):  # transformers serve answers to its folder's name
             changes["model"] = running.served_model
-        yield replace(config, base_url=running.base_url, local=False, **changes), running
+        yield replace(config, base_url=running.base_url, local=False, local_model=None, **changes), running
     finally:
         running.close()

@@ -170,6 +170,7 @@ class LocalLLMServer:
         alias: str = SMOLLM2_ALIAS,
         threads: int = 1,
         context: int = 4096,
+        gpu_layers: int = 0,
         port: int | None = None,
         startup_timeout: float = 180.0,
     ) -> None:
@@ -179,6 +180,7 @@ class LocalLLMServer:
         self.alias = alias
         self.threads = threads
         self.context = context
+        self.gpu_layers = gpu_layers
         self.port = port or _free_port()
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen | None = None
@@ -216,7 +218,8 @@ class LocalLLMServer:
         return [
             sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
             "--model_alias", self.alias, "--host", "127.0.0.1", "--port", str(self.port),
-            "--n_ctx", str(self.context), "--n_threads", str(self.threads), "--verbose", "False",
+            "--n_ctx", str(self.context), "--n_threads", str(self.threads), "--n_gpu_layers", str(self.gpu_layers),
+            "--verbose", "False",
         ]  # fmt: skip
 
     def start(self) -> LocalLLMServer:
@@ -311,7 +314,8 @@ class LocalLLMServer:
     def describe(self) -> dict[str, object]:
         """What the report records about the server that answered."""
         info: dict[str, object] = {"backend": self.backend, "requested_backend": self.requested_backend,
-                                   "warmup_seconds": self.warmup_seconds}  # fmt: skip
+                                   "model_file": self.model_path.name, "context": self.context,
+                                   "gpu_layers": self.gpu_layers, "warmup_seconds": self.warmup_seconds}  # fmt: skip
         if self.fallback_from:
             info.update(fallback_from=self.fallback_from, fallback_reason=self.fallback_reason)
         return info
@@ -345,6 +349,42 @@ class LocalLLMServer:
         self.close()
 
 
+def resolve_local_model(spec: str) -> Path:
+    """The GGUF file ``spec`` names: a local ``.gguf`` file, or ``REPO_ID:FILE.gguf`` on the Hub (downloaded
+    once into the Hub cache; offline, the cached copy). Raises ValueError naming what is missing."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    repo_id, colon, filename = spec.partition(":")
+    if not colon or not repo_id.strip() or not filename.strip():
+        raise ValueError(
+            f"local_model {spec!r} is no file here; give a .gguf file or REPO_ID:FILE.gguf on the Hub."
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id.strip(), filename.strip()))
+    except Exception as error:  # no network, offline mode, no such repo or file: named
+        raise ValueError(
+            f"local_model {spec!r}: downloading {filename.strip()} from {repo_id.strip()} failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'})."
+        ) from None
+
+
+def check_local_model(spec: str) -> None:
+    """Refuse, before a server starts, a ``local_model`` that is neither a ``.gguf`` file nor ``REPO:FILE.gguf``."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"local_model {spec}: llama.cpp serves GGUF files (.gguf); convert it first.")
+        return
+    repo_id, colon, filename = spec.partition(":")
+    if colon and "/" in repo_id and filename.lower().endswith(".gguf") and not path.parent.is_dir():
+        return
+    raise ValueError(f"local_model {spec!r} is no .gguf file here; give a .gguf file or REPO_ID:FILE.gguf on the Hub "
+                     "(e.g. bartowski/Qwen2.5-0.5B-Instruct-GGUF:Qwen2.5-0.5B-Instruct-Q4_K_M.gguf).")  # fmt: skip
+
+
 def start_local_server(server: LocalLLMServer) -> LocalLLMServer:
     """Start ``server``; where its backend was chosen by ``auto`` and llama.cpp fails its warm-up, start
     ``transformers serve`` in its place (said in the log, and in the report through ``describe``)."""
@@ -361,7 +401,7 @@ def start_local_server(server: LocalLLMServer) -> LocalLLMServer:
             "%s\nFalling back to `transformers serve` (slower, no schema-constrained JSON).", error
         )
         fallback = LocalLLMServer(server.model_path, backend="transformers", alias=server.alias,
-                                  threads=server.threads, context=server.context,
+                                  threads=server.threads, context=server.context, gpu_layers=server.gpu_layers,
                                   startup_timeout=server.startup_timeout)  # fmt: skip
         fallback.fallback_from = server.backend
         fallback.fallback_reason = str(error).splitlines()[0]
