@@ -667,3 +667,33 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_same_losses(back
         assert resumed[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), step
     kept = sorted(p.name for p in (killed / "run").iterdir() if p.name.startswith("checkpoint-"))
     assert kept == ["checkpoint-18", "checkpoint-24"]  # save_total_limit 2
+
+
+def test_held_out_rows_are_scored_during_training_logged_to_tensorboard_and_on_the_card(
+    backbone, synthetic, tmp_path
+):
+    """eval_examples: rows held out of each source; at every evaluation step their loss and, for the
+    retrieval-like sources (not classification: its positives are shared labels), nDCG@10 of ranking each
+    held-out query's positive; the final scores on the card; report_to tensorboard writes the curves."""
+    from st_synth.training.trainer import run_recipe
+
+    config = tmp_path / "e.yaml"
+    settings = small_config(backbone, synthetic, tmp_path / "run", eval_examples=6, eval_strategy="steps",
+                            eval_steps=2, report_to=["tensorboard"])  # fmt: skip
+    config.write_text(yaml.safe_dump(settings))
+    summary = run_recipe([str(config), "--max_steps", "4"])
+    assert summary["sources"] == {"retrieval": 42, "classification": 42, "sts": 42}  # 6 of 48 held out
+    assert set(summary["held_out"]) == {"retrieval", "sts"} and all(
+        0 <= v <= 1 for v in summary["held_out"].values()
+    )
+    evaluations = [
+        entry for entry in summary["log_history"] if "eval_held-out-retrieval_cosine_ndcg@10" in entry
+    ]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    assert any(
+        key.startswith("eval_retrieval") and key.endswith("_loss") for key in evaluations[0]
+    )  # its loss
+    assert list(tmp_path.rglob("events.out.tfevents.*"))  # TensorBoard's curves, under the output folder
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    scores = ", ".join(f"{name} {score:.4f}" for name, score in summary["held_out"].items())
+    assert "Held out of training (2 source(s), `eval_examples` rows each)" in card and scores in card

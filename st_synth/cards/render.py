@@ -175,6 +175,7 @@ def write_card_facts(
         "loss_curve": [[entry["step"], entry["loss"]] for entry in summary.get("log_history", [])
                        if "loss" in entry and "step" in entry],
         "decontamination": _decontamination(summary.get("decontamination")),
+        "held_out": summary.get("held_out") or {},
 
         "mixed_batches": bool(getattr(data_args, "mix_sources", False)),
         "modules": [m.get("type") for m in modules],

@@ -72,7 +72,12 @@ class DataArguments:
                   "pairs from its Wikipedia sample)."},
     )  # fmt: skip
     max_examples_per_source: int | None = field(default=None)
-    eval_examples: int = field(default=0, metadata={"help": "Held out per source for evaluation loss."})
+    eval_examples: int = field(
+        default=0,
+        metadata={"help": "Rows held out of each source: their loss, and nDCG@10 of ranking each held-out query's "
+                  "positive among the held-out texts (retrieval-like sources), at every evaluation step "
+                  "(--eval_strategy steps --eval_steps N) and once after training, on the card."},
+    )  # fmt: skip
     use_instructions: bool = field(
         default=True,
         metadata={"help": "Prefix queries with their task instruction (the paper). Off: plain text, and the "

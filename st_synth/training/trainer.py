@@ -24,6 +24,7 @@ from st_synth.cards.package import package_model
 from st_synth.cards.render import language_codes, st_card_metadata, write_card_facts
 from st_synth.common.arguments import with_yaml
 from st_synth.common.names import ADAPTER_DIR, FINAL_DIR, SUMMARY_FILE
+from st_synth.evaluation.held_out import held_out_evaluator, held_out_scores
 from st_synth.model.backbones import resolve_base_model
 from st_synth.model.embedder import (
     build_embedder,
@@ -207,9 +208,9 @@ def train(
         # Trained on plain text: the saved query prompt must not add an instruction the model never saw.
         model.prompts = {name: "" for name in model.prompts}
     losses = build_losses(model, sources, loss_args, data_args.hard_negatives)
-    trainer = RecipeTrainer(
-        model=model, args=training_args, train_dataset=sources, eval_dataset=eval_sources, loss=losses
-    )
+    evaluator = held_out_evaluator(eval_sources) if eval_sources is not None else None
+    trainer = RecipeTrainer(model=model, args=training_args, train_dataset=sources, eval_dataset=eval_sources,
+                            loss=losses, evaluator=evaluator)  # fmt: skip
     if trace_dir := os.environ.get(TRACE_ENV):
         _install_trace(Path(trace_dir), model, losses, trainer)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -231,6 +232,9 @@ def train(
         **source_reports,
         "log_history": trainer.state.log_history,
     }
+    if evaluator is not None and trainer.is_world_process_zero():
+        summary["held_out"] = held_out_scores(evaluator(model))
+        logger.info("Held-out nDCG@10 per source: %s", summary["held_out"])
     if trainer.is_world_process_zero():
         adapter_dir, final_dir = output / ADAPTER_DIR, output / FINAL_DIR
         model.save_pretrained(str(adapter_dir))
