@@ -27,6 +27,7 @@ from st_synth.generation.builder import SyntheticDatasetBuilder
 from st_synth.generation.config import GenerationConfig
 from st_synth.model.embedder import build_embedder
 from st_synth.testing.tiny import build_tiny_mistral
+from tests.helpers import assert_images_linked
 
 ALL_KINDS = ",".join(TASK_KINDS)
 
@@ -233,6 +234,7 @@ def test_the_run_pushes_the_data_it_trained_on_and_its_card_names_it(tmp_path, m
     assert {"README.md", "generation_report.json", "retrieval/train-00000-of-00001.parquet",
             "metadata/sts-00000-of-00001.parquet"} <= set(files)  # fmt: skip
     assert "config_name: classification" in files["README.md"].decode()
+    assert_images_linked(files["README.md"].decode(), files, ["kinds", "languages", "lengths"])  # its plots
     assert lines == ["      training data pushed to me/run-data: https://hub.local/me/run-data/commit/1"]
     # A train section that names its own dataset_id keeps it.
     config["train"]["dataset_id"] = "me/elsewhere"
