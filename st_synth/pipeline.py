@@ -199,7 +199,7 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
         task.metadata.name for task in evaluation.resolve()
     ]  # unknown names fail now, with close matches
     # No text of an evaluated task is trained on: decontamination against them, unless the file says otherwise.
-    settings = {"save_strategy": "no", "decontaminate": tasks, **train, "dataset": str(output / RUN_DATA_DIR),
+    settings = {"decontaminate": tasks, **train, "dataset": str(output / RUN_DATA_DIR),
                 "output_dir": str(output / RUN_MODEL_DIR)}  # fmt: skip
     if (
         run.push_dataset_to_hub and "dataset_id" not in train
@@ -369,6 +369,7 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     base = plan.model_args.base_model
     started = stages.start("train", f"LoRA r{plan.model_args.lora_r} on {base}, "
                            f"{plan.training_args.num_train_epochs:g} epoch(s)")  # fmt: skip
+    own_checkpoints(Path(plan.training_args.output_dir), fingerprint)
     result = train(plan.model_args, plan.data_args, plan.training_args, plan.output_args, plan.loss_args)
     record = {"fingerprint": fingerprint, "train_loss": result["train_loss"], "global_steps": result["global_steps"],
               "sources": result["sources"], "decontamination": result.get("decontamination"),
@@ -378,6 +379,25 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
         "train", started, f"{result['global_steps']} steps, loss {result['train_loss']:.4f} -> {final}"
     )
     return record
+
+
+CHECKPOINTS_FILE = "checkpoints_fingerprint.json"
+
+
+def own_checkpoints(output_dir: Path, fingerprint: str) -> None:
+    """Keep the checkpoints under ``output_dir`` only if this training (its data and settings, ``fingerprint``)
+    wrote them, so that a killed run resumes from its own last checkpoint and never from another training's:
+    those are removed, and the folder is marked as this training's."""
+    import shutil
+
+    mark = output_dir / CHECKPOINTS_FILE
+    mine = mark.is_file() and json.loads(mark.read_text()).get("fingerprint") == fingerprint
+    stale = [] if mine else sorted(output_dir.glob("checkpoint-*"))
+    for folder in stale:
+        logger.warning("Removing %s: another training's checkpoint (other data or settings).", folder)
+        shutil.rmtree(folder)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    mark.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
 
 
 def _evaluate(plan: RunPlan, stages: _Stages, trained_fingerprint: str) -> dict[str, dict[str, float]]:

@@ -276,6 +276,25 @@ def test_the_run_saves_its_data_with_the_instructions_it_trains_with(tmp_path):
     assert plan_run(config).generation.instruction_format == InstructionFormat("none", template)
 
 
+def test_the_runs_training_checkpoints_and_resumes_only_from_its_own(tmp_path):
+    from st_synth.pipeline import CHECKPOINTS_FILE, own_checkpoints
+
+    plan = plan_run(_config(tmp_path, "http://127.0.0.1:9/v1"))
+    assert (
+        str(getattr(plan.training_args.save_strategy, "value", plan.training_args.save_strategy)) == "steps"
+    )
+    assert plan.training_args.save_total_limit == 2
+    model = tmp_path / "model"
+    (model / "checkpoint-4").mkdir(parents=True)
+    own_checkpoints(model, "first")  # unmarked: another training's, never resumed
+    assert not (model / "checkpoint-4").exists() and (model / CHECKPOINTS_FILE).is_file()
+    (model / "checkpoint-8").mkdir()
+    own_checkpoints(model, "first")  # the same data and settings, killed: resumed from its own checkpoint
+    assert (model / "checkpoint-8").is_dir()
+    own_checkpoints(model, "second")  # the data or a setting changed
+    assert not (model / "checkpoint-8").exists()
+
+
 def test_score_table_reports_the_change():
     table = score_table({"untrained": {"A": 0.1}, "trained": {"A": 0.35}, "ref": {"A": 0.5}})
     assert table.splitlines()[2] == "| A | 0.1000 | 0.3500 | 0.5000 | +0.2500 |"
