@@ -46,6 +46,7 @@ SPECIAL = {
     "no_in_batch_negatives": (["sts"], {}), "tasks": (["LeeDocSTS"], {}), "task_instructions": (["A=do"], {}),
     "torch_dtype": ("bfloat16", {}), "fused_kernels": ("off", {}), "packed_sequences": ("off", {}),
     "instruction_template": ("Task: {instruction}\nText: ", {}), "local": (True, {"base_url": None}),
+    "local_model": ("someone/repo:model.gguf", {"local": True, "base_url": None}),
     "loss": ("own_negatives", {}), "multi_dataset_batch_sampler": ("round_robin", {}),
     "batch_sampler": ("no_duplicates", {}), "max_tokens": (256, {}), "report_to": (["tensorboard"], {}),
     "corpus": (["builtin:wikipedia"], {"kinds": "sts", "languages": "English"}),
