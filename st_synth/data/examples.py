@@ -92,24 +92,22 @@ def to_saved(examples: DatasetDict, instructions: InstructionFormat) -> tuple[Da
     """The working form -> (texts for sentence-transformers, metadata), split by split, rows aligned."""
     texts, metadata = {}, {}
     for kind, split in examples.items():
-        _check_working(kind, split)
         present = [c for c in TEXT_COLUMNS if c in split.column_names]
         saved = [SAVED_TEXT_COLUMNS[TEXT_COLUMNS.index(c)] for c in present]
         instructed = instructions.instructed(kind, saved)
+        formatted = apply_instructions(
+            split, kind, instructions.template, bool(instructed), instructed == saved
+        )
+        texts[kind] = formatted.rename_columns(dict(zip(present, saved, strict=True)))
 
-        def convert(
-            row: dict[str, Any], present=present, saved=saved, instructed=instructed
-        ) -> dict[str, Any]:
+        def describe(row: dict[str, Any], instructed=instructed) -> dict[str, str]:
             prefix = format_instruction(row["instruction"], instructions.template) if instructed else ""
-            out = {
-                new: (prefix + row[old] if new in instructed else row[old])
-                for old, new in zip(present, saved, strict=True)
-            }
-            return {**out, "instruction_prefix": prefix, "instructed_columns": ",".join(instructed)}
+            return {"instruction_prefix": prefix, "instructed_columns": ",".join(instructed)}
 
-        both = split.map(convert, remove_columns=present, desc=f"Formatting {kind}")
-        texts[kind] = both.select_columns(saved)
-        metadata[kind] = both.select_columns([c for c in METADATA_COLUMNS if c in both.column_names])
+        described = split.map(describe, desc=f"Describing {kind}")
+        metadata[kind] = described.select_columns(
+            [c for c in METADATA_COLUMNS if c in described.column_names]
+        )
     return DatasetDict(texts), DatasetDict(metadata)
 
 
