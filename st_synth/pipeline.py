@@ -43,11 +43,13 @@ from st_synth.common.names import (
     RUN_SYNTHETIC_DIR,
 )
 from st_synth.common.prepared import fingerprint as run_fingerprint
+from st_synth.data.examples import METADATA
 from st_synth.data.filtering import ConsistencyFilter
 from st_synth.data.mining import MiningArguments
 from st_synth.data.reader import load_saved
 from st_synth.evaluation.evaluate import EvaluationArguments, resolve_tasks, score_table
 from st_synth.generation.config import GenerationConfig
+from st_synth.model.embedder import check_instruction_template
 from st_synth.training.arguments import DataArguments, ModelArguments, OutputArguments
 from st_synth.training.losses import LossArguments
 
@@ -210,8 +212,8 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
     )
     # The saved data carries the instructions as the run trains with them, unless `generate` says otherwise.
     section = config.get("generate") or {}
-    if "instruction_template" not in section:
-        generation.instruction_template = model_args.instruction_template
+    if "instruction_template" not in section:  # refused here when bad, not after the generation is paid for
+        generation.instruction_template = check_instruction_template(model_args.instruction_template)
     if "instructions" not in section:
         symmetric = "e5" if data_args.symmetric_instructions else "anchor"
         generation.instructions = symmetric if data_args.use_instructions else "none"
@@ -223,13 +225,16 @@ def plan_run(config: dict[str, Any]) -> RunPlan:
 
 
 def dataset_fingerprint(folder: str | Path) -> str:
-    """A digest of a saved DatasetDict's rows (not of file names or times)."""
-    dataset = load_saved(folder)
+    """A digest of a saved DatasetDict's rows, and of its ``metadata/`` beside it where there is one (training
+    reads the instructions there), not of file names or times."""
     digest = hashlib.sha256()
-    for name in sorted(dataset):
-        digest.update(name.encode())
-        for batch in dataset[name].iter(batch_size=1024):
-            digest.update(json.dumps(batch, sort_keys=True).encode())
+    for part in (Path(folder), Path(folder) / METADATA):
+        if part.is_dir():
+            dataset = load_saved(part)
+            for name in sorted(dataset):
+                digest.update(name.encode())
+                for batch in dataset[name].iter(batch_size=1024):
+                    digest.update(json.dumps(batch, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ reference, a tiny Mistral built in place as backbone, and the three shipped real
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -194,6 +195,7 @@ def test_shortened_main_job_composes_every_stage_and_reuses_its_work(tmp_path, f
         ({"generate": {"kinds": "retrieval,poems"}}, r"poems.*retrieval"),
         ({"train": {"dataset": "x"}}, r"train.dataset and train.output_dir are set by the run"),
         ({"mine": {"range_max": 3}}, r"candidates must be in 1..range_max - range_min \(3\), got 5"),
+        ({"train": {"instruction_template": "Query: "}}, r"must contain '\{instruction\}' exactly once"),
         (
             {
                 "generate": {
@@ -293,6 +295,22 @@ def test_the_runs_training_checkpoints_and_resumes_only_from_its_own(tmp_path):
     assert (model / "checkpoint-8").is_dir()
     own_checkpoints(model, "second")  # the data or a setting changed
     assert not (model / "checkpoint-8").exists()
+
+
+def test_the_training_fingerprint_covers_the_metadata_training_reads(tmp_path):
+    from datasets import load_from_disk
+
+    from st_synth.data.toy import write_toy_synthetic
+    from st_synth.pipeline import dataset_fingerprint
+
+    folder = write_toy_synthetic(tmp_path / "data", rows_per_kind=4)
+    before = dataset_fingerprint(folder)
+    metadata = load_from_disk(str(folder / "metadata"))
+    metadata["sts"] = metadata["sts"].map(lambda row: {"instruction": "Another task."})
+    metadata.save_to_disk(str(tmp_path / "other"))
+    shutil.rmtree(folder / "metadata")
+    shutil.copytree(tmp_path / "other", folder / "metadata")
+    assert dataset_fingerprint(folder) != before  # same texts, other instructions: training must run again
 
 
 def test_score_table_reports_the_change():
