@@ -359,6 +359,7 @@ def _mine(plan: RunPlan, stages: _Stages) -> dict[str, Any] | None:
 
 
 def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
+    from st_synth.training.sources import load_sources
     from st_synth.training.trainer import train
 
     final = plan.final_model
@@ -375,10 +376,20 @@ def _train(plan: RunPlan, stages: _Stages) -> dict[str, Any]:
     started = stages.start("train", f"LoRA r{plan.model_args.lora_r} on {base}, "
                            f"{plan.training_args.num_train_epochs:g} epoch(s)")  # fmt: skip
     own_checkpoints(Path(plan.training_args.output_dir), fingerprint)
-    result = train(plan.model_args, plan.data_args, plan.training_args, plan.output_args, plan.loss_args)
+    # The data stage (decontamination against the evaluated tasks, public data, instructions), then training.
+    prepared = load_sources(plan.data_args, plan.model_args.instruction_template)
+    result = train(
+        plan.model_args,
+        plan.data_args,
+        plan.training_args,
+        plan.output_args,
+        plan.loss_args,
+        sources=prepared,
+        package=False,
+    )
     record = {"fingerprint": fingerprint, "train_loss": result["train_loss"], "global_steps": result["global_steps"],
               "sources": result["sources"], "decontamination": result.get("decontamination"),
-              "model": str(final)}  # fmt: skip
+              "model": str(final), "hub_model_id": result.get("hub_model_id")}  # fmt: skip
     marker.write_text(json.dumps(record, indent=2) + "\n")
     stages.done(
         "train", started, f"{result['global_steps']} steps, loss {result['train_loss']:.4f} -> {final}"

@@ -237,3 +237,21 @@ def test_a_mined_negative_never_comes_from_the_positives_own_document(tmp_path):
     assert anywhere["negative"] == [corpus.passages[1]]  # the closest: the same document's other passage
     mined, report = mine_negatives(pairs, corpus.passages, settings, document_of=corpus.document_of())
     assert mined["negative"] == [corpus.passages[2]] and report["same_document_skipped"] == 1
+
+
+def test_the_data_stage_takes_the_evaluation_texts_it_keeps_out(tmp_path):
+    """``prepare_sources`` (st_synth.data) is given the texts to keep out; naming tasks without them is refused
+    before anything is read, and given texts drop the same rows as ``load_sources``."""
+    from st_synth.data.sources import DataArguments, prepare_sources
+
+    rows = {"instruction": ["Find it."] * 2, "query": ["the evaluated sentence here", "a cat sat"],
+            "positive": ["x y", "a cat was sitting"], "language": ["English"] * 2}  # fmt: skip
+    DatasetDict({"sts": Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "synthetic"))
+    data = DataArguments(dataset=str(tmp_path / "synthetic"), decontaminate=["LeeDocSTS"])
+    with pytest.raises(ValueError, match="no evaluation texts were given"):
+        prepare_sources(data, "Instruct: {instruction}\nQuery: ")
+    clean, report = prepare_sources(
+        data, "Instruct: {instruction}\nQuery: ", ["The evaluated  sentence here."]
+    )
+    assert clean["sts"]["query"] == ["Instruct: Find it.\nQuery: a cat sat"]
+    assert report["decontamination"]["sources"]["sts"]["dropped"] == 1

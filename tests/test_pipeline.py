@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -424,3 +425,43 @@ def test_the_ablation_benchmark_reports_each_variant_over_its_seeds(capsys, monk
         f"retelling_{name}={tmp_path / f'retelling_{name}'}|Retrieve semantically similar text."
         for name in ("lee", "wiki")
     ]
+
+
+def test_the_run_prepares_the_data_then_trains_and_packages_and_pushes_once(tmp_path, monkeypatch):
+    """The run's train stage runs the data stage (decontamination against the evaluated tasks) and hands its
+    output to training, which neither renders the card nor pushes: the package stage does both, once, to the
+    train section's hub_model_id when that asked for a push."""
+    import st_synth.cards.package as package
+    import st_synth.training.trainer as trainer
+    from st_synth.data.toy import write_toy_synthetic
+    from st_synth.pipeline import _package, _Stages, _train, plan_run
+
+    config = _config(tmp_path, "http://127.0.0.1:9/v1")
+    config["train"].update(push_to_hub=True, hub_model_id="me/run-model")
+    plan = plan_run(config)
+    write_toy_synthetic(plan.output / "data", rows_per_kind=6)
+    calls = {}
+
+    def fake_train(
+        model_args, data_args, training_args, output_args, loss_args, *, sources=None, package=True
+    ):
+        calls["train"] = {"package": package, "sources": sources}
+        (Path(training_args.output_dir) / "final").mkdir(parents=True)
+        return {"train_loss": 1.0, "global_steps": 1, "sources": {n: d.num_rows for n, d in sources[0].items()},
+                "decontamination": sources[1].get("decontamination"), "hub_model_id": "me/run-model"}  # fmt: skip
+
+    pushes = []
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(package, "package_model", lambda folder, **kw: pushes.append(kw["repo_id"])
+                        or {"card": str(folder / "README.md"), "pushed": f"https://hub.local/{kw['repo_id']}"})  # fmt: skip
+    stages = _Stages(plan, lambda line: None)
+    record = _train(plan, stages)
+    prepared, report = calls["train"]["sources"]
+    assert calls["train"]["package"] is False
+    assert set(prepared) == set(load_examples(plan.output / "data")) and report["kept_by_kind"]
+    assert set(report["decontamination"]["tasks"]) == set(plan.tasks)  # the evaluated tasks, unasked
+    assert record["hub_model_id"] == "me/run-model"
+    _package(
+        plan, stages, {"training": record, "evaluation": {"trained": {}}, "filter": None, "mining": None}
+    )
+    assert pushes == ["me/run-model"]

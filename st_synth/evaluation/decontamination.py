@@ -1,12 +1,9 @@
-"""Decontamination: no training text may come from an evaluation set.
+"""The evaluation side of decontamination: the texts of the tasks to be run, which no training row may contain.
 
-The rule (stated in docs/training.md): a training text is contaminated when, after :func:`st_synth.generation.validation.normalize`
-(NFKC, case-folded, whitespace collapsed), it equals an evaluation text (texts of two words or more: a lone
-word such as a heading "Asia" is vocabulary, not benchmark text), or when it shares a run of
-``ngram`` consecutive words (13 by default, the span GPT-3's and Llama's contamination reports use) with any
-evaluation text. Evaluation texts are every string of every split of every task to be run (queries, corpus
-documents, sentences, and a classification task's training half, which fits the classifier and is
-evaluation data too); texts shorter than ``ngram`` words are matched exactly only.
+Evaluation texts are every string of every split of every task (queries, corpus documents, sentences, and a
+classification task's training half, which fits the classifier and is evaluation data too). The check itself
+(exact after normalisation, or a shared 13-word run) is :class:`st_synth.data.decontamination.Decontaminator`,
+a data stage that training's data preparation runs::
 
     texts = evaluation_texts(["LeeDocSTS", "ChatterbotQARetrieval"])
     clean, report = Decontaminator(texts).apply(sources)   # DatasetDict -> DatasetDict, dropped per source
@@ -14,22 +11,15 @@ evaluation data too); texts shorter than ``ngram`` words are matched exactly onl
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from st_synth.common.text import normalize
-from st_synth.data.examples import TEXT_COLUMNS
+from st_synth.data.decontamination import DEFAULT_NGRAM, MIN_EXACT_WORDS, Decontaminator
+from st_synth.evaluation.evaluate import load_task_data, resolve_tasks
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_NGRAM = 13
-# A lone word ("Alabama", "Asia": a Wikipedia heading and a newsgroup or chatterbot text) is vocabulary, not
-# benchmark text: exact matches count from two words up.
-MIN_EXACT_WORDS = 2
+__all__ = ["DEFAULT_NGRAM", "MIN_EXACT_WORDS", "Decontaminator", "evaluation_texts"]
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -51,68 +41,9 @@ def _strings(value: Any) -> Iterator[str]:
 def evaluation_texts(task_names: Iterable[str]) -> list[str]:
     """The texts of the evaluation tasks ``task_names`` (mteb names; the shipped offline tasks need no
     network), loaded as the evaluation will load them."""
-    from st_synth.evaluation.evaluate import load_task_data, resolve_tasks
-
     tasks = resolve_tasks(list(task_names))
     load_task_data(tasks)
     texts: list[str] = []
     for task in tasks:
         texts += [text for text in _strings(getattr(task, "dataset", None)) if text.strip()]
     return texts
-
-
-def _digest(words: list[str]) -> bytes:
-    return hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest()
-
-
-class Decontaminator:
-    """Exact (normalised) and ``ngram``-word overlap checks against a set of evaluation texts."""
-
-    def __init__(self, texts: Iterable[str], ngram: int = DEFAULT_NGRAM) -> None:
-        if ngram < 1:
-            raise ValueError(f"ngram must be at least 1, got {ngram}")
-        self.ngram = ngram
-        self.exact: set[str] = set()
-        self.grams: set[bytes] = set()  # fixed-size hashes: the index stays small for large benchmarks
-        for text in texts:
-            normal = normalize(text)
-            self.exact.add(normal)
-            self.grams.update(self._grams(normal.split()))
-
-    def _grams(self, words: list[str]) -> Iterator[bytes]:
-        for start in range(len(words) - self.ngram + 1):
-            yield _digest(words[start : start + self.ngram])
-
-    def why(self, text: str) -> str | None:
-        """``"exact"`` or ``"ngram"`` when ``text`` overlaps the evaluation texts, else None."""
-        normal = normalize(text)
-        if normal in self.exact and len(normal.split()) >= MIN_EXACT_WORDS:
-            return "exact"
-        if any(gram in self.grams for gram in self._grams(normal.split())):
-            return "ngram"
-        return None
-
-    def apply(self, sources: DatasetDict) -> tuple[DatasetDict, dict[str, Any]]:
-        """``sources`` without the rows any of whose texts overlaps; the report counts them per source."""
-        kept: dict[str, Dataset] = {}
-        report: dict[str, Any] = {"rule": f"exact after normalisation (texts of {MIN_EXACT_WORDS}+ words), or a "
-                                          f"shared run of {self.ngram} words",
-                                  "sources": {}}  # fmt: skip
-        for name, dataset in sources.items():
-            columns = [column for column in TEXT_COLUMNS if column in dataset.column_names]
-            reasons = {"exact": 0, "ngram": 0}
-            keep = []
-            for index, row in enumerate(dataset.select_columns(columns)):
-                why = next((w for w in (self.why(row[c]) for c in columns if row[c]) if w), None)
-                if why:
-                    reasons[why] += 1
-                else:
-                    keep.append(index)
-            kept[name] = dataset if len(keep) == dataset.num_rows else dataset.select(keep)
-            dropped = dataset.num_rows - len(keep)
-            report["sources"][name] = {"rows": dataset.num_rows, "dropped": dropped, **reasons}
-            if dropped:
-                logger.warning("Decontamination: dropped %d of %d rows of %r that overlap evaluation texts.",
-                               dropped, dataset.num_rows, name)  # fmt: skip
-        report["dropped"] = sum(entry["dropped"] for entry in report["sources"].values())
-        return DatasetDict(kept), report

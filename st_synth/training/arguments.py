@@ -12,7 +12,8 @@ from typing import Any
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
-from st_synth.common.arguments import SettingsParser, current_setting_name, decode_json
+from st_synth.common.arguments import SettingsParser, current_setting_name
+from st_synth.data.sources import DataArguments
 from st_synth.model.embedder import (
     DEFAULT_INSTRUCTION_TEMPLATE,
 )
@@ -54,88 +55,6 @@ class ModelArguments:
                   "compute goes to padding (where the backbone keeps packed sequences apart, checked at start); "
                   "on: require it; off: padded batches."},
     )  # fmt: skip
-
-
-@dataclass
-class DataArguments:
-    """The training data: the generated dataset (a saved folder or Hub id; each task kind one source), extra
-    and public datasets, instructions, hard negatives, held-out rows and the evaluation tasks whose texts no
-    training row may contain. The fields are the flags of ``st-synth train`` and the keys of its YAML file."""
-
-    dataset: str = field(default="", metadata={"help": "Folder written by `st-synth generate`, or a Hub id."})
-    kinds: list[str] | None = field(default=None, metadata={"help": "Train on these kinds (splits) only."})
-    extra_datasets: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Your own labeled data as NAME=PATH_OR_HUB_ID|INSTRUCTION; its first three columns "
-                  "are read as (query, positive[, negative]). PATH may be builtin:lee-background-pairs (real "
-                  "half-document pairs from news gensim ships) or builtin:wikipedia-section-pairs (real heading/passage "
-                  "pairs from its Wikipedia sample)."},
-    )  # fmt: skip
-    max_examples_per_source: int | None = field(default=None)
-    eval_examples: int = field(
-        default=0,
-        metadata={"help": "Rows held out of each source: their loss, and nDCG@10 of ranking each held-out query's "
-                  "positive among the held-out texts (retrieval-like sources), at every evaluation step "
-                  "(--eval_strategy steps --eval_steps N) and once after training, on the card."},
-    )  # fmt: skip
-    use_instructions: bool = field(
-        default=True,
-        metadata={"help": "Prefix queries with their task instruction (the paper). Off: plain text, and the "
-                  "saved model's query prompt is empty too, so encode_query() reads texts as trained."},
-    )  # fmt: skip
-    decontaminate: list[str] = field(
-        default_factory=list,
-        metadata={"help": "mteb task names whose texts no training row may contain: a row with a text equal to "
-                  "one of theirs (after normalisation) or sharing a 13-word run with one is dropped, and counted "
-                  "per source (the training summary's `decontamination`)."},
-    )  # fmt: skip
-    hard_negatives: bool = field(
-        default=True,
-        metadata={"help": "Train on the generated hard negatives. Off: in-batch negatives only."},
-    )
-    symmetric_instructions: bool = field(
-        default=True,
-        metadata={"help": "Symmetric kinds (sts, bitext) put the instruction on both texts, as the paper does. "
-                  "Off: on the query only, like the other kinds."},
-    )  # fmt: skip
-    public_datasets: str | list[Any] | None = field(
-        default=None,
-        metadata={"help": "Labelled datasets to mix in, the paper's way (a YAML list: name, path, split, columns, "
-                  "sample_ratio, instructions, symmetric; st_synth.data.public_data): sampled with public_seed, each "
-                  "query instructed, negatives mined where a dataset has none. recipes/configs/"
-                  "e5-mistral-7b-full.yaml lists the paper's.", "flag_type": str | None, "metavar": "JSON"},
-    )  # fmt: skip
-    public_mining_model: str = field(
-        default="all-MiniLM-L6-v2",
-        metadata={
-            "help": "Mines negatives for public datasets without any (the paper: intfloat/multilingual-e5-base)."
-        },
-    )
-    public_mining_query_prompt: str | None = field(
-        default=None, metadata={"help": "e.g. 'query: ' for e5 models."}
-    )
-    public_mining_corpus_prompt: str | None = field(
-        default=None, metadata={"help": "e.g. 'passage: ' for e5 models."}
-    )
-    public_seed: int = field(
-        default=42, metadata={"help": "Draws the sampled rows and instructions of public data."}
-    )
-    public_cache: str | None = field(
-        default=None, metadata={"help": "Prepared public data (default ~/.cache/st_synth/public)."}
-    )
-    mix_sources: bool = field(
-        default=False,
-        metadata={"help": "Train all sources as one, so that a batch mixes tasks (in-batch negatives from other "
-                  "tasks, which are easy). Default off: one source per batch (the recipe's choice; the paper does "
-                  "not say). The sources must have the same columns."},
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.public_datasets:  # a bad entry fails here, before any data or model is loaded
-            from st_synth.data.public_data import parse_sources
-
-            self.public_datasets = decode_json(self.public_datasets, "public_datasets")
-            parse_sources(self.public_datasets)
 
 
 @dataclass

@@ -73,6 +73,7 @@ class OwnNegativesLoss(nn.Module):
         self.scale = scale
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        """The loss of one batch: each query against its positive, every other positive and its own negative."""
         embeddings = [self.model(features)["sentence_embedding"] for features in sentence_features]
         return own_negatives_loss(embeddings, self.scale)
 
@@ -81,6 +82,7 @@ class OwnNegativesLoss(nn.Module):
 
     @property
     def citation(self) -> str:
+        """The paper this loss follows (the model card cites it)."""
         return _CITATION
 
 
@@ -118,6 +120,7 @@ class CachedOwnNegativesLoss(CachedLossMixin, nn.Module):
         return loss
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        """The same loss as :class:`OwnNegativesLoss`, its embeddings computed in mini-batches (GradCache)."""
         sentence_features = list(sentence_features)
         if len(sentence_features) < 3:
             own_negatives_loss([], self.scale)  # raises the message naming the columns it needs
@@ -128,6 +131,7 @@ class CachedOwnNegativesLoss(CachedLossMixin, nn.Module):
 
     @property
     def citation(self) -> str:
+        """The paper this loss follows (the model card cites it)."""
         return _CITATION
 
 

@@ -59,7 +59,9 @@ def run_recipe(argv: list[str]) -> dict[str, Any]:
     model_args, data_args, loss_args, output_args, training_args = parser.parse_args_into_dataclasses(
         args=with_yaml(parser, list(argv))
     )
-    summary = train(model_args, data_args, training_args, output_args, loss_args)
+    checkpoint_to_resume(training_args)  # a bad checkpoint fails before the data stage runs
+    prepared = load_sources(data_args, model_args.instruction_template)
+    summary = train(model_args, data_args, training_args, output_args, loss_args, sources=prepared)
     if training_args.process_index == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=2, default=str))
     return summary
@@ -155,13 +157,20 @@ def train(
     output_args: OutputArguments | None = None,
     loss_args: LossArguments | None = None,
     *,
+    sources: tuple[DatasetDict, dict[str, Any]] | None = None,
     package: bool = True,
 ) -> dict[str, Any]:
     """Train, save the adapter and the merged model and the card's facts; return the training summary.
 
+    Training only trains: the data comes prepared (decontaminated, public data mixed in, instructions applied)
+    by the data stage, :func:`~st_synth.training.sources.load_sources`.
+
     Args:
         model_args, data_args, training_args, output_args, loss_args: the recipe's settings
-            (:mod:`st_synth.training.arguments`).
+            (:mod:`st_synth.training.arguments`); of ``data_args`` training reads ``eval_examples``,
+            ``use_instructions``, ``hard_negatives`` and, for the card, ``dataset``.
+        sources: what :func:`~st_synth.training.sources.load_sources` returned for ``data_args`` (the
+            sources, the reports). None: it is called here, for callers of this function alone.
         package: also run the package stage (:func:`~st_synth.cards.package.package_model`): render the card
             and push to ``hub_model_id`` when ``push_to_hub``. ``st-synth run`` passes False and packages once,
             after evaluation.
@@ -170,7 +179,8 @@ def train(
     loss_args = loss_args or LossArguments()
     # Validate the checkpoint to resume from and the data before loading a multi-GB backbone.
     resume = checkpoint_to_resume(training_args)
-    sources, generation_report = load_sources(data_args, model_args.instruction_template)
+    sources, generation_report = sources or load_sources(data_args, model_args.instruction_template)
+    generation_report = dict(generation_report)
     # What stays is the generation report alone (empty where no generated dataset is trained on), which the
     # card shows as the synthetic data; the other reports go in the summary.
     source_reports = {key: generation_report.pop(key, None) for key in SOURCE_REPORTS}
