@@ -4,6 +4,7 @@ higher one) and no module grows past 600 lines."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "st_synth"
@@ -120,3 +121,47 @@ def test_datasets_are_read_in_one_place():
 def test_no_module_is_longer_than_600_lines():
     long = {path.name: n for path in PACKAGE.rglob("*.py") if (n := len(path.read_text().splitlines())) > 600}
     assert long == {}
+
+
+def _named_in_docs() -> set[str]:
+    root = PACKAGE.parent
+    text = (root / "README.md").read_text(encoding="utf-8")
+    text += "".join(path.read_text(encoding="utf-8") for path in sorted((root / "docs").glob("*.md")))
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+
+
+def undocumented(named: set[str], package: Path = PACKAGE) -> list[str]:
+    """The public classes and functions of st_synth (and the public methods of such classes) whose name is in
+    ``named`` and that have no docstring, as ``module-path:Name[.method]``."""
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.FunctionDef | ast.ClassDef) or node.name.startswith("_"):
+                continue
+            if node.name in named and not ast.get_docstring(node):
+                missing.append(f"{path.relative_to(package)}:{node.name}")
+            if isinstance(node, ast.ClassDef) and node.name in named:
+                for method in node.body:
+                    if (isinstance(method, ast.FunctionDef) and not method.name.startswith("_")
+                            and method.name in named and not ast.get_docstring(method)):  # fmt: skip
+                        missing.append(f"{path.relative_to(package)}:{node.name}.{method.name}")
+    return missing
+
+
+def test_what_readme_and_docs_name_has_a_docstring():
+    import st_synth
+
+    named = _named_in_docs() | set(st_synth.__all__)
+    assert {"SyntheticDatasetBuilder", "prepare_sources", "build"} <= named
+    assert undocumented(named) == []
+
+
+def test_a_missing_docstring_is_found(tmp_path):
+    (tmp_path / "mod.py").write_text(
+        'class Named:\n    def build(self):\n        pass\n\n    def quiet(self):\n        """Said."""\n\n\n'
+        "def helper():\n    pass\n\n\ndef _private():\n    pass\n"
+    )
+    assert undocumented({"Named", "build", "quiet", "helper", "_private"}, tmp_path) == [
+        "mod.py:Named", "mod.py:Named.build", "mod.py:helper",
+    ]  # fmt: skip
+    assert undocumented({"helper"}, tmp_path) == ["mod.py:helper"]  # only the names the docs use

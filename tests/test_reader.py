@@ -73,3 +73,39 @@ def test_what_cannot_be_read_is_named(tmp_path, monkeypatch):
         load_saved(tmp_path / "folder")
     with pytest.raises(ValueError, match=r"'someone/nothing' is no file or folder here.*HF_HUB_OFFLINE"):
         read_dataset("someone/nothing", "Training data")
+
+
+@pytest.mark.parametrize("suffix", sorted(FILE_FORMATS))
+def test_streamed_files_give_the_same_rows_and_leave_no_cache(tmp_path, monkeypatch, suffix):
+    """``streaming=True``: every format comes back as an IterableDataset of the same rows, and nothing is copied
+    into the datasets cache (a corpus larger than the disk can be read); what cannot be read is named alike."""
+    from datasets import IterableDataset
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", cache)
+    path = _write(tmp_path, suffix)
+    streamed = read_dataset(path, "Corpus", streaming=True)
+    assert isinstance(streamed, IterableDataset) and list(streamed) == list(Dataset.from_dict(ROWS))
+    assert not list(cache.rglob("*.arrow"))
+    read_dataset(path, "Corpus")  # read whole, the same file is copied into the cache: what streaming avoids
+    assert list(cache.rglob("*.arrow"))
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl could not be read as json"):
+        read_dataset(tmp_path / "broken.jsonl", "Corpus", streaming=True)
+    (tmp_path / "header-only.csv").write_text("query,positive\n")
+    with pytest.raises(ValueError, match=r"header-only.csv is empty: it has no rows"):
+        read_dataset(tmp_path / "header-only.csv", "Corpus", streaming=True)
+
+
+def test_a_corpus_file_is_streamed_into_documents(tmp_path, monkeypatch):
+    from st_synth.data.corpus import load_documents
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", cache)
+    rows = [{"id": i, "text": f"Document {i} about rivers."} for i in range(5)] + [{"id": 5, "text": None}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert load_documents(str(tmp_path / "docs.jsonl")) == [f"Document {i} about rivers." for i in range(5)]
+    assert not list(cache.rglob("*.arrow"))
+    with pytest.raises(ValueError, match=r"has no text column 'body'; it has: id, text"):
+        load_documents(str(tmp_path / "docs.jsonl"), "body")

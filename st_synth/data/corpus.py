@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from datasets import DatasetDict
+from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 
 from st_synth.common.arguments import decode_json
 from st_synth.common.text import name_list, normalize, seeded_rng
@@ -72,6 +72,14 @@ def _column(rows: list[dict[str, Any]] | Any, column: str, source: str, found: l
     return [str(row[column]) for row in rows if row.get(column) is not None]
 
 
+def _columns_of(dataset: Any) -> list[str]:
+    """The columns of a dataset, streamed or not (a streamed one without known features: its first row's)."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None) if isinstance(dataset, IterableDataset) else None
+    return list(first or {})
+
+
 def load_documents(source: str, text_column: str = "text") -> list[str]:
     """The documents of ``source`` (see the module docstring); fails naming what it found."""
     if source.startswith(PREFIX):
@@ -90,11 +98,11 @@ def load_documents(source: str, text_column: str = "text") -> list[str]:
         elif path.is_file() and path.suffix.lower() not in FILE_FORMATS:
             raise ValueError(f"Corpus file {source}: unknown format; use one of {', '.join(FILE_FORMATS)}, "
                              f"or a folder of {'/'.join(TEXT_FILES)} files.")  # fmt: skip
-        else:
-            dataset = read_dataset(source, "Corpus")
-            if isinstance(dataset, DatasetDict):
+        else:  # data files and Hub ids streamed: read once, row by row, never copied into the datasets cache
+            dataset = read_dataset(source, "Corpus", streaming=True)
+            if isinstance(dataset, DatasetDict | IterableDatasetDict):
                 dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-            documents = _column(dataset, text_column, source, dataset.column_names)
+            documents = _column(dataset, text_column, source, _columns_of(dataset))
     documents = [document for document in documents if document.strip()]
     if not documents:
         raise ValueError(f"Corpus {source} is empty: no document has any text.")

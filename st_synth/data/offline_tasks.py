@@ -61,6 +61,8 @@ def _metadata(**fields: Any) -> TaskMetadata:
 
 
 class LeeDocSTS(AbsTaskSTS):
+    """STS over the 50 news documents of Lee et al. (2005), shipped with gensim: no network needed."""
+
     metadata = _metadata(
         name="LeeDocSTS",
         type="STS",
@@ -232,6 +234,8 @@ def strip_news_headers(post: str) -> str:
 
 
 class MiniNewsgroupsClassification(AbsTaskClassification):
+    """Two-class 20 Newsgroups posts shipped with gensim: half fits the classifier, half tests it."""
+
     metadata = _metadata(
         name="MiniNewsgroupsClassification",
         type="Classification",
@@ -265,6 +269,8 @@ class MiniNewsgroupsClassification(AbsTaskClassification):
 
 
 class ChatterbotQARetrieval(AbsTaskRetrieval):
+    """Questions of chatterbot-corpus, each to retrieve its reply among all replies."""
+
     metadata = _metadata(
         name="ChatterbotQARetrieval",
         type="Retrieval",

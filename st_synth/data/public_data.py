@@ -172,6 +172,7 @@ def load_source(source: PublicSource, seed: int) -> tuple[Dataset, dict[str, Any
 
 
 def fingerprint(sources: list[PublicSource], seed: int, mining: MiningArguments) -> str:
+    """A digest of what the prepared public data depends on (sources, seed, mining): its cache key."""
     state = {"sources": [s.describe() | {"name": s.name, "columns": dict(s.columns)} for s in sources],
              "seed": seed, "mining": mining.__dict__}  # fmt: skip
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 
 from st_synth.data.builtin import PREFIX, Gives, load_builtin
 
@@ -51,7 +51,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def read_dataset(source: str | Path, what: str, *, subset: str | None = None, split: str | None = None,
-                 builtin: Gives = "pairs", **kwargs: Any) -> Dataset | DatasetDict:  # fmt: skip
+                 builtin: Gives = "pairs", streaming: bool = False,
+                 **kwargs: Any) -> Dataset | DatasetDict | IterableDataset | IterableDatasetDict:  # fmt: skip
     """``source`` as a dataset: a saved folder, a data file, or a Hub dataset id.
 
     Args:
@@ -63,6 +64,10 @@ def read_dataset(source: str | Path, what: str, *, subset: str | None = None, sp
             file is one split.
         builtin: what a ``builtin:NAME`` source must give here: ``pairs`` (training data) or ``documents``
             (a corpus).
+        streaming: read data files, folders of them and Hub ids as they are iterated (an ``IterableDataset``):
+            nothing is downloaded ahead or copied into the ``datasets`` cache, so a corpus larger than the
+            disk or memory can be read in one pass. Saved folders are memory-mapped anyway, and ``builtin:``
+            sources are small; those come back as they are.
         kwargs: passed to ``datasets.load_dataset`` for a Hub id.
 
     Raises:
@@ -74,7 +79,7 @@ def read_dataset(source: str | Path, what: str, *, subset: str | None = None, sp
     path = Path(source)
     if path.is_dir() and not _saved_to_disk(path):  # data files, or a downloaded Hub dataset repo
         try:
-            return load_dataset(source, subset, split=split, **kwargs)
+            return load_dataset(source, subset, split=split, streaming=streaming, **kwargs)
         except Exception as error:  # any failure to find or parse its files, named
             raise ValueError(f"{what} {source} is a folder that neither `save_to_disk` wrote nor `datasets` can "
                              f"read as data files ({type(error).__name__}: {_first_line(error)}).") from None  # fmt: skip
@@ -90,14 +95,19 @@ def read_dataset(source: str | Path, what: str, *, subset: str | None = None, sp
             raise ValueError(f"{what} file {source}: unknown format; use one of "
                              f"{', '.join(FILE_FORMATS)}, a `save_to_disk` folder or a Hub dataset id.")  # fmt: skip
         try:
-            return load_dataset(FILE_FORMATS[path.suffix.lower()], data_files=source, split="train")
+            data = load_dataset(FILE_FORMATS[path.suffix.lower()], data_files=source, split="train",
+                                streaming=streaming)  # fmt: skip
+            # Streamed, a parse error or a file without rows shows on the first row: found here, named alike.
+            if streaming and next(iter(data), None) is None:
+                raise ValueError("corresponds to no data")
+            return data
         except Exception as error:  # any parse failure of the file, named
             if "corresponds to no data" in str(error):  # `datasets`' words for a file without rows
                 raise ValueError(f"{what} {source} is empty: it has no rows.") from None
             raise ValueError(f"{what} {source} could not be read as {FILE_FORMATS[path.suffix.lower()]}: "
                              f"{_first_line(error)}") from None  # fmt: skip
     try:
-        return load_dataset(source, subset, split=split, **kwargs)
+        return load_dataset(source, subset, split=split, streaming=streaming, **kwargs)
     # No such repo, no network, offline mode.
     except (OSError, ValueError) as error:
         raise ValueError(

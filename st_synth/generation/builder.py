@@ -113,6 +113,21 @@ class SyntheticDatasetBuilder:
         return [self.plan(index) for index in self.shard_indices()]
 
     def build(self) -> DatasetDict:
+        """Generate: plan every request from the config's seed, send what the answer cache does not hold
+        (``concurrency`` at a time, retried on rate limits, 5xx and timeouts), validate and deduplicate the
+        answers, and account tokens and cost.
+
+        Returns:
+            The examples in sentence-transformers' training format, one split per kind (``anchor``,
+            ``positive`` and, where the kind has one, ``negative``; instructions formatted in as
+            ``config.instructions`` says). ``self.report`` holds what was kept, dropped and paid for.
+
+        Example::
+
+            builder = SyntheticDatasetBuilder(GenerationConfig(model="gpt-4o-mini", num_examples=100))
+            dataset = builder.build()
+            builder.save("outputs/synthetic")
+        """
         started = time.perf_counter()
         c = self.config
         cache = AnswerCache(c.cache_path)
@@ -130,6 +145,8 @@ class SyntheticDatasetBuilder:
         return self.dataset
 
     def save(self, output: str | Path) -> Path:
+        """Write what :meth:`build` made to ``output``: the texts per kind (``load_from_disk(output)``), their
+        metadata under ``output/metadata`` and ``generation_report.json``. Returns ``output``."""
         if self.dataset is None or self.report is None:
             raise RuntimeError("Call build() before save().")
         output = Path(output)

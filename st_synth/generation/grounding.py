@@ -50,6 +50,7 @@ SAMPLE_WORDS = 60
 
 
 def grounded_kinds() -> list[str]:
+    """The task kinds whose examples can be grounded in a corpus passage (``--grounded_kinds`` takes these)."""
     return kinds_where("groundable")
 
 
