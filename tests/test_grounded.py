@@ -387,3 +387,80 @@ def test_only_grounded_kinds_get_the_round_trip_and_the_corpus_negatives(tmp_pat
     assert set(only["splits"]) == {"long_long"} and "free_kinds_from_own_positives" not in only
     out = load_from_disk(str(tmp_path / "only"))
     assert "negative" in out["long_long"].column_names and "negative" not in out["short_short"].column_names
+
+
+@pytest.mark.parametrize("limit", [1, 3, 12, 40])
+def test_ranking_in_blocks_decides_as_the_whole_score_matrix(limit):
+    """rank_of_own, block by block, against the rule it replaces (every score at once): the same own scores
+    and the same count of candidates that beat each row's own, up to the limit, with ties (duplicated
+    candidates, a row whose own candidate is duplicated) and blocks that split rows and candidates unevenly."""
+    import numpy as np
+
+    from st_synth.data.guide import rank_of_own
+
+    rng = np.random.default_rng(0)
+    candidates = rng.normal(size=(30, 8)).astype(np.float32)
+    candidates[7] = candidates[3]  # an exact tie with another candidate
+    queries = (candidates[rng.integers(0, 30, 25)] + rng.normal(scale=0.8, size=(25, 8))).astype(np.float32)
+    own = rng.integers(0, 30, 25)
+    own[0] = 3  # its duplicate, 7, ties with it: a tie does not beat the own candidate
+    scores = queries @ candidates.T
+    expected_own = scores[np.arange(25), own]
+    expected = np.minimum((scores > expected_own[:, None]).sum(axis=1), limit)
+    for rows, block in [(1024, 8192), (7, 5), (1, 1), (25, 30)]:
+        got_own, beaten = rank_of_own(queries, candidates, own, limit, rows=rows, block=block)
+        np.testing.assert_allclose(got_own, expected_own, rtol=1e-6)
+        assert beaten.tolist() == expected.tolist()
+    assert 0 < (expected < limit).sum() < 25 or limit >= 30  # the case decides some rows each way
+
+
+def test_the_filter_decides_the_same_in_small_blocks(monkeypatch):
+    """The consistency filter's kept rows and drop reasons do not depend on the block sizes of its ranking."""
+    import st_synth.data.filtering as filtering
+    from st_synth.data.guide import rank_of_own
+
+    passages = [f"Report about {t}: the {t} of the town changed this year, officials said." for t in TOPICS]
+    queries = [f"what happened to the {t}" for t in TOPICS] + ["fresh bakery bread", "ships in the harbour"]
+    positives = [*passages, passages[0], passages[1]]
+    data = DatasetDict({"retrieval": Dataset.from_dict({
+        "instruction": ["Find reports."] * 14, "query": queries, "positive": positives,
+        "language": ["English"] * 14})})  # fmt: skip
+    whole = ConsistencyFilter(round_trip_top_k=2, top_k=2)
+    kept, report = whole.apply(data, passages=passages)
+    free_kept, free_report = whole.apply(data)
+    monkeypatch.setattr(filtering, "rank_of_own", lambda *a, **kw: rank_of_own(*a, **kw, rows=3, block=2))
+    again, again_report = whole.apply(data, passages=passages)
+    free_again, free_again_report = whole.apply(data)
+    assert again["retrieval"]["query"] == kept["retrieval"]["query"] and again_report == report
+    assert (
+        free_again["retrieval"]["query"] == free_kept["retrieval"]["query"]
+        and free_again_report == free_report
+    )
+    assert report["kinds"]["retrieval"]["drops"]["passage_not_found"] >= 2  # the two mismatched queries
+
+
+def test_beyond_the_candidate_pool_rows_are_ranked_within_seeded_groups():
+    """candidate_pool: with more distinct positives than the pool, each row is ranked among the positives of its
+    own seeded group of rows (the filter as strict, its time linear, at any size); at or under the pool, the
+    rule is unchanged."""
+    import numpy as np
+
+    from st_synth.data.guide import rank_of_own
+
+    rng = np.random.default_rng(1)
+    candidates = rng.normal(size=(40, 8)).astype(np.float32)
+    q = (candidates + rng.normal(scale=1.5, size=(40, 8))).astype(np.float32)
+    own_index = np.arange(40)
+    grouped = ConsistencyFilter(top_k=2, candidate_pool=8)
+    own, rank = grouped._rank_in_groups(q, candidates, own_index, 2)
+    order = np.random.default_rng(0).permutation(40)
+    for start in range(0, 40, 8):
+        group = order[start : start + 8]
+        scores = q[group] @ candidates[group].T
+        mine = scores[np.arange(8), np.arange(8)]
+        assert rank[group].tolist() == np.minimum((scores > mine[:, None]).sum(axis=1), 2).tolist()
+    whole_own, whole_rank = rank_of_own(q, candidates, own_index, 2)
+    assert (rank <= whole_rank).all() and (rank < whole_rank).any()  # fewer rivals in a group of 8
+    np.testing.assert_allclose(own, whole_own, rtol=1e-6)
+    with pytest.raises(ValueError, match="candidate_pool must be larger than top_k"):
+        ConsistencyFilter(top_k=3, candidate_pool=3)

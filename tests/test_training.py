@@ -153,7 +153,7 @@ def test_bad_settings_are_refused(backbone, synthetic, tmp_path):
     from datasets import Dataset
 
     from st_synth.data.examples import load_examples
-    from st_synth.training.sources import _refuse_empty
+    from st_synth.data.sources import _refuse_empty
 
     with pytest.raises(ValueError, match="'sts' is empty"):
         _refuse_empty("sts", Dataset.from_dict({"query": ["a"]}).select([]))

@@ -30,7 +30,7 @@ from st_synth.common.names import FILTER_REPORT_FILE, REPORT_FILE
 from st_synth.common.taxonomy import get_kind, kinds_where
 from st_synth.data.corpus import Corpus, CorpusArguments
 from st_synth.data.examples import load_examples, save_examples, saved_format
-from st_synth.data.guide import GUIDE_ALIAS, corpus_embeddings, load_guide
+from st_synth.data.guide import GUIDE_ALIAS, corpus_embeddings, load_guide, rank_of_own
 
 
 @dataclass
@@ -65,11 +65,20 @@ class ConsistencyFilter:
         metadata={"help": "Grounded examples: keep a query when its own passage ranks within this many of the "
                   "whole corpus's passages (Promptagator's round-trip filter)."},
     )  # fmt: skip
+    candidate_pool: int = field(
+        default=20000,
+        metadata={"help": "Free (not grounded) kinds: rank each positive among at most this many positives of "
+                  "its kind. Beyond it the rows are dealt into seeded groups of this size, each ranked among its "
+                  "own positives, so the filter is as strict and its time linear at any size. Grounded kinds rank "
+                  "among the whole corpus."},
+    )  # fmt: skip
     batch_size: int = field(default=64, metadata={"help": "Texts the guide encodes at once."})
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.candidate_pool <= self.top_k:
+            raise ValueError(f"candidate_pool must be larger than top_k ({self.top_k}), got {self.candidate_pool}")
         if self.round_trip_top_k < 1:
             raise ValueError(f"round_trip_top_k must be at least 1, got {self.round_trip_top_k}")
         for kind in self.kinds:
@@ -132,14 +141,17 @@ class ConsistencyFilter:
             distinct = list(dict.fromkeys(positives))
             candidates = encode(distinct)
         position = {text: i for i, text in enumerate(distinct)}
-        scores = q @ candidates.T  # (rows, candidates)
-        own = scores[np.arange(len(queries)), [position[p] for p in positives]]
-        rank = (scores > own[:, None]).sum(axis=1)  # how many candidates beat the row's own
         limit, reason = (
             (self.round_trip_top_k, "passage_not_found")
             if passages
             else (self.top_k, "positive_not_in_top_k")
         )
+        # How many candidates beat the row's own (up to the limit), block by block: bounded memory at any scale.
+        own_index = np.array([position[p] for p in positives], dtype=np.int64)
+        if passages or len(distinct) <= self.candidate_pool:
+            own, rank = rank_of_own(q, candidates, own_index, limit)
+        else:
+            own, rank = self._rank_in_groups(q, candidates, own_index, limit)
         keep, reasons = [], {"positive_below_negative": 0, reason: 0}
         negative_scores = (q * encode(negatives)).sum(axis=1) if negatives is not None else None
         for i in range(len(queries)):
@@ -152,6 +164,19 @@ class ConsistencyFilter:
             else:
                 keep.append(True)
         return keep, reasons
+
+    def _rank_in_groups(self, q: np.ndarray, candidates: np.ndarray, own_index: np.ndarray,
+                        limit: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """:func:`rank_of_own` within seeded groups of ``candidate_pool`` rows, each among its own positives."""
+        own, rank = np.empty(len(q), dtype=np.float32), np.empty(len(q), dtype=np.int64)
+        order = np.random.default_rng(0).permutation(len(q))
+        for start in range(0, len(order), self.candidate_pool):
+            group = order[start : start + self.candidate_pool]
+            pool = np.unique(own_index[group])
+            own[group], rank[group] = rank_of_own(
+                q[group], candidates[pool], np.searchsorted(pool, own_index[group]), limit
+            )
+        return own, rank
 
     def _encode_corpus(self, encode, texts: list[str]) -> np.ndarray:
         """The corpus is the same for every grounded kind of a dataset: encoded once per apply()."""
