@@ -255,3 +255,19 @@ def test_the_data_stage_takes_the_evaluation_texts_it_keeps_out(tmp_path):
     )
     assert clean["sts"]["query"] == ["Instruct: Find it.\nQuery: a cat sat"]
     assert report["decontamination"]["sources"]["sts"]["dropped"] == 1
+
+
+def test_mining_scores_queries_in_blocks_that_fit_the_budget(monkeypatch):
+    """mine_hard_negatives holds (queries per block) x (corpus) scores at once: st-synth sizes the block so that
+    a corpus of 1M passages stays at 256 MB (its default block would hold 64 GB), and the mined negatives do
+    not depend on the block."""
+    import st_synth.data.mining as mining
+
+    assert mining.query_block(300) == 16384 and mining.query_block(1_000_000) == 67
+    assert mining.query_block(1_000_000) * 1_000_000 * 4 <= 256 * 2**20 and mining.query_block(10**9) == 1
+    corpus = Corpus.load(CorpusArguments(corpus="builtin:lee-background", passage_tokens=96)).passages[:200]
+    pairs = Dataset.from_dict({"query": [p.split(".")[0] for p in corpus[:30]], "positive": corpus[:30]})
+    whole, _ = mine_negatives(pairs, corpus, MiningArguments(candidates=2))
+    monkeypatch.setattr(mining, "query_block", lambda passages: 4)
+    blocks, _ = mine_negatives(pairs, corpus, MiningArguments(candidates=2))
+    assert blocks.to_dict() == whole.to_dict() and whole.num_rows > 20

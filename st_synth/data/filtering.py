@@ -78,7 +78,9 @@ class ConsistencyFilter:
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
         if self.candidate_pool <= self.top_k:
-            raise ValueError(f"candidate_pool must be larger than top_k ({self.top_k}), got {self.candidate_pool}")
+            raise ValueError(
+                f"candidate_pool must be larger than top_k ({self.top_k}), got {self.candidate_pool}"
+            )
         if self.round_trip_top_k < 1:
             raise ValueError(f"round_trip_top_k must be at least 1, got {self.round_trip_top_k}")
         for kind in self.kinds:

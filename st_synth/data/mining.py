@@ -86,6 +86,16 @@ class MiningArguments:
                              f"got {self.candidates}")  # fmt: skip
 
 
+# Scores held at once while mining: queries per block x corpus passages (64M float32 scores: 256 MB).
+SCORE_BUDGET = 2**26
+
+
+def query_block(passages: int) -> int:
+    """How many queries ``mine_hard_negatives`` scores at once against ``passages`` passages, within
+    :data:`SCORE_BUDGET` (its own default, 16,384 queries, would hold 64 GB of scores for a corpus of 1M)."""
+    return max(1, min(16384, SCORE_BUDGET // max(1, passages)))
+
+
 def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments, model: Any = None,
                    cache_folder: str | Path | None = None,
                    document_of: dict[str, int] | None = None) -> tuple[Dataset, dict[str, Any]]:  # fmt: skip
@@ -110,7 +120,7 @@ def mine_negatives(pairs: Dataset, corpus: list[str], settings: MiningArguments,
         range_max=settings.range_max, relative_margin=settings.relative_margin,
         absolute_margin=settings.absolute_margin, num_negatives=settings.candidates, sampling_strategy="top",
         query_prompt=settings.query_prompt, corpus_prompt=settings.corpus_prompt, output_format="triplet",
-        batch_size=settings.batch_size,
+        batch_size=settings.batch_size, faiss_batch_size=query_block(len(corpus)),
         verbose=False, cache_folder=str(cache_folder) if cache_folder else None,
     )  # fmt: skip
     found: dict[tuple[str, str], list[str]] = {}
