@@ -90,7 +90,8 @@ def test_every_rank_gets_its_part_of_the_same_sources_global_batch(world, sample
 def test_global_batches_do_not_depend_on_the_number_of_processes():
     """The data of a step is the same with 1, 2 or 3 processes at the same global batch size: what one
     process trains on as a batch of 12, three processes train on as parts of 4 (less a remainder of fewer
-    rows than processes, which no rank could gather evenly)."""
+    rows than processes, which no rank could gather evenly; and these (query, positive) sources skip a batch
+    of fewer than two rows per rank, which contrasts nothing)."""
     single = list(_aligned(UNEVEN, per_device=12, world=1, sampler_class=NoDuplicatesBatchSampler))
     for world in (2, 3):
         sampler = _aligned(
@@ -98,8 +99,30 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
         )
         batches = list(sampler)
         merged = [[i for part in batches[k : k + world] for i in part] for k in range(0, len(batches), world)]
-        expected = [batch[: len(batch) // world * world] for batch in single if len(batch) >= world]
+        expected = [batch[: len(batch) // world * world] for batch in single if len(batch) >= 2 * world]
         assert merged == expected
+
+
+def test_a_batch_that_contrasts_nothing_is_skipped():
+    """A one-row batch of a (query, positive) source has an in-batch loss of exactly zero (no gradient, but a
+    step of the schedule): it is skipped and counted. A source with its own negatives keeps it (the row still
+    contrasts its positive with its negative)."""
+    pairs, triplets = _sources({"pairs": 9}), {"triplets": Dataset.from_dict(
+        {"query": [f"q {i}" for i in range(9)], "positive": [f"p {i}" for i in range(9)],
+         "negative": [f"n {i}" for i in range(9)]})}  # fmt: skip
+    sources = {**pairs, **triplets}
+    generator = torch.Generator()
+    samplers = [NoDuplicatesBatchSampler(ds, batch_size=4, drop_last=False, generator=generator, seed=1)
+                for ds in sources.values()]  # fmt: skip
+    sampler = SourceAlignedBatchSampler(ConcatDataset(list(sources.values())), samplers, seed=1,
+                                        names=list(sources))  # fmt: skip
+    plan = sampler.plan()
+    assert sorted(rows for source, rows in plan if source == "pairs") == [
+        4,
+        4,
+    ]  # the ninth row's batch skipped
+    assert sorted(rows for source, rows in plan if source == "triplets") == [1, 4, 4]
+    assert sampler.skipped == {"pairs": 1} and len(list(sampler)) == 5
 
 
 def test_round_robin_order_and_bad_settings():

@@ -110,7 +110,10 @@ class SourceAlignedBatchSampler(MultiDatasetDefaultBatchSampler):
     equal, contiguous per-rank parts that are yielded one after the other, which is exactly how accelerate's
     ``BatchSamplerShard`` hands them out: part ``r`` to rank ``r``. A global batch whose rows do not divide
     evenly loses its last ``rows % world_size`` rows (fewer than ``world_size``; all ranks must gather tensors
-    of one size), and one with fewer rows than ranks is skipped, on every rank alike. Every rank computes the
+    of one size), and one with fewer rows than ranks is skipped, on every rank alike. So is a batch that
+    cannot contrast anything: one row per rank of a source without its own negatives (query, positive only),
+    whose in-batch loss is exactly zero (a step with no gradient that still moves the learning-rate schedule;
+    the main job had one: a long_long remnant of one row). ``skipped`` counts them per source. Every rank computes the
     same plan from the same data and seed; :meth:`check_agreement` refuses to start when they differ.
 
     ``plan()`` gives the step-by-step sources (one entry per global batch), which the trainer logs.
@@ -159,13 +162,22 @@ class SourceAlignedBatchSampler(MultiDatasetDefaultBatchSampler):
             sequence = [slots[i] for i in torch.randperm(len(slots), generator=generator).tolist()]
         cursors = [0] * len(per_source)
         plan = []
+        self.skipped: dict[str, int] = {}
         for source in sequence:
             batch = per_source[source][cursors[source]]
             cursors[source] += 1
-            if len(batch) >= self.world_size:
+            if len(batch) >= self.world_size * self._fewest_rows_per_rank(source):
                 plan.append((source, batch))
+            else:
+                self.skipped[self.names[source]] = self.skipped.get(self.names[source], 0) + 1
         self._plans = (self.epoch, plan)
         return plan
+
+    def _fewest_rows_per_rank(self, source: int) -> int:
+        """1, or 2 for a source without its own negatives: one (query, positive) row contrasts with nothing."""
+        columns = getattr(self.dataset.datasets[source], "column_names", None) or []
+        texts = [column for column in columns if column != "dataset_name"]
+        return 1 if len(texts) >= 3 or not texts else 2
 
     def plan(self) -> list[tuple[str, int]]:
         """``(source name, rows per rank)`` for each step of this epoch, the same on every rank."""

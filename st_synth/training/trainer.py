@@ -323,8 +323,9 @@ class RecipeTrainer(SentenceTransformerTrainer):
         ):
             self.batch_plan = sampler.plan()
             counts = Counter(name for name, _ in self.batch_plan)
-            logger.info("Batch plan: %d steps per epoch over %d process(es); steps per source: %s",
-                        len(self.batch_plan), self.accelerator.num_processes, dict(counts))  # fmt: skip
+            logger.info("Batch plan: %d steps per epoch over %d process(es); steps per source: %s%s",
+                        len(self.batch_plan), self.accelerator.num_processes, dict(counts),
+                        f"; skipped (nothing to contrast): {sampler.skipped}" if sampler.skipped else "")  # fmt: skip
         return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
