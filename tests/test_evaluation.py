@@ -142,6 +142,27 @@ def test_chatterbot_retrieval_loads_offline_and_instructs_queries_only(model):
     assert sides == {"query": get_instruction("ChatterbotQARetrieval"), "document": None}
 
 
+def test_the_torch_docs_domain_task_is_natural_queries_for_their_own_documents(model):
+    """TorchDocsRetrieval: summaries of the pinned torch's API, each relevant to the rest of its own docstring
+    (never the same text, never a signature), resolvable by name and outside the offline benchmark."""
+    from st_synth.data.offline_tasks import torch_doc_pairs
+    from st_synth.evaluation.evaluate import resolve_benchmark
+
+    pairs = torch_doc_pairs()
+    assert len(pairs) > 500 and pairs == torch_doc_pairs()  # the same task every time
+    assert len({q for q, _ in pairs}) == len({d for _, d in pairs}) == len(pairs)
+    assert all(q not in d and len(d.split()) >= 30 and "->" not in q.split("(")[0] for q, d in pairs)
+    lgamma = "Computes the natural logarithm of the absolute value of the gamma function on input."
+    assert lgamma in dict(pairs)  # torch.lgamma: its signature line dropped, :attr:`input` unwrapped
+    tasks = resolve_tasks(["TorchDocsRetrieval"])
+    tasks[0].load_data()
+    split = tasks[0].dataset["default"]["test"]
+    assert split["queries"]["text"][:3] == [q for q, _ in pairs[:3]]
+    assert split["corpus"].num_rows == len(pairs)
+    assert "TorchDocsRetrieval" not in [t.metadata.name for t in resolve_benchmark("st-synth-offline")]
+    assert get_instruction("TorchDocsRetrieval").startswith("Given a one-sentence summary of a PyTorch")
+
+
 def test_mini_newsgroups_loads_safely_without_label_leaks(model):
     import pickle
 

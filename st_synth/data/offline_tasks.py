@@ -7,6 +7,14 @@
   subject; a fixed stratified half trains the logistic regression, the other half is the test split.
 * ``ChatterbotQARetrieval``: English questions from chatterbot-corpus, each to be matched with its reply
   among all the replies of the corpus.
+
+And one domain task, outside the offline benchmark (the main job does not see it):
+
+* ``TorchDocsRetrieval``: the API documentation of the torch release the install pins (``torch==2.13.0``, so
+  every machine builds the same task): each public function or class with a docstring of a summary sentence
+  and 30+ more words; the summary is the query, the rest of the docstring its document. Natural queries
+  nobody here wrote, in a domain no shipped corpus covers; ``benchmarks/bench_domain.py`` trains on the
+  documents alone (the GPL protocol) and evaluates on the queries.
 """
 
 from __future__ import annotations
@@ -311,6 +319,94 @@ class ChatterbotQARetrieval(AbsTaskRetrieval):
         self.dataset = {"default": {"test": split}}
         self.data_loaded = True
 
+
+# Modules whose public functions and classes make TorchDocsRetrieval (those present in the installed torch).
+TORCH_DOC_MODULES = (
+    "torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.nn.utils", "torch.optim",
+    "torch.optim.lr_scheduler", "torch.utils.data", "torch.distributions", "torch.linalg", "torch.fft",
+    "torch.special", "torch.autograd", "torch.sparse", "torch.masked", "torch.func", "torch.signal.windows",
+    "torch.hub", "torch.jit", "torch.export", "torch.amp", "torch.profiler", "torch.random",
+)  # fmt: skip
+_SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$", re.S)
+_ROLE = re.compile(r":\w+:`~?([^`]+)`")
+
+
+def _plain(text: str) -> str:
+    """reST roles and literals as their text, whitespace collapsed."""
+    return " ".join(_ROLE.sub(r"\1", text).replace("``", "").split())
+
+
+def torch_doc_pairs() -> list[tuple[str, str]]:
+    """(summary, rest of the docstring) of the installed torch's public API (see the module docstring), in a
+    fixed order; each summary and each document once."""
+    import importlib
+    import inspect
+    import warnings
+
+    pairs: dict[str, str] = {}
+    documents: set[str] = set()
+    seen: set[int] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module_name in TORCH_DOC_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            for name in sorted(dir(module)):
+                item = getattr(module, name, None) if not name.startswith("_") else None
+                if item is None or id(item) in seen or not (inspect.isclass(item) or callable(item)):
+                    continue
+                if not str(getattr(item, "__module__", None) or module_name).startswith("torch"):
+                    continue  # re-exported from elsewhere (typing, ...): not torch's own documentation
+                seen.add(id(item))
+                paragraphs = [p for p in (inspect.getdoc(item) or "").split("\n\n") if p.strip()]
+                if paragraphs and _SIGNATURE.match(paragraphs[0].strip()):
+                    paragraphs = paragraphs[1:]  # a C function's docstring starts with its signature
+                if len(paragraphs) < 2:
+                    continue
+                summary, document = _plain(paragraphs[0]), _plain(" ".join(paragraphs[1:]))
+                if len(summary.split()) < 4 or len(document.split()) < 30:
+                    continue
+                if summary in pairs or document in documents:
+                    continue
+                pairs[summary] = document
+                documents.add(document)
+    return list(pairs.items())
+
+
+class TorchDocsRetrieval(AbsTaskRetrieval):
+    """The installed torch's API summaries, each to retrieve the rest of its docstring (module docstring)."""
+
+    metadata = _metadata(
+        name="TorchDocsRetrieval",
+        type="Retrieval",
+        description="Summary sentences of the public torch API's docstrings, each matched with the rest of its "
+        "docstring among all of them (torch as installed: 2.13.0 with st-synth's install).",
+        reference="https://pytorch.org/docs/",
+        main_score="ndcg_at_10",
+        date=("2016-01-01", "2026-12-31"),
+        bibtex_citation="",
+        domains=["Programming", "Written"],
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        from datasets import Dataset
+
+        pairs = torch_doc_pairs()
+        split = {
+            "queries": Dataset.from_dict({"id": [f"q{i}" for i in range(len(pairs))], "text": [q for q, _ in pairs]}),
+            "corpus": Dataset.from_dict({"id": [f"d{i}" for i in range(len(pairs))], "text": [d for _, d in pairs],
+                                         "title": [""] * len(pairs)}),
+            "relevant_docs": {f"q{i}": {f"d{i}": 1} for i in range(len(pairs))},
+            "top_ranked": None,
+        }  # fmt: skip
+        self.dataset = {"default": {"test": split}}
+        self.data_loaded = True
+
+
+# Domain tasks: resolvable by name (st-synth evaluate --tasks), not part of the offline benchmark.
+DOMAIN_TASKS: dict[str, type] = {"TorchDocsRetrieval": TorchDocsRetrieval}
 
 OFFLINE_TASKS: dict[str, type] = {
     "LeeDocSTS": LeeDocSTS,

@@ -227,10 +227,10 @@ def resolve_tasks(names: list[str]) -> list[Any]:
     """mteb task objects for ``names`` (st-synth's offline tasks first); unknown names get close matches."""
     import mteb
 
-    from st_synth.data.offline_tasks import OFFLINE_TASKS
+    from st_synth.data.offline_tasks import DOMAIN_TASKS, OFFLINE_TASKS
 
     known: dict[str, Any] = {task.metadata.name: task for task in mteb.get_tasks()}
-    known.update({name: task_class() for name, task_class in OFFLINE_TASKS.items()})
+    known.update({name: task_class() for name, task_class in {**OFFLINE_TASKS, **DOMAIN_TASKS}.items()})
     for name in names:
         if name not in known:
             raise unknown_name("mteb task", name, known, list_choices=False)

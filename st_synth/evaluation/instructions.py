@@ -88,6 +88,7 @@ INSTRUCTIONS: dict[str, str] = {
     "LeeDocSTS": STS_INSTRUCTION,
     "MiniNewsgroupsClassification": "Classify the given newsgroup post into its topic",
     "ChatterbotQARetrieval": "Given a question from a casual conversation, retrieve the reply that answers it",
+    "TorchDocsRetrieval": "Given a one-sentence summary of a PyTorch function or class, retrieve its documentation",
 }
 
 # When a task has no entry of its own, its type's instruction is a reasonable default.
