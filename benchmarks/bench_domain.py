@@ -79,7 +79,7 @@ def score(model, instructions: bool = False) -> float:
 def train(row: str, seed: int, corpus: Path, work: Path) -> Path:
     """Run the main job's config for one row and seed (its own output folder); return the run folder."""
     output = work / f"{row}-{seed}"
-    command = [sys.executable, "-m", "st_synth.cli", "run", "--config", str(CONFIG), "--set", f"output={output}",
+    command = [sys.executable, "-m", "st_synth.cli", "run", "--config", str(CONFIG), "--output", str(output),
                "--set", f"train.seed={seed}"]  # fmt: skip
     if row == "domain":
         command += ["--set", f"generate.corpus=[{corpus}]"]
@@ -93,6 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--rows", default="main,domain", help="Trained rows to run now: main, domain.")
+    parser.add_argument(
+        "--rescore", action="store_true", help="Score the untrained and reference rows again."
+    )
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench-domain"))
     args = parser.parse_args()
     from st_synth.data.guide import load_guide
@@ -100,19 +103,22 @@ def main() -> None:
     from st_synth.model.embedder import DEFAULT_INSTRUCTION_TEMPLATE
 
     work = Path(args.work)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()  # fmt: skip
     corpus = work / "corpus"
     queries = write_corpus(corpus)
     path = RESULTS / "domain.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     import torch
 
-    results["task"] = {"queries": len(queries), "documents": len(queries), "torch": torch.__version__}
+    task = {"queries": len(queries), "documents": len(queries), "torch": torch.__version__}
     compared = EvaluationArguments(tasks=[TASK], baseline=True, reference="all-MiniLM-L6-v2", instructions=False,
                                    max_seq_length=128).compared_models("smollm2-135m", DEFAULT_INSTRUCTION_TEMPLATE, cache_dir=work)  # fmt: skip
-    results["untrained"] = score(compared["untrained"][1]())
-    results["all-MiniLM-L6-v2"] = score(load_guide("all-MiniLM-L6-v2"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()  # fmt: skip
+    if args.rescore or results.get("task") != task or "untrained" not in results:
+        results["untrained"] = score(compared["untrained"][1]())
+        results["all-MiniLM-L6-v2"] = score(load_guide("all-MiniLM-L6-v2"))
+        results["untrained_and_reference_scored"] = {"date": time.strftime("%Y-%m-%d"), "commit": commit}
+    results["task"] = task
     for row in [r for r in args.rows.split(",") if r]:
         if row not in ("main", "domain"):
             raise SystemExit(f"Unknown row {row!r}; choose main or domain.")
@@ -125,12 +131,13 @@ def main() -> None:
         results[row] = {"seeds": runs, "mean": round(statistics.mean(values), 4), "date": time.strftime("%Y-%m-%d"),
                         "commit": commit}  # fmt: skip
     path.write_text(json.dumps(results, indent=2) + "\n")
+    scored = results["untrained_and_reference_scored"]
     lines = ["# Domain adaptation: TorchDocsRetrieval (nDCG@10)", "",
              f"`python benchmarks/bench_domain.py` (see its docstring): {len(queries)} torch API summaries, each to "
              "retrieve the rest of its docstring; trained rows are the main job's config, the domain row with "
              "`--set generate.corpus=[the documents]`; no query in any training row (checked).", "",
              "| model | seeds | nDCG@10 (mean) | per seed | date | commit |", "|---|---|---|---|---|---|",
-             f"| untrained SmolLM2-135M | | {results['untrained']:.4f} | | | |"]  # fmt: skip
+             f"| untrained SmolLM2-135M | | {results['untrained']:.4f} | | {scored['date']} | {scored['commit']} |"]  # fmt: skip
     for row, label in (("main", "main job"), ("domain", "main job + generate.corpus")):
         if row in results:
             entry = results[row]
@@ -139,7 +146,9 @@ def main() -> None:
             )
             lines.append(f"| {label} | {len(entry['seeds'])} | {entry['mean']:.4f} | {per_seed} | {entry['date']} | "
                          f"{entry['commit']} |")  # fmt: skip
-    lines.append(f"| all-MiniLM-L6-v2 | | {results['all-MiniLM-L6-v2']:.4f} | | | |")
+    lines.append(
+        f"| all-MiniLM-L6-v2 | | {results['all-MiniLM-L6-v2']:.4f} | | {scored['date']} | {scored['commit']} |"
+    )
     if "main" in results and "domain" in results:
         gap = results["all-MiniLM-L6-v2"] - results["main"]["mean"]
         closed = (results["domain"]["mean"] - results["main"]["mean"]) / gap if gap > 0 else float("nan")
