@@ -271,3 +271,20 @@ def test_mining_scores_queries_in_blocks_that_fit_the_budget(monkeypatch):
     monkeypatch.setattr(mining, "query_block", lambda passages: 4)
     blocks, _ = mine_negatives(pairs, corpus, MiningArguments(candidates=2))
     assert blocks.to_dict() == whole.to_dict() and whole.num_rows > 20
+
+
+def test_corpus_embeddings_in_chunks_equal_one_call(monkeypatch, tmp_path):
+    """A large corpus is encoded a chunk at a time into one array (no stacked copy beside the batches): the same
+    embeddings as one encode call, and the same from the cache."""
+    import numpy as np
+
+    import st_synth.data.guide as guide
+
+    model = guide.load_guide("all-MiniLM-L6-v2")
+    passages = Corpus.load(CorpusArguments(corpus="builtin:lee-background", passage_tokens=64)).passages[:23]
+    whole = model.encode_document(passages, normalize_embeddings=True, convert_to_numpy=True)
+    monkeypatch.setattr(guide, "CORPUS_CHUNK", 5)
+    chunked = guide.corpus_embeddings(model, passages, batch_size=4, cache_folder=tmp_path)
+    assert chunked.shape == whole.shape and chunked.dtype == whole.dtype
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    np.testing.assert_array_equal(guide.corpus_embeddings(model, passages, cache_folder=tmp_path), chunked)

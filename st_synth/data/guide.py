@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 GUIDE_ALIAS = "all-MiniLM-L6-v2"
+# Passages encoded per encode() call when embedding a corpus (see corpus_embeddings).
+CORPUS_CHUNK = 65536
 
 
 def resolve_guide(name: str) -> str:
@@ -48,8 +50,17 @@ def corpus_embeddings(model: Any, passages: list[str], batch_size: int = 32,
         path = Path(cache_folder) / f"corpus_embeddings_{digest.hexdigest()}.npy"
         if path.is_file():
             return np.load(path)
-    embeddings = model.encode_document(list(passages), batch_size=batch_size, normalize_embeddings=True,
-                                       convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
+    # Encoded a chunk at a time into one array: encode() holds its batches' outputs and then a stacked copy,
+    # which for 1M passages would be twice the 1.5 GB the embeddings need.
+    embeddings = None
+    for start in range(0, len(passages), CORPUS_CHUNK):
+        part = model.encode_document(list(passages[start : start + CORPUS_CHUNK]), batch_size=batch_size,
+                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
+        if embeddings is None:
+            embeddings = np.empty((len(passages), *part.shape[1:]), dtype=part.dtype)
+        embeddings[start : start + len(part)] = part
+    if embeddings is None:  # no passages
+        embeddings = np.asarray(model.encode_document([], convert_to_numpy=True, show_progress_bar=False))
     if path is not None:
         # Written aside and renamed in: another process (a rank, a parallel job) never loads half a file.
         path.parent.mkdir(parents=True, exist_ok=True)
