@@ -113,7 +113,7 @@ class SourceAlignedBatchSampler(MultiDatasetDefaultBatchSampler):
     of one size), and one with fewer rows than ranks is skipped, on every rank alike. So is a batch that
     cannot contrast anything: one row per rank of a source without its own negatives (query, positive only),
     whose in-batch loss is exactly zero (a step with no gradient that still moves the learning-rate schedule;
-    the main job had one: a long_long remnant of one row). ``skipped`` counts them per source. Every rank computes the
+    the main job had two: one-row long_long remnants). ``skipped`` counts them per source. Every rank computes the
     same plan from the same data and seed; :meth:`check_agreement` refuses to start when they differ.
 
     ``plan()`` gives the step-by-step sources (one entry per global batch), which the trainer logs.
@@ -142,6 +142,7 @@ class SourceAlignedBatchSampler(MultiDatasetDefaultBatchSampler):
         # "full" batch before dealing a group out: a None batch size tells it sizes are dynamic.
         self.batch_size = None  # type: ignore[assignment]
         self._plans: tuple[int, list[tuple[int, list[int]]]] | None = None
+        self.skipped: dict[str, int] = {}  # this epoch's batches that contrast nothing, per source
         self._checked_epoch: int | None = None
 
     def _global_batches(self) -> list[tuple[int, list[int]]]:
@@ -162,7 +163,7 @@ class SourceAlignedBatchSampler(MultiDatasetDefaultBatchSampler):
             sequence = [slots[i] for i in torch.randperm(len(slots), generator=generator).tolist()]
         cursors = [0] * len(per_source)
         plan = []
-        self.skipped: dict[str, int] = {}
+        self.skipped = {}
         for source in sequence:
             batch = per_source[source][cursors[source]]
             cursors[source] += 1
