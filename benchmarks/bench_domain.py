@@ -13,10 +13,10 @@ and without instructions (as the main job trains):
 * ``all-MiniLM-L6-v2``: a strong small supervised encoder.
 
 Each trained row is run once per training seed (``--seeds``; generation is the same for every seed and comes
-from the answer cache after the first). Before a trained model is scored, its training data is checked
-against the queries (exact after normalisation, or a shared 13-word run): a query in the training data stops
-the benchmark. ``--rows`` picks which trained rows to run (``main``, ``domain``); the others reuse earlier
-results.
+from the answer cache after the first); a later invocation with other seeds adds them to the recorded ones.
+Before a trained model is scored, its training data is checked against the queries (exact after normalisation,
+or a shared 13-word run): a query in the training data stops the benchmark. ``--rows`` picks which trained rows
+to run (``main``, ``domain``); the others reuse earlier results.
 
     python benchmarks/bench_domain.py --seeds 42,43,44
 
@@ -122,14 +122,18 @@ def main() -> None:
     for row in [r for r in args.rows.split(",") if r]:
         if row not in ("main", "domain"):
             raise SystemExit(f"Unknown row {row!r}; choose main or domain.")
-        runs = {}
+        # Seeds run now replace their earlier entries; the others stay (each seed keeps its date and commit).
+        runs = results.get(row, {}).get("seeds", {})
         for seed in (int(s) for s in args.seeds.split(",")):
             run = train(row, seed, corpus, work)
             rows = check_no_query_trained_on(run / "data", queries)
-            runs[str(seed)] = {"ndcg_at_10": score(str(run / "model" / "final")), "training_rows": rows}
-        values = [entry["ndcg_at_10"] for entry in runs.values()]
-        results[row] = {"seeds": runs, "mean": round(statistics.mean(values), 4), "date": time.strftime("%Y-%m-%d"),
-                        "commit": commit}  # fmt: skip
+            runs[str(seed)] = {"ndcg_at_10": score(str(run / "model" / "final")), "training_rows": rows,
+                               "date": time.strftime("%Y-%m-%d"), "commit": commit}  # fmt: skip
+            runs = dict(sorted(runs.items()))
+            values = [entry["ndcg_at_10"] for entry in runs.values()]
+            results[row] = {"seeds": runs, "mean": round(statistics.mean(values), 4)}
+            # A stopped benchmark keeps its finished seeds.
+            path.write_text(json.dumps(results, indent=2) + "\n")
     path.write_text(json.dumps(results, indent=2) + "\n")
     scored = results["untrained_and_reference_scored"]
     lines = ["# Domain adaptation: TorchDocsRetrieval (nDCG@10)", "",
@@ -144,8 +148,11 @@ def main() -> None:
             per_seed = ", ".join(
                 f"{seed}: {value['ndcg_at_10']:.4f}" for seed, value in entry["seeds"].items()
             )
-            lines.append(f"| {label} | {len(entry['seeds'])} | {entry['mean']:.4f} | {per_seed} | {entry['date']} | "
-                         f"{entry['commit']} |")  # fmt: skip
+            dates = ", ".join(sorted({value["date"] for value in entry["seeds"].values()}))
+            commits = ", ".join(sorted({value["commit"] for value in entry["seeds"].values()}))
+            lines.append(
+                f"| {label} | {len(entry['seeds'])} | {entry['mean']:.4f} | {per_seed} | {dates} | {commits} |"
+            )
     lines.append(
         f"| all-MiniLM-L6-v2 | | {results['all-MiniLM-L6-v2']:.4f} | | {scored['date']} | {scored['commit']} |"
     )
