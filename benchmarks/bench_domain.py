@@ -41,10 +41,11 @@ TASK = "TorchDocsRetrieval"
 
 
 def write_corpus(folder: Path) -> list[str]:
-    """The task's documents, one file each, under ``folder`` (replaced); returns its queries."""
+    """The task's documents, one file each, under ``folder`` (replaced); returns its queries (the summaries that
+    no document repeats: ``torch_doc_queries``)."""
     import shutil
 
-    from st_synth.data.offline_tasks import torch_doc_pairs
+    from st_synth.data.offline_tasks import torch_doc_pairs, torch_doc_queries
 
     pairs = torch_doc_pairs()
     if folder.exists():
@@ -52,7 +53,7 @@ def write_corpus(folder: Path) -> list[str]:
     folder.mkdir(parents=True)
     for number, (_, document) in enumerate(pairs):
         (folder / f"{number:04d}.txt").write_text(document + "\n", encoding="utf-8")
-    return [query for query, _ in pairs]
+    return [pairs[number][0] for number in torch_doc_queries(pairs)]
 
 
 def check_no_query_trained_on(data_folder: Path, queries: list[str]) -> dict[str, int]:
@@ -111,10 +112,12 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     import torch
 
-    task = {"queries": len(queries), "documents": len(queries), "torch": torch.__version__}
+    task = {"queries": len(queries), "documents": len(list(corpus.iterdir())), "torch": torch.__version__}
     compared = EvaluationArguments(tasks=[TASK], baseline=True, reference="all-MiniLM-L6-v2", instructions=False,
                                    max_seq_length=128).compared_models("smollm2-135m", DEFAULT_INSTRUCTION_TEMPLATE, cache_dir=work)  # fmt: skip
-    if args.rescore or results.get("task") != task or "untrained" not in results:
+    if results.get("task") != task:  # scored on another version of the task: nothing carries over
+        results = {}
+    if args.rescore or "untrained" not in results:
         results["untrained"] = score(compared["untrained"][1]())
         results["all-MiniLM-L6-v2"] = score(load_guide("all-MiniLM-L6-v2"))
         results["untrained_and_reference_scored"] = {"date": time.strftime("%Y-%m-%d"), "commit": commit}
@@ -138,7 +141,8 @@ def main() -> None:
     scored = results["untrained_and_reference_scored"]
     lines = ["# Domain adaptation: TorchDocsRetrieval (nDCG@10)", "",
              f"`python benchmarks/bench_domain.py` (see its docstring): {len(queries)} torch API summaries, each to "
-             "retrieve the rest of its docstring; trained rows are the main job's config, the domain row with "
+             f"retrieve the rest of its docstring among {task['documents']} (summaries a document repeats are no "
+             "query); trained rows are the main job's config, the domain row with "
              "`--set generate.corpus=[the documents]`; no query in any training row (checked).", "",
              "| model | seeds | nDCG@10 (mean) | per seed | date | commit |", "|---|---|---|---|---|---|",
              f"| untrained SmolLM2-135M | | {results['untrained']:.4f} | | {scored['date']} | {scored['commit']} |"]  # fmt: skip

@@ -14,7 +14,9 @@ And one domain task, outside the offline benchmark (the main job does not see it
   every machine builds the same task): each public function or class with a docstring of a summary sentence
   and 30+ more words; the summary is the query, the rest of the docstring its document. Natural queries
   nobody here wrote, in a domain no shipped corpus covers; ``benchmarks/bench_domain.py`` trains on the
-  documents alone (the GPL protocol) and evaluates on the queries.
+  documents alone (the GPL protocol) and evaluates on the queries. Every document is in the corpus, but a
+  summary that some document repeats (word for word, or a shared 13-word run: the decontamination rule) is no
+  query: a model trained on the documents has read it (:func:`torch_doc_queries`).
 """
 
 from __future__ import annotations
@@ -375,6 +377,24 @@ def torch_doc_pairs() -> list[tuple[str, str]]:
     return list(pairs.items())
 
 
+def torch_doc_queries(pairs: list[tuple[str, str]]) -> list[int]:
+    """The numbers of ``pairs`` whose summary no document repeats: none holds it word for word (after
+    normalisation) or shares a 13-word run with it (:class:`~st_synth.data.decontamination.Decontaminator`'s
+    rule). Torch's docstrings repeat each other (``torch.nn.CosineSimilarity`` and
+    ``torch.nn.functional.cosine_similarity``), so training on the documents would train on such a summary."""
+    from st_synth.common.text import normalize
+    from st_synth.data.decontamination import Decontaminator
+
+    documents = [document for _, document in pairs]
+    overlap = Decontaminator(documents)
+    normal = [normalize(document) for document in documents]
+    return [
+        number
+        for number, (summary, _) in enumerate(pairs)
+        if overlap.why(summary) is None and not any(normalize(summary) in text for text in normal)
+    ]
+
+
 class TorchDocsRetrieval(AbsTaskRetrieval):
     """The installed torch's API summaries, each to retrieve the rest of its docstring (module docstring)."""
 
@@ -382,7 +402,8 @@ class TorchDocsRetrieval(AbsTaskRetrieval):
         name="TorchDocsRetrieval",
         type="Retrieval",
         description="Summary sentences of the public torch API's docstrings, each matched with the rest of its "
-        "docstring among all of them (torch as installed: 2.13.0 with st-synth's install).",
+        "docstring among all of them (torch as installed: 2.13.0 with st-synth's install); summaries that a "
+        "document repeats are left out.",
         reference="https://pytorch.org/docs/",
         main_score="ndcg_at_10",
         date=("2016-01-01", "2026-12-31"),
@@ -394,11 +415,12 @@ class TorchDocsRetrieval(AbsTaskRetrieval):
         from datasets import Dataset
 
         pairs = torch_doc_pairs()
+        queries = torch_doc_queries(pairs)
         split = {
-            "queries": Dataset.from_dict({"id": [f"q{i}" for i in range(len(pairs))], "text": [q for q, _ in pairs]}),
+            "queries": Dataset.from_dict({"id": [f"q{i}" for i in queries], "text": [pairs[i][0] for i in queries]}),
             "corpus": Dataset.from_dict({"id": [f"d{i}" for i in range(len(pairs))], "text": [d for _, d in pairs],
                                          "title": [""] * len(pairs)}),
-            "relevant_docs": {f"q{i}": {f"d{i}": 1} for i in range(len(pairs))},
+            "relevant_docs": {f"q{i}": {f"d{i}": 1} for i in queries},
             "top_ranked": None,
         }  # fmt: skip
         self.dataset = {"default": {"test": split}}
