@@ -145,7 +145,8 @@ def test_chatterbot_retrieval_loads_offline_and_instructs_queries_only(model):
 def test_the_torch_docs_domain_task_is_natural_queries_for_their_own_documents(model):
     """TorchDocsRetrieval: summaries of the pinned torch's API, each relevant to the rest of its own docstring
     (never the same text, never a signature), resolvable by name and outside the offline benchmark."""
-    from st_synth.data.offline_tasks import torch_doc_pairs
+    from st_synth.data.decontamination import Decontaminator
+    from st_synth.data.offline_tasks import torch_doc_pairs, torch_doc_queries
     from st_synth.evaluation.evaluate import resolve_benchmark
 
     pairs = torch_doc_pairs()
@@ -157,10 +158,33 @@ def test_the_torch_docs_domain_task_is_natural_queries_for_their_own_documents(m
     tasks = resolve_tasks(["TorchDocsRetrieval"])
     tasks[0].load_data()
     split = tasks[0].dataset["default"]["test"]
-    assert split["queries"]["text"][:3] == [q for q, _ in pairs[:3]]
-    assert split["corpus"].num_rows == len(pairs)
+    kept = torch_doc_queries(pairs)
+    assert 0.9 * len(pairs) < len(kept) < len(pairs)  # torch's docstrings do repeat each other
+    assert split["queries"]["text"] == [pairs[i][0] for i in kept]
+    assert split["corpus"].num_rows == len(pairs)  # every document, the repeated ones too
+    overlap = Decontaminator([d for _, d in pairs])
+    assert not any(overlap.why(text) for text in split["queries"]["text"])
     assert "TorchDocsRetrieval" not in [t.metadata.name for t in resolve_benchmark("st-synth-offline")]
     assert get_instruction("TorchDocsRetrieval").startswith("Given a one-sentence summary of a PyTorch")
+
+
+def test_a_summary_that_a_document_repeats_is_no_query():
+    """Training on the documents would train on it: word for word inside another document (case and spacing
+    aside), or sharing 13 words with one, it is left out; the rest stay."""
+    from st_synth.data.offline_tasks import torch_doc_queries
+
+    filler = "the rest of this docstring says more about shapes and types than anyone will read"
+    long = "Applies a linear transformation to the incoming data using the weight matrix and the bias vector given"
+    pairs = [
+        ("Returns the sine of input.", f"{filler}, for the sine."),
+        (
+            "Computes the cosine of each element.",
+            f"{filler}. It  COMPUTES the cosine of each element, like cos.",
+        ),
+        (long + ".", f"{filler} once more."),
+        ("Another summary nobody repeats.", f"See also: {long.lower()} and a bit more of {filler}."),
+    ]
+    assert torch_doc_queries(pairs) == [0, 3]
 
 
 def test_mini_newsgroups_loads_safely_without_label_leaks(model):
