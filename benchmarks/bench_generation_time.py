@@ -12,8 +12,9 @@ retellings).
     python benchmarks/bench_generation_time.py --num_examples 60
 
 Writes ``benchmarks/results/generation-time.json`` and ``.md``: wall time, server start, reading and writing
-(seconds, tokens, tokens per second) for JSON and prose answers, and what is left (the client, HTTP, the
-corpus, saving).
+(seconds, tokens, tokens per second) for JSON and prose answers, the rest of each request's time in the server
+(sampling, which llama.cpp's read/write timings leave out), and what is outside the server (the client, HTTP,
+the corpus, saving).
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ CONFIG = ROOT / "recipes" / "configs" / "local-smollm2.yaml"
 PREFIX = re.compile(r"(\d+) prefix-match hit, remaining (\d+) prompt tokens")
 READ = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 WRITE = re.compile(r"^\S+\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs")
+TOTAL = re.compile(r"total time =\s*([\d.]+) ms")
 
 
 def server_timings(log: Path) -> list[dict]:
     """One entry per request the server answered, in order: tokens kept from the previous prompt, tokens read
-    and their milliseconds, tokens written and their milliseconds."""
+    and their milliseconds, tokens written and their milliseconds, and the request's whole time in the server
+    (``total_ms``: reading, writing, and what llama.cpp times apart, sampling above all)."""
     requests, current = [], {"kept": 0}
     for line in log.read_text(errors="replace").splitlines():
         if match := PREFIX.search(line):
@@ -57,6 +60,8 @@ def server_timings(log: Path) -> list[dict]:
             current.update(write_ms=float(match[1]), written=int(match[2]))
             requests.append(current)
             current = {"kept": 0}
+        elif (match := TOTAL.search(line)) and requests:
+            requests[-1]["total_ms"] = float(match[1])
     return requests
 
 
@@ -69,6 +74,7 @@ def answer_formats(cache: Path) -> list[str]:
 
 def totals(requests: list[dict]) -> dict:
     read_s = sum(r.get("read_ms", 0.0) for r in requests) / 1000
+    total_s = sum(r.get("total_ms", 0.0) for r in requests) / 1000
     write_s = sum(r.get("write_ms", 0.0) for r in requests) / 1000
     read = sum(r.get("read", 0) for r in requests)
     written = sum(r.get("written", 0) for r in requests)
@@ -81,6 +87,9 @@ def totals(requests: list[dict]) -> dict:
         "tokens_written": written,
         "write_s": round(write_s, 1),
         "write_tokens_per_s": round(written / write_s, 1) if write_s else None,
+        "server_s": round(total_s, 1),
+        "sampling_and_rest_s": round(total_s - read_s - write_s, 1),
+        "sampling_ms_per_token": round(1000 * (total_s - read_s - write_s) / written, 2) if written else None,
     }
 
 
@@ -150,7 +159,7 @@ def main() -> None:
         "llama_cpp_python": __import__("llama_cpp").__version__, "num_examples": section["num_examples"],
         "kept": report["num_examples_kept"], "server_start_s": server_start, "generation_wall_s": round(wall, 1),
         "all": every, "by_format": by_format,
-        "other_s": round(wall - every["read_s"] - every["write_s"], 1),
+        "outside_server_s": round(wall - every["server_s"], 1),
     }  # fmt: skip
     Path(f"{args.results}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
@@ -160,18 +169,19 @@ def main() -> None:
         f"llama-cpp-python {payload['llama_cpp_python']}): the main job's generate section, {payload['num_examples']} "
         f"examples ({payload['kept']} kept), its llama.cpp server alone on the machine, empty answer cache. "
         f"Server start {payload['server_start_s']} s; generation {payload['generation_wall_s']} s, of which the "
-        f"server read prompts for {every['read_s']} s and wrote answers for {every['write_s']} s; the rest "
-        f"({payload['other_s']} s) is the client, HTTP, the corpus and saving.",
+        f"server spent {every['server_s']} s on the requests (reading prompts {every['read_s']} s, writing answers "
+        f"{every['write_s']} s, the rest, sampling above all, {every['sampling_and_rest_s']} s) and the client, "
+        f"HTTP, the corpus and saving {payload['outside_server_s']} s.",
         "",
         "| answers | requests | prompt tokens kept from the previous request | read | read s | read tok/s "
-        "| written | write s | write tok/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| written | write s | write tok/s | sampling and rest s | per written token ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in [*by_format.items(), ("all", every)]:
         lines.append(
             f"| {name} | {entry['requests']} | {entry['prompt_tokens_kept']} | {entry['prompt_tokens_read']} | "
             f"{entry['read_s']} | {entry['read_tokens_per_s']} | {entry['tokens_written']} | {entry['write_s']} | "
-            f"{entry['write_tokens_per_s']} |"
+            f"{entry['write_tokens_per_s']} | {entry['sampling_and_rest_s']} | {entry['sampling_ms_per_token']} |"
         )
     Path(f"{args.results}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -76,6 +76,7 @@ def test_the_generation_time_benchmark_reads_the_real_servers_timings(tmp_path):
         assert timing["kept"] + timing["read"] == usage["prompt_tokens"]
         assert timing["written"] in (usage["completion_tokens"] - 1, usage["completion_tokens"])
         assert timing["read_ms"] > 0 and timing["write_ms"] > 0
+        assert timing["total_ms"] >= timing["read_ms"] + timing["write_ms"]
     assert timings[0]["kept"] == 0 and timings[1]["kept"] > 40  # the rule, four times over
     summary = bench.totals(timings)
     assert summary["requests"] == 2 and summary["prompt_tokens_read"] == sum(t["read"] for t in timings)
