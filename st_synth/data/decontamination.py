@@ -12,54 +12,21 @@ evaluation text. Texts shorter than ``ngram`` words are matched exactly only. Th
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from st_synth.common.text import normalize
+from st_synth.common.text import DEFAULT_NGRAM, MIN_EXACT_WORDS, TextOverlap
 from st_synth.data.examples import TEXT_COLUMNS
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_NGRAM = 13
-# A lone word ("Alabama", "Asia": a Wikipedia heading and a newsgroup or chatterbot text) is vocabulary, not
-# benchmark text: exact matches count from two words up.
-MIN_EXACT_WORDS = 2
+__all__ = ["DEFAULT_NGRAM", "MIN_EXACT_WORDS", "Decontaminator"]
 
 
-def _digest(words: list[str]) -> bytes:
-    return hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest()
-
-
-class Decontaminator:
-    """Exact (normalised) and ``ngram``-word overlap checks against a set of evaluation texts."""
-
-    def __init__(self, texts: Iterable[str], ngram: int = DEFAULT_NGRAM) -> None:
-        if ngram < 1:
-            raise ValueError(f"ngram must be at least 1, got {ngram}")
-        self.ngram = ngram
-        self.exact: set[str] = set()
-        self.grams: set[bytes] = set()  # fixed-size hashes: the index stays small for large benchmarks
-        for text in texts:
-            normal = normalize(text)
-            self.exact.add(normal)
-            self.grams.update(self._grams(normal.split()))
-
-    def _grams(self, words: list[str]) -> Iterator[bytes]:
-        for start in range(len(words) - self.ngram + 1):
-            yield _digest(words[start : start + self.ngram])
-
-    def why(self, text: str) -> str | None:
-        """``"exact"`` or ``"ngram"`` when ``text`` overlaps the evaluation texts, else None."""
-        normal = normalize(text)
-        if normal in self.exact and len(normal.split()) >= MIN_EXACT_WORDS:
-            return "exact"
-        if any(gram in self.grams for gram in self._grams(normal.split())):
-            return "ngram"
-        return None
+class Decontaminator(TextOverlap):
+    """Exact (normalised) and ``ngram``-word overlap checks against a set of evaluation texts (the rule:
+    :class:`~st_synth.common.text.TextOverlap`), applied to training data."""
 
     def apply(self, sources: DatasetDict) -> tuple[DatasetDict, dict[str, Any]]:
         """``sources`` without the rows any of whose texts overlaps; the report counts them per source."""

@@ -379,14 +379,13 @@ def torch_doc_pairs() -> list[tuple[str, str]]:
 
 def torch_doc_queries(pairs: list[tuple[str, str]]) -> list[int]:
     """The numbers of ``pairs`` whose summary no document repeats: none holds it word for word (after
-    normalisation) or shares a 13-word run with it (:class:`~st_synth.data.decontamination.Decontaminator`'s
-    rule). Torch's docstrings repeat each other (``torch.nn.CosineSimilarity`` and
+    normalisation) or shares a 13-word run with it (:class:`~st_synth.common.text.TextOverlap`, the
+    decontamination rule). Torch's docstrings repeat each other (``torch.nn.CosineSimilarity`` and
     ``torch.nn.functional.cosine_similarity``), so training on the documents would train on such a summary."""
-    from st_synth.common.text import normalize
-    from st_synth.data.decontamination import Decontaminator
+    from st_synth.common.text import TextOverlap, normalize
 
     documents = [document for _, document in pairs]
-    overlap = Decontaminator(documents)
+    overlap = TextOverlap(documents)
     normal = [normalize(document) for document in documents]
     return [
         number
