@@ -387,10 +387,11 @@ def torch_doc_queries(pairs: list[tuple[str, str]]) -> list[int]:
     documents = [document for _, document in pairs]
     overlap = TextOverlap(documents)
     normal = [normalize(document) for document in documents]
+    summaries = ((number, summary, normalize(summary)) for number, (summary, _) in enumerate(pairs))
     return [
         number
-        for number, (summary, _) in enumerate(pairs)
-        if overlap.why(summary) is None and not any(normalize(summary) in text for text in normal)
+        for number, summary, query in summaries
+        if overlap.why(summary) is None and not any(query in text for text in normal)
     ]
 
 
