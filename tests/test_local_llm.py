@@ -79,8 +79,10 @@ def test_transformers_backend_caps_answers_unless_the_user_sets_limits(monkeypat
 
 def test_cli_generate_takes_the_backend_limits_unless_given(monkeypatch, tmp_path):
     from st_synth.cli import main
-    from st_synth.generation import builder
+    from st_synth.generation import builder, stage
 
+    # stage imports the builder by name: imported first under the patch, it would keep the stand-in for good.
+    assert stage.SyntheticDatasetBuilder is builder.SyntheticDatasetBuilder
     _hide(monkeypatch, "llama_cpp")
     seen = []
 

@@ -216,7 +216,8 @@ class LocalLLMServer:
                 "--device", "cpu", "--log-level", "warning",
             ]  # fmt: skip
         return [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
+            # llama_cpp.server, its grammar asked about the best candidates first (the same answers; llama_server.py)
+            sys.executable, "-m", "st_synth.generation.llama_server", "--model", str(self.model_path),
             "--model_alias", self.alias, "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", str(self.context), "--n_threads", str(self.threads), "--n_gpu_layers", str(self.gpu_layers),
             "--verbose", "False",
