@@ -2,8 +2,9 @@
 
 llama-cpp-python 0.3.x samples a grammar-constrained token with the chain ``penalties -> grammar -> top_k ->
 typical -> top_p -> min_p -> temp -> dist``: the grammar checks every one of the vocabulary's candidates (49,152
-for SmolLM2) before top-k keeps 40 of them. On 2 cores that took 8.0 ms per JSON token against 0.52 ms for prose,
-104 s of the main job's 647 s of generation (``benchmarks/results/generation-time.md``).
+for SmolLM2) before top-k keeps 40 of them. On 2 cores that cost 8.0 ms per JSON token against 0.52 ms for prose,
+104 s of the main job's 647 s of generation at commit 0d82415; with this sampler 1.8 ms, 23 s of 595 s
+(``benchmarks/results/generation-time.md`` holds the second run).
 
 :class:`TopKGrammarSampler` takes the place of the grammar and gives the chain what grammar and top-k would
 have: it orders only the 512 highest-scoring candidates (then 4,096) and asks the grammar about those. Where at least k
