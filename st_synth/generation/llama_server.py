@@ -1,4 +1,4 @@
-"""llama-cpp-python's OpenAI-compatible server with grammar-constrained sampling that costs what prose costs.
+"""llama-cpp-python's OpenAI-compatible server, its grammar-constrained sampling asked about the best candidates first.
 
 llama-cpp-python 0.3.x samples a grammar-constrained token with the chain ``penalties -> grammar -> top_k ->
 typical -> top_p -> min_p -> temp -> dist``: the grammar checks every one of the vocabulary's candidates (49,152
