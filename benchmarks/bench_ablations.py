@@ -21,6 +21,8 @@ variants that generate the same requests train on the same examples):
 * no_hard_negatives: in-batch negatives only (neither mined nor LLM-written negatives)
 * mined_negatives:   the mine stage on, replacing LLM-written negatives: over the corpus for grounded data,
                      else among the data's own positives (every pair then gets one)
+* retellings_only:   no free generation: every example a retelling of a news passage, as many as the main job
+                     plans (260 of its 360; for local-smollm2.yaml)
 * retellings:        the heuristic pairs sources swapped for SmolLM2's retellings of the same real texts
                      (benchmarks/bench_prose_pairs.py --variants retelling writes them; --prose_pairs is
                      where): with the free generation, every training pair then has an LLM-written side.
@@ -64,6 +66,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "with_instructions": {"train": {"use_instructions": True}, "evaluate": {"instructions": True}},
     "no_hard_negatives": {"train": {"hard_negatives": False}},
     "mined_negatives": {"mine": {"enabled": True, "replace_negatives": True}},
+    "retellings_only": {"generate": {"kinds": {"long_long": 1}, "num_examples": 260}},
     "retellings": {},  # train.extra_datasets from --prose_pairs (retelling_sources)
 }  # fmt: skip
 PROSE_SOURCES = ("lee", "wiki")  # bench_prose_pairs.py's folders: <prompt>_lee, <prompt>_wiki
