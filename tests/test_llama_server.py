@@ -68,3 +68,17 @@ def test_a_small_window_falls_back_to_the_whole_vocabulary_and_still_agrees(smol
     with llama_server.top_k_grammar(windows=(64,)):
         assert answers(smollm2, schema, [7]) == plain
     assert set(llama_server.counts) == {"vocabulary"}
+
+
+def test_a_llama_cpp_python_with_another_sampler_api_keeps_its_own_sampling(monkeypatch, caplog):
+    """The patch knows llama-cpp-python 0.3.x's chain; another release's sampler is left as it is, with a warning."""
+    pytest.importorskip("llama_cpp")
+    from llama_cpp.llama import Llama
+
+    def other(self, temperature=0.8, grammar=None):  # not 0.3.x's settings
+        return None
+
+    monkeypatch.setattr(Llama, "_init_sampler", other)
+    with llama_server.top_k_grammar():
+        assert Llama._init_sampler is other
+    assert "samples differently" in caplog.text

@@ -22,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 WINDOWS = (512, 4096)
 """How many of the highest-scoring candidates the grammar checks first, then next (at least 4 x top-k)."""
@@ -136,6 +139,15 @@ def top_k_grammar(windows: tuple[int, ...] = WINDOWS) -> Iterator[None]:
         Llama._init_sampler,
     )
     signature = inspect.signature(init_sampler)
+    needed = {"top_k", "typical_p", "top_p", "min_p", "grammar"}
+    if not needed <= set(signature.parameters) or not all(
+        hasattr(llama_cpp, name)
+        for name in ("llama_sampler_chain_get", "llama_sampler_name", "llama_sampler_i")
+    ):
+        logger.warning("This llama-cpp-python samples differently from the 0.3.x this server knows: its own grammar "
+                       "sampling is used (slower, the same answers).")  # fmt: skip
+        yield
+        return
 
     def grammar_sampler(self, model, grammar) -> None:
         sampler = TopKGrammarSampler(model.vocab, grammar._grammar, grammar._root, windows)
