@@ -84,12 +84,12 @@ class TopKGrammarSampler:
     def apply(self, cur_p) -> None:
         array = cur_p.contents
         size = array.size
-        for window in self.windows if self.k else ():
-            if window >= size:
-                break
+        windows = [window for window in self.windows if window < size] if self.k else []
+        if windows:
             data = np.ctypeslib.as_array(
                 (ctypes.c_byte * (size * TOKEN.itemsize)).from_address(ctypes.addressof(array.data.contents))
             ).view(TOKEN)
+        for window in windows:
             if (keep := self._allowed_in(data, window)) is not None:
                 data[: len(keep)] = keep
                 array.size = len(keep)
