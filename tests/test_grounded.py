@@ -15,7 +15,14 @@ from st_synth import GenerationConfig, SyntheticDatasetBuilder
 from st_synth.common.taxonomy import TASK_KINDS
 from st_synth.data.corpus import Corpus
 from st_synth.data.filtering import ConsistencyFilter, filter_folder
-from st_synth.generation.grounding import copied_share, label_set, load_spec, parse_answer, whole_sentences
+from st_synth.generation.grounding import (
+    copied_share,
+    label_set,
+    load_spec,
+    parse_answer,
+    prompt_variants,
+    whole_sentences,
+)
 from st_synth.generation.validation import Rejected
 from tests.helpers import kill_and_resume
 
@@ -315,6 +322,31 @@ def test_a_truncated_retelling_keeps_its_sentences_and_a_short_one_is_dropped(fa
     texts, _ = parse_answer('"The passage, retold in fifteen words or more so that it is long enough to be kept here."',
                             TASK_KINDS["long_long"], "A passage of text.", variant="retelling")  # fmt: skip
     assert texts[0].startswith("The passage, retold") and texts[1] == "A passage of text."
+
+
+def test_one_sentence_summaries_as_queries_beside_retellings(fake_server, tmp_path):
+    """Two grounded targets in one run, each its own split (one task per batch): retellings (long_long) and
+    one-sentence summaries of the passage as short queries (short_short's ``summary`` prompt, in prose)."""
+    server = fake_server()
+    config = grounded_config(server, tmp_path, kinds="short_short=1,long_long=1",
+                             grounded_kinds="long_long,short_short",
+                             grounded_prompts={"long_long": "retelling", "short_short": "summary"})  # fmt: skip
+    builder = SyntheticDatasetBuilder(config)
+    builder.build()
+    data, passages = builder.examples, builder.corpus.passages
+    assert prompt_variants("short_short") == ["summary"]
+    asked = [b for b in server.received if "In one short sentence" in b["messages"][-1]["content"]]
+    assert asked and all("response_format" not in b for b in asked)
+    assert all(b["temperature"] == 0.7 and b["max_tokens"] == 40 for b in asked)
+    summaries = data["short_short"]
+    assert set(summaries["template"]) == {"v1/grounded_short_short-summary"}
+    assert set(summaries["instruction"]) == {"Given a one-sentence summary, retrieve the passage it sums up."}
+    assert set(summaries["positive"]) <= set(passages) and not set(summaries["query"]) & set(passages)
+    assert set(data["long_long"]["template"]) == {"v1/grounded_long_long-retelling"}
+    assert builder.report["corpus"]["grounded_prompts"] == {
+        "long_long": "retelling",
+        "short_short": "summary",
+    }
 
 
 def test_bad_grounded_kinds_and_prompts_name_the_choices(fake_server, tmp_path):
