@@ -31,6 +31,7 @@ from typing import Any
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
 from st_synth.common.arguments import SettingsError, SettingsParser, yaml_settings
+from st_synth.common.memory import peak_rss_mb, release_memory
 from st_synth.common.names import (
     ADAPTER_DIR,
     FINAL_DIR,
@@ -252,18 +253,10 @@ class _Stages:
     def done(self, name: str, started: float, detail: str) -> None:
         self.timings[name] = round(time.perf_counter() - started, 1)
         self.peak_rss_mb[name] = peak_rss_mb()
+        release_memory()  # what the stage freed goes back to the system, so the next one starts from it
         self.echo(
             f"      {detail} ({self.timings[name]:.0f} s, peak memory so far {self.peak_rss_mb[name]} MB)"
         )
-
-
-def peak_rss_mb() -> int:
-    """The largest resident size this process has had so far (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
 
 
 def run(plan: RunPlan, echo=print) -> dict[str, Any]:
