@@ -1,4 +1,4 @@
-"""What the portable llama.cpp build costs: tokens/s of the packaged SmolLM2 served by two builds of
+"""What the portable llama.cpp build costs: tokens/s of the packaged SmolLM2 served by several builds of
 llama-cpp-python, taken in turns on one machine.
 
 README's install builds llama-cpp-python with ``scripts/llama-cpp-cmake-args.sh`` (x86-64: no "native"
@@ -10,6 +10,12 @@ native build on a machine where the native build works. Each variant is a folder
     pip install --no-deps --target /tmp/native/site /tmp/native/*.whl
     python benchmarks/bench_llama_build.py --variant native=/tmp/native/site --variant portable=
 
+Other builds the same way, with other ``CMAKE_ARGS``: the portable flags plus ``-DCMAKE_C_FLAGS=-march=x86-64-v3
+-DCMAKE_CXX_FLAGS=-march=x86-64-v3`` (the compiler may use AVX2 everywhere, not only in ggml's kernels), or
+llama.cpp's every-CPU build ``-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON`` (one library
+per CPU variant, the best-scoring one loaded at start: ``llama_backend_dl/sitecustomize.py`` loads it, since
+llama-cpp-python does not).
+
 Each round starts each variant's server (two threads), sends the same seeded requests one at a time
 (200 completion tokens each, no stop) and times them; the rounds alternate the variants so that the
 machine's drift falls on both. Results: ``benchmarks/results/llama-build.json`` and ``.md``.
@@ -18,10 +24,12 @@ machine's drift falls on both. Results: ``benchmarks/results/llama-build.json`` 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +37,9 @@ from pathlib import Path
 from st_synth.generation.local_llm import LocalLLMServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DL_LOADER = (
+    Path(__file__).resolve().parent / "llama_backend_dl"
+)  # loads a GGML_BACKEND_DL build's CPU variant
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how vaccines train the immune system.",
@@ -48,9 +59,19 @@ def cpu_flags() -> list[str]:
     return sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma", "f16c", "bmi")))
 
 
+def backend_dl(folder: str) -> bool:
+    """Whether the llama_cpp package in ``folder`` is a GGML_BACKEND_DL build (a library per CPU variant)."""
+    return bool(folder) and any(
+        any(place.glob("libggml-cpu-*.so"))
+        for place in (Path(folder) / "llama_cpp" / "lib", Path(folder) / "bin")
+    )
+
+
 def measure(pythonpath: str, max_tokens: int, threads: int) -> dict[str, float]:
     previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = pythonpath
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(DL_LOADER), pythonpath] if backend_dl(pythonpath) else [pythonpath]
+    )
     try:
         with LocalLLMServer(backend="llama.cpp", threads=threads) as server:
             tokens, seconds = 0, 0.0
@@ -100,19 +121,24 @@ def main() -> None:
                "tokens_per_s": [r["tokens_per_s"] for r in results]}
         for name, results in runs.items()
     }  # fmt: skip
-    payload = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    payload = {"date": datetime.date.today().isoformat(), "commit": commit,
+               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "flags": cpu_flags()},
                "settings": vars(args), "summary": summary, "runs": runs}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.results_name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     names = list(variants)
-    lines = ["| build | tokens/s per round | median |", "|---|---|---|"]
-    lines += [f"| {n} | {', '.join(map(str, summary[n]['tokens_per_s']))} | {summary[n]['median_tokens_per_s']} |"
-              for n in names]  # fmt: skip
-    if len(names) == 2:
-        a, b = (summary[n]["median_tokens_per_s"] for n in names)
-        lines.append(f"\n{names[1]} / {names[0]}: {b / a:.3f}")
-    (RESULTS / f"{args.results_name}.md").write_text("\n".join(lines) + "\n")
+    first = summary[names[0]]["median_tokens_per_s"]
+    lines = [f"| build | tokens/s per round | median | / {names[0]} |", "|---|---|---|---|"]
+    lines += [f"| {n} | {', '.join(map(str, summary[n]['tokens_per_s']))} | {summary[n]['median_tokens_per_s']} "
+              f"| {summary[n]['median_tokens_per_s'] / first:.3f} |" for n in names]  # fmt: skip
+    header = (f"`python benchmarks/bench_llama_build.py` ({payload['date']}, commit {payload['commit']}, "
+              f"{os.cpu_count()} cores, CPU flags {' '.join(cpu_flags())}): SmolLM2-135M-Instruct Q4_1, "
+              f"{args.threads} threads, {len(PROMPTS)} requests of {args.max_tokens} tokens per round, "
+              f"{args.rounds} rounds in alternating order.\n\n")  # fmt: skip
+    (RESULTS / f"{args.results_name}.md").write_text(header + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
