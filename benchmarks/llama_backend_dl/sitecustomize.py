@@ -20,9 +20,11 @@ try:
     # installed with --target.
     places = [lib, lib.parent.parent / "bin", pathlib.Path(sys.prefix) / "bin"]
     variants = next((place for place in places if any(place.glob("libggml-cpu-*.so"))), lib)
-    ggml = ctypes.CDLL(str(lib / "libggml.so"))
-    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_load_all_from_path(str(variants).encode())
+    # Through libllama's own handle: it finds the libggml that llama.cpp uses (a second dlopen of libggml.so
+    # by another name gives a second copy, whose registry llama.cpp never reads).
+    load_all = llama_cpp.llama_cpp._lib.ggml_backend_load_all_from_path
+    load_all.argtypes, load_all.restype = [ctypes.c_char_p], None
+    load_all(str(variants).encode())
     maps = pathlib.Path("/proc/self/maps").read_text()
     loaded = sorted(
         {pathlib.Path(line.split()[-1]).name for line in maps.splitlines() if "libggml-cpu" in line}
