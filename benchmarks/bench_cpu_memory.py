@@ -38,17 +38,14 @@ SETTINGS = {"glibc defaults": None, "mmap threshold 8 MiB": 8 << 20, "mmap thres
 
 def steps(args: argparse.Namespace) -> dict:
     import random
-    import resource
     import time
 
     import torch
 
+    from st_synth.common.memory import peak_rss_mb
     from st_synth.training.arguments import ModelArguments
     from st_synth.training.losses import LossArguments, build_loss
     from st_synth.training.trainer import build_model
-
-    def peak_mb() -> int:
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -56,7 +53,7 @@ def steps(args: argparse.Namespace) -> dict:
                                        lora_dropout=0.05))  # fmt: skip
     model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    loaded = peak_mb()
+    loaded = peak_rss_mb()
     words = "the of and a to in is was for on that with as by at from his it an were are which be this has".split()
     rng = random.Random(0)
     columns = [[" ".join(rng.choice(words) for _ in range(80)) for _ in range(args.batch)] for _ in range(3)]
@@ -69,7 +66,7 @@ def steps(args: argparse.Namespace) -> dict:
         model.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - started)
     return {"texts": 3 * args.batch, "tokens_per_text": int(features[0]["attention_mask"].sum(1).max()),
-            "loaded_peak_mb": loaded, "peak_mb": peak_mb(), "step_s": [round(s, 1) for s in seconds],
+            "loaded_peak_mb": loaded, "peak_mb": peak_rss_mb(), "step_s": [round(s, 1) for s in seconds],
             "median_step_s": round(statistics.median(seconds), 1)}  # fmt: skip
 
 
