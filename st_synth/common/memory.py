@@ -2,8 +2,8 @@
 
 glibc's malloc keeps freed blocks of the heap for reuse instead of returning them to the system. Training a
 model on the CPU frees and allocates activations of many sizes at every step, so the heap ends training far
-larger than what is still alive (measured: ~4 GB resident after SmolLM2's training, ~1.5 GB alive), and the
-next stage starts on top of it. :func:`release_memory` collects garbage and asks glibc to return the free pages
+larger than what is alive at once (SmolLM2-135M: 5.2 GB resident where 1.5 GB is alive,
+``benchmarks/results/cpu-memory.md``), and the next stage starts on top of it. :func:`release_memory` collects garbage and asks glibc to return the free pages
 (``malloc_trim``), so each stage's peak is its own; elsewhere (macOS, musl) it only collects garbage.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import resource
 import sys
 from functools import lru_cache
 
@@ -21,12 +20,16 @@ __all__ = ["current_rss_mb", "peak_rss_mb", "release_memory"]
 
 def peak_rss_mb() -> int:
     """The largest resident size this process has had so far (Linux reports KiB, macOS bytes)."""
+    import resource  # Unix only: imported where it is used
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
 
 
 def current_rss_mb() -> int | None:
     """The resident size now (Linux's /proc/self/statm), or None where the system does not say."""
+    import resource
+
     try:
         with open("/proc/self/statm") as statm:
             pages = int(statm.read().split()[1])
