@@ -3,8 +3,9 @@
 glibc's malloc keeps freed blocks of the heap for reuse instead of returning them to the system. Training a
 model on the CPU frees and allocates activations of many sizes at every step, so the heap ends training far
 larger than what is alive at once (SmolLM2-135M: 5.2 GB resident where 1.5 GB is alive,
-``benchmarks/results/cpu-memory.md``), and the next stage starts on top of it. :func:`release_memory` collects garbage and asks glibc to return the free pages
-(``malloc_trim``), so each stage's peak is its own; elsewhere (macOS, musl) it only collects garbage.
+``benchmarks/results/cpu-memory.md``), and the next stage starts on top of it. :func:`release_memory`
+collects garbage and asks glibc to return the free pages (``malloc_trim``), so each stage's peak is its own;
+elsewhere (macOS, musl) it only collects garbage.
 """
 
 from __future__ import annotations
