@@ -31,6 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _results import current_commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {"glibc defaults": None, "mmap threshold 8 MiB": 8 << 20, "mmap threshold 4 MiB": 4 << 20,
             "mmap threshold 1 MiB": 1 << 20, "mmap threshold 64 KiB": 64 << 10}  # fmt: skip
@@ -93,8 +95,7 @@ def main() -> None:
             {"setting": name, "mmap_threshold": threshold} | json.loads(done.stdout.strip().splitlines()[-1])
         )
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    commit = current_commit()
     date = datetime.date.today().isoformat()
     payload = {"date": date, "commit": commit, "machine": {"cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "python": platform.python_version()}, "rows": rows}  # fmt: skip

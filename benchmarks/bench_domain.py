@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from _results import current_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "recipes" / "configs" / "local-smollm2.yaml"
@@ -104,8 +106,7 @@ def main() -> None:
     from st_synth.model.embedder import DEFAULT_INSTRUCTION_TEMPLATE
 
     work = Path(args.work)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()  # fmt: skip
+    commit = current_commit()
     corpus = work / "corpus"
     queries = write_corpus(corpus)
     path = RESULTS / "domain.json"

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import current_commit
+
 RESULTS = Path(__file__).parent / "results"
 WORDS = [f"w{n:04d}" for n in range(20000)]
 
@@ -148,9 +150,7 @@ def main() -> None:
     ]
     path = RESULTS / "filter-scale.json"
     entries = json.loads(path.read_text()) if path.is_file() else []
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = current_commit()
     for case, rows, passages in cases:
         done = subprocess.run([sys.executable, __file__, "--child", case, str(rows), str(passages), "--guide",
                                args.guide, "--ranking", args.ranking], capture_output=True, text=True)  # fmt: skip

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from _results import current_commit
 
 from st_synth.generation.local_llm import LocalLLMServer
 
@@ -152,8 +153,7 @@ def main() -> None:
         for name in ("json", "prose")
     }
     every = totals(requests)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()  # fmt: skip
+    commit = current_commit()
     payload = {
         "date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "llama_cpp_python": __import__("llama_cpp").__version__, "num_examples": section["num_examples"],

@@ -29,17 +29,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from _results import current_commit
+
 from st_synth.generation.local_llm import LocalLLMServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DL_LOADER = (
-    Path(__file__).resolve().parent / "llama_backend_dl"
-)  # loads a GGML_BACKEND_DL build's CPU variant
+# Put first on the server's PYTHONPATH for a GGML_BACKEND_DL build: loads its CPU variant at start-up.
+DL_LOADER = Path(__file__).resolve().parent / "llama_backend_dl"
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how vaccines train the immune system.",
@@ -129,8 +129,7 @@ def main() -> None:
                "tokens_per_s": [r["tokens_per_s"] for r in results]}
         for name, results in runs.items()
     }  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    commit = current_commit()
     payload = {"date": datetime.date.today().isoformat(), "commit": commit,
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "flags": cpu_flags()},

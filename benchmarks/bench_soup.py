@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
+
+from _results import current_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -104,8 +105,7 @@ def main() -> None:
         for task in columns
         if all(task in scores for scores in seeds.values())
     }
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()  # fmt: skip
+    commit = current_commit()
     payload = {"runs": [str(run) for run in runs], "seeds": seeds, "mean_of_seeds": mean_of_seeds,
                "soup": soup_scores, "seconds": round(elapsed, 1), "date": time.strftime("%Y-%m-%d"),
                "commit": commit}  # fmt: skip
