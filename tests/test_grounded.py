@@ -471,6 +471,36 @@ def test_the_filter_decides_the_same_in_small_blocks(monkeypatch):
     assert report["kinds"]["retrieval"]["drops"]["passage_not_found"] >= 2  # the two mismatched queries
 
 
+def test_easy_fraction_drops_the_pairs_the_guide_finds_most_alike():
+    """easy_fraction (NeMo Curator's EasinessFilter): of the rows the filter keeps, the given share with the
+    highest guide similarity of query and positive is dropped as too_easy; the harder ones stay."""
+    import numpy as np
+
+    passages = [f"Report about {t}: the {t} of the town changed this year, officials said." for t in TOPICS]
+    # Half the queries repeat their passage's words (easy), half only hint at it (harder).
+    queries = [f"report about {t}, the {t} of the town changed" if i % 2 else f"what is new with the {t}"
+               for i, t in enumerate(TOPICS)]  # fmt: skip
+    data = DatasetDict({"retrieval": Dataset.from_dict({
+        "instruction": ["Find reports."] * len(TOPICS), "query": queries, "positive": passages,
+        "language": ["English"] * len(TOPICS)})})  # fmt: skip
+    plain = ConsistencyFilter(top_k=len(TOPICS))
+    kept, report = plain.apply(data)
+    assert (
+        kept["retrieval"].num_rows == len(TOPICS) and "too_easy" not in report["kinds"]["retrieval"]["drops"]
+    )
+    guide = plain.load_guide()
+    similarity = (guide.encode(queries, normalize_embeddings=True)
+                  * guide.encode(passages, normalize_embeddings=True)).sum(axis=1)  # fmt: skip
+    harder, report = ConsistencyFilter(top_k=len(TOPICS), easy_fraction=0.5).apply(data, guide=guide)
+    expected = sorted(np.argsort(-similarity, kind="stable")[len(TOPICS) // 2 :].tolist())
+    assert harder["retrieval"]["query"] == [queries[i] for i in expected]
+    assert report["kinds"]["retrieval"]["drops"]["too_easy"] == len(TOPICS) // 2
+    assert sum(i % 2 for i in expected) <= 1  # the copied-words queries are the ones that went
+    for wrong in (1.0, -0.1):
+        with pytest.raises(ValueError, match="easy_fraction must be from 0 up to 1"):
+            ConsistencyFilter(easy_fraction=wrong)
+
+
 def test_beyond_the_candidate_pool_rows_are_ranked_within_seeded_groups():
     """candidate_pool: with more distinct positives than the pool, each row is ranked among the positives of its
     own seeded group of rows (the filter as strict, its time linear, at any size); at or under the pool, the

@@ -9,6 +9,10 @@ package) catches many of them: an example is kept when the guide
 
 Bitext is skipped by default: the English guide cannot judge translations.
 
+``easy_fraction`` then drops the pairs the guide finds easiest, the highest query-positive similarity of each
+kind's kept rows (NeMo Curator's EasinessFilter: a pair the guide already matches at a glance teaches
+little), reported as ``too_easy``.
+
 Examples grounded in a corpus whose passage is the positive (retrieval, title and summary matching) get the
 round trip of Promptagator instead of the second check: the generated query must find its own passage
 within the guide's ``round_trip_top_k`` over the whole corpus (every passage of it, not only the sampled
@@ -72,9 +76,16 @@ class ConsistencyFilter:
                   "own positives, so the filter is as strict and its time linear at any size. Grounded kinds rank "
                   "among the whole corpus."},
     )  # fmt: skip
+    easy_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Then drop this fraction of each checked kind's kept rows, those whose query and "
+                  "positive the guide finds most alike (the easiest pairs; 0: none). From 0 up to 1, 1 excluded."},
+    )  # fmt: skip
     batch_size: int = field(default=64, metadata={"help": "Texts the guide encodes at once."})
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.easy_fraction < 1.0:
+            raise ValueError(f"easy_fraction must be from 0 up to 1 (1 excluded), got {self.easy_fraction}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
         if self.candidate_pool <= self.top_k:
@@ -165,6 +176,12 @@ class ConsistencyFilter:
                 keep.append(False)
             else:
                 keep.append(True)
+        if self.easy_fraction:
+            kept = [i for i, ok in enumerate(keep) if ok]
+            easiest = sorted(kept, key=lambda i: (-float(own[i]), i))[: int(len(kept) * self.easy_fraction)]
+            for i in easiest:
+                keep[i] = False
+            reasons["too_easy"] = len(easiest)
         return keep, reasons
 
     def _rank_in_groups(self, q: np.ndarray, candidates: np.ndarray, own_index: np.ndarray,
