@@ -471,9 +471,10 @@ def test_the_filter_decides_the_same_in_small_blocks(monkeypatch):
     assert report["kinds"]["retrieval"]["drops"]["passage_not_found"] >= 2  # the two mismatched queries
 
 
-def test_easy_fraction_drops_the_pairs_the_guide_finds_most_alike():
+def test_easy_and_hard_fractions_drop_the_pairs_the_guide_finds_most_and_least_alike():
     """easy_fraction (NeMo Curator's EasinessFilter): of the rows the filter keeps, the given share with the
-    highest guide similarity of query and positive is dropped as too_easy; the harder ones stay."""
+    highest guide similarity of query and positive is dropped as too_easy; hard_fraction the share with the
+    lowest, as least_alike."""
     import numpy as np
 
     passages = [f"Report about {t}: the {t} of the town changed this year, officials said." for t in TOPICS]
@@ -496,9 +497,26 @@ def test_easy_fraction_drops_the_pairs_the_guide_finds_most_alike():
     assert harder["retrieval"]["query"] == [queries[i] for i in expected]
     assert report["kinds"]["retrieval"]["drops"]["too_easy"] == len(TOPICS) // 2
     assert sum(i % 2 for i in expected) <= 1  # the copied-words queries are the ones that went
-    for wrong in (1.0, -0.1):
-        with pytest.raises(ValueError, match="easy_fraction must be from 0 up to 1"):
-            ConsistencyFilter(easy_fraction=wrong)
+    # hard_fraction: the least alike go instead (and both at once, each a share of the kept rows).
+    closer, report = ConsistencyFilter(top_k=len(TOPICS), hard_fraction=0.25).apply(data, guide=guide)
+    expected = sorted(np.argsort(-similarity, kind="stable")[: len(TOPICS) - 3].tolist())
+    assert closer["retrieval"]["query"] == [queries[i] for i in expected]
+    assert report["kinds"]["retrieval"]["drops"]["least_alike"] == 3
+    middle, report = ConsistencyFilter(top_k=len(TOPICS), easy_fraction=0.25, hard_fraction=0.25).apply(
+        data, guide=guide
+    )
+    expected = sorted(np.argsort(-similarity, kind="stable")[3 : len(TOPICS) - 3].tolist())
+    assert middle["retrieval"]["query"] == [queries[i] for i in expected]
+    assert (
+        report["kinds"]["retrieval"]["drops"]["too_easy"],
+        report["kinds"]["retrieval"]["drops"]["least_alike"],
+    ) == (3, 3)
+    for name in ("easy_fraction", "hard_fraction"):
+        for wrong in (1.0, -0.1):
+            with pytest.raises(ValueError, match=f"{name} must be from 0 up to 1"):
+                ConsistencyFilter(**{name: wrong})
+    with pytest.raises(ValueError, match="easy_fraction \\+ hard_fraction must be below 1"):
+        ConsistencyFilter(easy_fraction=0.5, hard_fraction=0.5)
 
 
 def test_beyond_the_candidate_pool_rows_are_ranked_within_seeded_groups():

@@ -11,7 +11,8 @@ Bitext is skipped by default: the English guide cannot judge translations.
 
 ``easy_fraction`` then drops the pairs the guide finds easiest, the highest query-positive similarity of each
 kind's kept rows (NeMo Curator's EasinessFilter: a pair the guide already matches at a glance teaches
-little), reported as ``too_easy``.
+little), reported as ``too_easy``; ``hard_fraction`` the pairs it finds least alike (a likely mismatch that
+the rank checks let through), reported as ``least_alike``.
 
 Examples grounded in a corpus whose passage is the positive (retrieval, title and summary matching) get the
 round trip of Promptagator instead of the second check: the generated query must find its own passage
@@ -81,11 +82,20 @@ class ConsistencyFilter:
         metadata={"help": "Then drop this fraction of each checked kind's kept rows, those whose query and "
                   "positive the guide finds most alike (the easiest pairs; 0: none). From 0 up to 1, 1 excluded."},
     )  # fmt: skip
+    hard_fraction: float = field(
+        default=0.0,
+        metadata={"help": "And this fraction of them whose query and positive the guide finds least alike (0: "
+                  "none). easy_fraction + hard_fraction below 1."},
+    )  # fmt: skip
     batch_size: int = field(default=64, metadata={"help": "Texts the guide encodes at once."})
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.easy_fraction < 1.0:
-            raise ValueError(f"easy_fraction must be from 0 up to 1 (1 excluded), got {self.easy_fraction}")
+        for name in ("easy_fraction", "hard_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be from 0 up to 1 (1 excluded), got {getattr(self, name)}")
+        if self.easy_fraction + self.hard_fraction >= 1.0:
+            raise ValueError(f"easy_fraction + hard_fraction must be below 1, got {self.easy_fraction} + "
+                             f"{self.hard_fraction}")  # fmt: skip
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
         if self.candidate_pool <= self.top_k:
@@ -176,12 +186,15 @@ class ConsistencyFilter:
                 keep.append(False)
             else:
                 keep.append(True)
-        if self.easy_fraction:
-            kept = [i for i, ok in enumerate(keep) if ok]
-            easiest = sorted(kept, key=lambda i: (-float(own[i]), i))[: int(len(kept) * self.easy_fraction)]
-            for i in easiest:
-                keep[i] = False
-            reasons["too_easy"] = len(easiest)
+        # Of the kept rows, the most alike (easiest) and the least alike by the guide, each share of the kept.
+        kept = sorted((i for i, ok in enumerate(keep) if ok), key=lambda i: (-float(own[i]), i))
+        easy, hard = int(len(kept) * self.easy_fraction), int(len(kept) * self.hard_fraction)
+        for reason_name, share, rows in (("too_easy", self.easy_fraction, kept[:easy]),
+                                         ("least_alike", self.hard_fraction, kept[len(kept) - hard :])):  # fmt: skip
+            if share:
+                for i in rows:
+                    keep[i] = False
+                reasons[reason_name] = len(rows)
         return keep, reasons
 
     def _rank_in_groups(self, q: np.ndarray, candidates: np.ndarray, own_index: np.ndarray,
