@@ -333,7 +333,11 @@ def test_duplicates_are_replaced_during_the_run_as_the_final_walk_would(
         results[eager] = (rows(builder.build()), builder.report)
     (walked, walk_report), (eager_rows, eager_report) = results[False], results[True]
     assert eager_rows == walked and sum(map(len, walked.values())) == 60
-    for key in ("requests_sent", "drops", "kept_by_kind"):
+    # First tries: a request that the machine stalls past make_config's 0.5 s timeout is sent again (a retry,
+    # counted in requests_sent; the full suite once saw 80 against 79 that way), which is not what is tested.
+    first_tries = [report["requests_sent"] - report["retries"] for report in (eager_report, walk_report)]
+    assert first_tries[0] == first_tries[1], first_tries
+    for key in ("drops", "kept_by_kind"):
         assert eager_report[key] == walk_report[key], key
     near = walk_report["drops"].get("near_duplicate", 0)  # judged by the walk alone, in both runs
     assert (
