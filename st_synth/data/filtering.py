@@ -186,7 +186,12 @@ class ConsistencyFilter:
                 keep.append(False)
             else:
                 keep.append(True)
-        # Of the kept rows, the most alike (easiest) and the least alike by the guide, each share of the kept.
+        if self.easy_fraction or self.hard_fraction:
+            self._drop_by_similarity(keep, own, reasons)
+        return keep, reasons
+
+    def _drop_by_similarity(self, keep: list[bool], own: np.ndarray, reasons: dict[str, int]) -> None:
+        """Of the kept rows, the most alike (easiest) and the least alike by the guide, each a share of them."""
         kept = sorted((i for i, ok in enumerate(keep) if ok), key=lambda i: (-float(own[i]), i))
         easy, hard = int(len(kept) * self.easy_fraction), int(len(kept) * self.hard_fraction)
         for reason_name, share, rows in (("too_easy", self.easy_fraction, kept[:easy]),
@@ -195,7 +200,6 @@ class ConsistencyFilter:
                 for i in rows:
                     keep[i] = False
                 reasons[reason_name] = len(rows)
-        return keep, reasons
 
     def _rank_in_groups(self, q: np.ndarray, candidates: np.ndarray, own_index: np.ndarray,
                         limit: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
