@@ -94,3 +94,57 @@ def test_sources_get_their_loss_from_the_registry(model):
     assert all(type(loss) is OwnNegativesLoss for loss in losses.values())
     with pytest.raises(ValueError, match=r"Unknown loss 'mnrl'\. Choose one of: in_batch, own_negatives"):
         LossArguments(loss="mnrl")
+
+
+GTE = ["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]
+
+
+def test_the_in_batch_loss_takes_directions_and_hardness_weighting(model):
+    """The in_batch loss's options reach sentence-transformers' loss (plain and cached alike, the same values and
+    gradients), change what it computes, and bad values are refused naming the choices."""
+    features = _features(model, 13)
+    settings = dict(gather_across_devices=False, directions=GTE, hardness_mode="in_batch_negatives",
+                    hardness_strength=9.0)  # fmt: skip
+    plain = build_loss("in_batch", model, LossArguments(**settings))
+    cached = build_loss("in_batch", model, LossArguments(cached_loss=True, mini_batch_size=4, **settings))
+    for loss in (plain, cached):
+        assert loss.directions == tuple(GTE) and loss.partition_mode == "joint"
+        assert loss.hardness_mode == "in_batch_negatives" and loss.hardness_strength == 9.0
+    plain_value, plain_grads = _loss_and_grads(plain, model, features)
+    cached_value, cached_grads = _loss_and_grads(cached, model, features)
+    torch.testing.assert_close(cached_value, plain_value, rtol=1e-5, atol=1e-6)
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(cached_grads[key], grad, rtol=1e-4, atol=1e-6)
+    # Each option changes the loss: more terms in the softmax's denominator, harder negatives weighted up.
+    default, _ = _loss_and_grads(build_loss("in_batch", model, LossArguments(gather_across_devices=False)),
+                                 model, features)  # fmt: skip
+    gte, _ = _loss_and_grads(build_loss("in_batch", model, LossArguments(gather_across_devices=False,
+                                                                          directions=GTE)), model, features)  # fmt: skip
+    symmetric = build_loss("in_batch", model, LossArguments(gather_across_devices=False, partition_mode="per_direction",
+                                                            directions=["query_to_doc", "doc_to_query"]))  # fmt: skip
+    assert symmetric.partition_mode == "per_direction"
+    assert gte > default and plain_value > gte
+    assert _loss_and_grads(symmetric, model, features)[0] != default
+    # Duplicates are dropped; the own-negatives loss (classification) takes none of these options.
+    assert LossArguments(directions=["query_to_doc", "query_to_doc"]).directions == ["query_to_doc"]
+    assert type(build_loss("own_negatives", model, LossArguments(**settings))) is OwnNegativesLoss
+    refused = {
+        r"directions must include query_to_doc and be among query_to_doc, doc_to_query, query_to_query, "
+        r"doc_to_doc; got \['doc_to_query'\]": dict(directions=["doc_to_query"]),
+        r"directions must include .*; got \['query_to_doc', 'doc_to_docs'\]": dict(
+            directions=["query_to_doc", "doc_to_docs"]
+        ),
+        r"Unknown partition_mode 'both'\. Choose one of: joint, per_direction\.": dict(partition_mode="both"),
+        r"per_direction takes only query_to_doc and doc_to_query .* use partition_mode joint": dict(
+            partition_mode="per_direction", directions=GTE
+        ),
+        r"Unknown hardness_mode 'in_batch'\. Did you mean 'in_batch_negatives'\? Choose one of: none, "
+        r"in_batch_negatives, hard_negatives, all_negatives\.": dict(hardness_mode="in_batch"),
+        r"hardness_mode hard_negatives needs a positive hardness_strength": dict(
+            hardness_mode="hard_negatives"
+        ),
+        r"hardness_strength must not be negative, got -1": dict(hardness_strength=-1.0),
+    }
+    for message, wrong in refused.items():
+        with pytest.raises(ValueError, match=message):
+            LossArguments(**wrong)

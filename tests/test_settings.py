@@ -53,7 +53,8 @@ SPECIAL = {
     "grounded_kinds": ("long_long", {"corpus": ["builtin:wikipedia"], "kinds": "sts,long_long", "languages": "English"}),
     "grounded_prompts": ({"long_long": "retelling"}, {"corpus": ["builtin:wikipedia"], "kinds": "long_long", "languages": "English"}),
     "public_datasets": ([{"name": "mine", "path": "some/data", "instructions": ["Find it."]}], {}),
-    "MiningArguments.splits": (["long_long"], {}), "max_positive_similarity": (0.9, {}), "range_min": (1, {}), "matryoshka_dims": ([16, 8], {}), "truncate_dim": ([16], {}), "precision": (["int8"], {}),
+    "MiningArguments.splits": (["long_long"], {}), "max_positive_similarity": (0.9, {}), "range_min": (1, {}), "matryoshka_dims": ([16, 8], {}), "directions": (["query_to_doc", "doc_to_query"], {}),
+    "hardness_mode": ("hard_negatives", {"hardness_strength": 5.0}), "truncate_dim": ([16], {}), "precision": (["int8"], {}),
 }  # fmt: skip
 
 

@@ -135,6 +135,12 @@ class CachedOwnNegativesLoss(CachedLossMixin, nn.Module):
         return _CITATION
 
 
+# The in_batch loss's options, as sentence-transformers' MultipleNegativesRankingLoss names them.
+DIRECTIONS = ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")
+PARTITION_MODES = ("joint", "per_direction")
+HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A loss of the registry: its plain and GradCache classes and what it compares each anchor with."""
@@ -185,6 +191,30 @@ class LossArguments:
     gather_across_devices: bool = field(
         default=True, metadata={"help": "In-batch negatives from every process (in_batch loss)."}
     )
+    directions: list[str] = field(
+        default_factory=lambda: ["query_to_doc"],
+        metadata={"help": "What the in_batch loss contrasts (sentence-transformers' MultipleNegativesRankingLoss): "
+                  "query_to_doc (each query against every document of the batch; always), doc_to_query (each "
+                  "positive against every query: symmetric InfoNCE), query_to_query and doc_to_doc (each against "
+                  "the other queries / documents: GTE's improved contrastive loss). Choose from: "
+                  + ", ".join(DIRECTIONS) + "."},
+    )  # fmt: skip
+    partition_mode: str = field(
+        default="joint",
+        metadata={"help": "How the in_batch loss normalises its directions: joint (one softmax over all of them) or "
+                  "per_direction (one each, averaged; only with query_to_doc and doc_to_query).",
+                  "choices": list(PARTITION_MODES)},
+    )  # fmt: skip
+    hardness_mode: str = field(
+        default="none",
+        metadata={"help": "Weight the in_batch loss's harder negatives up (each negative logit + hardness_strength x "
+                  "its similarity, no gradient through it): in_batch_negatives (Lan et al. 2025), hard_negatives "
+                  "(the rows' own negatives only, EmbeddingGemma), all_negatives; none: off.",
+                  "choices": ["none", *HARDNESS_MODES]},
+    )  # fmt: skip
+    hardness_strength: float = field(
+        default=0.0, metadata={"help": "The hardness weighting's alpha (Lan et al.: 9; EmbeddingGemma: 5)."}
+    )
     matryoshka_dims: list[int] = field(
         default_factory=list,
         metadata={"help": "Also train the embeddings cut to these sizes (sentence-transformers' MatryoshkaLoss around "
@@ -199,6 +229,24 @@ class LossArguments:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be at least 1, got {self.mini_batch_size}")
+        self.directions = list(dict.fromkeys(self.directions))
+        wrong = [d for d in self.directions if d not in DIRECTIONS]
+        if wrong or "query_to_doc" not in self.directions:
+            raise ValueError(f"directions must include query_to_doc and be among {', '.join(DIRECTIONS)}; got "
+                             f"{self.directions}")  # fmt: skip
+        if self.partition_mode not in PARTITION_MODES:
+            raise unknown_name("partition_mode", self.partition_mode, PARTITION_MODES)
+        if self.partition_mode == "per_direction" and {"query_to_query", "doc_to_doc"} & set(self.directions):
+            raise ValueError("partition_mode per_direction takes only query_to_doc and doc_to_query (a same-type "
+                             f"direction has no positive to normalise against); got directions {self.directions}: "
+                             "use partition_mode joint")  # fmt: skip
+        if self.hardness_mode not in ("none", *HARDNESS_MODES):
+            raise unknown_name("hardness_mode", self.hardness_mode, ["none", *HARDNESS_MODES])
+        if self.hardness_strength < 0:
+            raise ValueError(f"hardness_strength must not be negative, got {self.hardness_strength}")
+        if self.hardness_mode != "none" and not self.hardness_strength:
+            raise ValueError(f"hardness_mode {self.hardness_mode} needs a positive hardness_strength (Lan et al.: "
+                             "9, EmbeddingGemma: 5)")  # fmt: skip
         if any(not isinstance(d, int) or d < 1 for d in self.matryoshka_dims):
             raise ValueError(f"matryoshka_dims must be positive integers, got {self.matryoshka_dims}")
         self.matryoshka_dims = sorted(set(self.matryoshka_dims), reverse=True)
@@ -215,6 +263,11 @@ def build_loss(name: str, model: SentenceTransformer, settings: LossArguments) -
     kwargs: dict[str, Any] = {"scale": 1.0 / settings.temperature}
     if spec.in_batch_negatives:
         kwargs["gather_across_devices"] = settings.gather_across_devices
+        kwargs["directions"] = tuple(settings.directions)
+        kwargs["partition_mode"] = settings.partition_mode
+        if settings.hardness_mode != "none":
+            kwargs["hardness_mode"] = settings.hardness_mode
+            kwargs["hardness_strength"] = settings.hardness_strength
     loss = (spec.cached(model, mini_batch_size=settings.mini_batch_size, **kwargs) if settings.cached_loss
             else spec.plain(model, **kwargs))  # fmt: skip
     if settings.matryoshka_dims:
