@@ -586,6 +586,31 @@ def test_matryoshka_training_trains_every_cut_and_the_card_says_so(backbone, syn
         run_recipe([str(config), "--max_steps", "1", "--matryoshka_dims", "64"])
 
 
+def test_the_loss_options_reach_training_and_the_card(backbone, synthetic, tmp_path):
+    """GTE's directions and hardness weighting from the recipe's command line: trained, on the card."""
+    from st_synth.training.trainer import run_recipe
+
+    config = tmp_path / "d.yaml"
+    config.write_text(yaml.safe_dump(small_config(backbone, synthetic, tmp_path / "run")))
+    summary = run_recipe([str(config), "--max_steps", "2", "--directions", "query_to_doc", "query_to_query",
+                          "doc_to_query", "doc_to_doc", "--hardness_mode", "in_batch_negatives",
+                          "--hardness_strength", "9"])  # fmt: skip
+    losses = [entry["loss"] for entry in summary["log_history"] if "loss" in entry]
+    assert summary["global_steps"] == 2 and losses and all(loss == loss for loss in losses)  # no NaN
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "directions query_to_doc, query_to_query, doc_to_query, doc_to_doc (joint softmax)" in card
+    assert "hardness weighting in_batch_negatives, strength 9.0" in card
+    from st_synth.common.arguments import SettingsError
+    from st_synth.training.arguments import make_train_parser
+
+    with pytest.raises(
+        SettingsError, match=r"partition_mode 'both' is unknown; choose one of: joint, per_direction"
+    ):
+        make_train_parser().parse_settings({"partition_mode": "both"}, "train")
+    with pytest.raises(ValueError, match=r"directions must include query_to_doc"):
+        make_train_parser().parse_settings({"directions": ["doc_to_query"]}, "train")
+
+
 @pytest.mark.parametrize("route", ["extra_datasets", "public_datasets"])
 def test_training_on_extra_datasets_alone_writes_a_card_without_a_synthetic_section(
     backbone, tmp_path, route

@@ -107,6 +107,12 @@ def render_dataset_card(
     )
 
 
+def _hardness(loss_args: Any) -> dict[str, Any] | None:
+    """The in_batch loss's hardness weighting, for the card (None: off)."""
+    mode = getattr(loss_args, "hardness_mode", "none")
+    return None if mode == "none" else {"mode": mode, "strength": loss_args.hardness_strength}
+
+
 def write_card_facts(
     folder: str | Path,
     *,
@@ -155,6 +161,9 @@ def write_card_facts(
             "scale": round(1 / loss_args.temperature, 4),
             "own_negatives": [n for n in loss_args.no_in_batch_negatives if n in summary["sources"]],
             "matryoshka_dims": list(getattr(loss_args, "matryoshka_dims", [])),
+            "directions": list(getattr(loss_args, "directions", ["query_to_doc"])),
+            "partition_mode": getattr(loss_args, "partition_mode", "joint"),
+            "hardness": _hardness(loss_args),
             "batch_size": training_args.per_device_train_batch_size,
             "world_size": summary.get("world_size", 1),
             "learning_rate": training_args.learning_rate,
