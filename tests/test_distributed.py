@@ -241,13 +241,20 @@ def test_first_use_by_many_processes_on_a_fresh_home(six_kinds, tmp_path, proces
     assert json.loads((tmp_path / "run" / "training_summary.json").read_text())["world_size"] == processes
 
 
+GTE_HARDNESS = {"directions": ["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"],
+                "hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_two_processes_give_the_losses_of_one_process_over_the_same_global_batches(backbone, tmp_path):
+@pytest.mark.parametrize("loss_settings", [{}, GTE_HARDNESS], ids=["infonce", "gte_hardness"])
+def test_two_processes_give_the_losses_of_one_process_over_the_same_global_batches(backbone, tmp_path,
+                                                                                   loss_settings):  # fmt: skip
     """Full global batches (sizes that divide by 8; no classification, whose rows may not share a batch
-    when they share a label), so that no remainder is cut and both runs see exactly the same rows."""
+    when they share a label), so that no remainder is cut and both runs see exactly the same rows. With GTE's
+    directions and hardness weighting too: the gathered queries and positives count as in one process."""
     even = {"retrieval": 24, "short_short": 16, "sts": 16, "long_long": 8, "bitext": 16}
     dataset = str(write_toy_synthetic(tmp_path / "even", rows_per_kind=even, kinds=tuple(even)))
-    base = {"cached_loss": False, "length_grouping": True, "max_steps": 8}
+    base = {"cached_loss": False, "length_grouping": True, "max_steps": 8, **loss_settings}
     code, log = _launch(2, _config(backbone, dataset, tmp_path / "two" / "run", per_device_train_batch_size=4, **base),
                         tmp_path / "two")  # fmt: skip
     assert code == 0, log[-4000:]
