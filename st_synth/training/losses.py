@@ -138,7 +138,7 @@ class CachedOwnNegativesLoss(CachedLossMixin, nn.Module):
 # The in_batch loss's options, as sentence-transformers' MultipleNegativesRankingLoss names them.
 DIRECTIONS = ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
-HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+HARDNESS_MODES = ("none", "in_batch_negatives", "hard_negatives", "all_negatives")  # none: off
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ class LossArguments:
         metadata={"help": "Weight the in_batch loss's harder negatives up (each negative logit + hardness_strength x "
                   "its similarity, no gradient through it): in_batch_negatives (Lan et al. 2025), hard_negatives "
                   "(the rows' own negatives only, EmbeddingGemma), all_negatives; none: off.",
-                  "choices": ["none", *HARDNESS_MODES]},
+                  "choices": list(HARDNESS_MODES)},
     )  # fmt: skip
     hardness_strength: float = field(
         default=0.0, metadata={"help": "The hardness weighting's alpha (Lan et al.: 9; EmbeddingGemma: 5)."}
@@ -240,8 +240,8 @@ class LossArguments:
             raise ValueError("partition_mode per_direction takes only query_to_doc and doc_to_query (a same-type "
                              f"direction has no positive to normalise against); got directions {self.directions}: "
                              "use partition_mode joint")  # fmt: skip
-        if self.hardness_mode not in ("none", *HARDNESS_MODES):
-            raise unknown_name("hardness_mode", self.hardness_mode, ["none", *HARDNESS_MODES])
+        if self.hardness_mode not in HARDNESS_MODES:
+            raise unknown_name("hardness_mode", self.hardness_mode, HARDNESS_MODES)
         if self.hardness_strength < 0:
             raise ValueError(f"hardness_strength must not be negative, got {self.hardness_strength}")
         if self.hardness_mode != "none" and not self.hardness_strength:
