@@ -100,3 +100,22 @@ def test_the_generation_time_benchmark_labels_answers_by_their_format(tmp_path):
         "prose",
         "json",
     ]  # in the order stored
+
+
+def test_the_batched_decode_benchmark_decodes_several_sequences_of_the_packaged_model(tmp_path, monkeypatch):
+    """bench_batched_decode.py on the real packaged SmolLM2 (a few tokens): every B decodes, the table has one row
+    per B with its ratio to one sequence at a time, and bad --batches are refused."""
+    pytest.importorskip("llama_cpp")
+    bench = load_benchmark("bench_batched_decode")
+    results = tmp_path / "batched"
+    argv = ["bench", "--batches", "1,3", "--prompt", "8", "--steps", "4", "--rounds", "1", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--results", str(results)])
+    bench.main()
+    payload = json.loads(results.with_suffix(".json").read_text())
+    assert set(payload["best"]) == {"1", "3"}
+    assert all(entry["read_tok_s"] > 0 and entry["write_tok_s"] > 0 for entry in payload["best"].values())
+    rows = [line for line in results.with_suffix(".md").read_text().splitlines() if line.startswith("| 1 |")]
+    assert rows and rows[0].endswith("| 1.00x |")
+    monkeypatch.setattr(sys, "argv", ["bench", "--batches", "0,2"])
+    with pytest.raises(SystemExit, match="positive integers"):
+        bench.main()
