@@ -96,8 +96,6 @@ def main() -> None:
     if not sizes or min(sizes) < 1:
         raise SystemExit(f"--batches takes positive integers, got {args.batches!r}")
     lib.llama_backend_init()
-    quiet = lib.llama_log_callback(lambda *_: None)  # kept referenced while llama.cpp may call it
-    lib.llama_log_set(quiet, None)
     model = lib.llama_model_load_from_file(
         str(packaged_smollm2_gguf()).encode(), lib.llama_model_default_params()
     )
