@@ -35,13 +35,16 @@ def measure(model, batch_size: int, prompt: int, steps: int, threads: int, seed:
     import llama_cpp as lib
 
     params = lib.llama_context_default_params()
+    capacity = max(
+        512, prompt, batch_size
+    )  # tokens one llama_decode takes: a whole prompt, or one per sequence
     params.n_ctx = batch_size * (prompt + steps + 8)
-    params.n_batch = params.n_ubatch = 512
+    params.n_batch = params.n_ubatch = capacity
     params.n_seq_max = batch_size
     params.n_threads = params.n_threads_batch = threads
     params.kv_unified = True
     context = lib.llama_init_from_model(model, params)
-    batch = lib.llama_batch_init(max(512, prompt, batch_size), 0, batch_size)
+    batch = lib.llama_batch_init(capacity, 0, batch_size)
     vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
     rng = np.random.default_rng(seed)
 
@@ -92,7 +95,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--results", default=str(RESULTS / "batched-decode"))
     args = parser.parse_args()
-    sizes = [int(size) for size in args.batches.split(",")]
+    try:
+        sizes = [int(size) for size in args.batches.split(",")]
+    except ValueError:
+        sizes = []
     if not sizes or min(sizes) < 1:
         raise SystemExit(f"--batches takes positive integers, got {args.batches!r}")
     lib.llama_backend_init()

@@ -116,6 +116,7 @@ def test_the_batched_decode_benchmark_decodes_several_sequences_of_the_packaged_
     assert all(entry["read_tok_s"] > 0 and entry["write_tok_s"] > 0 for entry in payload["best"].values())
     rows = [line for line in results.with_suffix(".md").read_text().splitlines() if line.startswith("| 1 |")]
     assert rows and rows[0].endswith("| 1.00x |")
-    monkeypatch.setattr(sys, "argv", ["bench", "--batches", "0,2"])
-    with pytest.raises(SystemExit, match="positive integers"):
-        bench.main()
+    for bad in ("0,2", "1,x"):
+        monkeypatch.setattr(sys, "argv", ["bench", "--batches", bad])
+        with pytest.raises(SystemExit, match="positive integers"):
+            bench.main()
